@@ -1,0 +1,39 @@
+# Two entry points: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+# Where torch comes from when the venv has none. Default: the CPU build.
+# For CUDA, e.g.:  make test TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.gradmeta-installed
+# Runtime deps of the peers installed with --no-deps (BackPACK would drag in torchvision).
+PEER_DEPS := opacus einops unfoldNd einconv linear_operator opt-einsum scipy
+
+.PHONY: demo test bench env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	# Pin whatever torch is installed so no extra can swap it for a multi-GB CUDA build.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > constraints.txt
+	$(PIP) install -c constraints.txt -e ".[test,meta,lora]" $(PEER_DEPS)
+	$(PIP) install -c constraints.txt --no-deps "backpack-for-pytorch>=1.6" "curvlinops-for-pytorch>=2.0"
+	$(PY) -c "import torch, gradmeta; print('gradmeta ready, torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/gradmeta run tasks/gradients_digits.toml --out runs/demo
+	$(VENV)/bin/gradmeta report runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/grads.py
+
+clean:
+	rm -rf $(VENV) runs constraints.txt

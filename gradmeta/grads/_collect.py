@@ -145,8 +145,12 @@ def _assemble(model, modules, calls, grads) -> dict[str, LayerFactors]:
             module_type=type(m).__name__,
             param_names={k: param_name[id(p)] for k, p in own.items() if p.requires_grad},
             param_shapes={k: p.shape for k, p in own.items()},
-            backprops=torch.cat(deltas, dim=1),
-            _inputs=torch.cat(stored, dim=1),
+            backprops=_cat_tokens(deltas),
+            _inputs=_cat_tokens(stored),
             _rule=rule,
         )
     return out
+
+
+def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -1,0 +1,131 @@
+"""The ``gradmeta`` command: ``run SPEC.toml``, ``report DIR``, ``tasks``, plus plug-in subcommands.
+
+Other packages add subcommands by listing a module in :data:`SUBCOMMAND_MODULES`; that module
+defines ``add_parser(subparsers)``, which registers its parser and calls
+``parser.set_defaults(func=callable)``; the callable gets the parsed ``args`` and returns an exit
+status (``None`` means 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from gradmeta.run import (CHECKPOINT_FILE, METRICS_FILE, TASK_MODULES, TASKS, ResumeError, SpecError,
+                          _import_optional, default_out_dir, run_spec)
+
+__all__ = ["main", "build_parser", "format_report", "SUBCOMMAND_MODULES"]
+
+#: Modules contributing subcommands; one that does not exist (yet) is skipped silently.
+SUBCOMMAND_MODULES: list[str] = ["gradmeta.curvature._cli"]
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    return "nan" if math.isnan(x) else f"{x:.4g}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def format_report(run_dir: str | Path) -> str:
+    """Compact text summary of a run folder's ``metrics.json``: status, summary, series, plots."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        hint = " (a checkpoint exists: the run was interrupted; resume it)" if (run_dir / CHECKPOINT_FILE).exists() else ""
+        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a gradmeta run folder?{hint}")
+    m = json.loads(path.read_text())
+    out = [f"run {run_dir}: task {m.get('task')}, {m.get('status')}, step {m.get('step')}/{m.get('total_steps')}"]
+    summary = m.get("summary", {})
+    if summary:
+        out += ["", *_table([[k, _fmt(v)] for k, v in summary.items()], ["summary", "value"])]
+    for group, series in m.get("history", {}).items():
+        rows = []
+        for name, values in series.items():
+            nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if name == "step" or not nums:
+                continue
+            rows.append([name, str(len(values)), _fmt(values[0]), _fmt(values[-1]), _fmt(min(nums)), _fmt(max(nums))])
+        if rows:
+            out += ["", *_table(rows, [f"history: {group}", "n", "first", "last", "min", "max"])]
+    plots = m.get("plots", [])
+    out += ["", "plots:" if plots else "plots: none"]
+    out += [f"  {run_dir / p}{'' if (run_dir / p).exists() else '  (missing)'}" for p in plots]
+    return "\n".join(out)
+
+
+def _cmd_run(args) -> int:
+    out = Path(args.out) if args.out else default_out_dir(args.spec)
+    run_dir = run_spec(args.spec, out, resume=args.resume, overwrite=args.overwrite,
+                       max_steps=args.max_steps, progress=False if args.no_progress else None)
+    m = json.loads((run_dir / METRICS_FILE).read_text())
+    if m["status"] == "stopped":
+        print(f"stopped at step {m['step']} of {m['total_steps']}; continue with: "
+              f"gradmeta run {args.spec} --out {run_dir} --resume")
+    else:
+        print(f"done: {run_dir} (see: gradmeta report {run_dir})")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    print(format_report(args.dir))
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    for module in TASK_MODULES:
+        _import_optional(module)
+    for name, info in sorted(TASKS.items()):
+        print(f"{name:24s} {info.doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, including subcommands from :data:`SUBCOMMAND_MODULES`."""
+    parser = argparse.ArgumentParser(prog="gradmeta", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("run", help="run a task spec into a run folder")
+    p.add_argument("spec", help="TOML spec file (its key `task` names the task)")
+    p.add_argument("--out", help="run folder (default: runs/<spec stem>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete an earlier run in the folder first")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after global step N (checkpointed); continue later with --resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("report", help="summarise a run folder's metrics.json and list its plots")
+    p.add_argument("dir", help="run folder")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("tasks", help="list registered tasks")
+    p.set_defaults(func=_cmd_tasks)
+    for module in SUBCOMMAND_MODULES:
+        if _import_optional(module):
+            sys.modules[module].add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for spec, resume and missing-file errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.func(args)
+    except (SpecError, ResumeError, FileNotFoundError) as e:
+        print(f"gradmeta {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,9 @@ from ._collect import collect_gradients
 from ._errors import GradientCollectionError
 from ._factors import LayerFactors
 from ._func import per_example_grads
-from ._rules import FactorRule, register_rule, supported_layers
+from ._rules import FactorRule, register_rule, support_table, supported_layers
 from ._set import GradientSet
 
 __all__ = ["collect_gradients", "per_example_grads", "GradientSet", "LayerFactors",
-           "GradientCollectionError", "FactorRule", "register_rule", "supported_layers"]
+           "GradientCollectionError", "FactorRule", "register_rule", "supported_layers",
+           "support_table"]

@@ -39,6 +39,12 @@ def supported_layers() -> dict[str, str]:
     return {cls.__name__: rule.summary for cls, rule in _REGISTRY.items()}
 
 
+def support_table() -> str:
+    """Markdown table of the supported layers (the README's table is this text)."""
+    rows = [f"| `nn.{name}` | {summary} |" for name, summary in supported_layers().items()]
+    return "\n".join(["| layer | factors kept per example |", "|---|---|", *rows])
+
+
 class FactorRule:
     """Base rule: everything derived from materialised per-example gradients of the layer.
 

@@ -17,7 +17,8 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	# torch alone from TORCH_INDEX (a local wheel in pip's find-links also satisfies it), then its deps from PyPI.
+	$(PY) -c "import torch" 2>/dev/null || { $(PIP) install --retries 1 --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX) && $(PIP) install "torch==$(TORCH_VERSION)"; }
 	# Pin whatever torch is installed so no extra can swap it for a multi-GB CUDA build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > constraints.txt
 	$(PIP) install -c constraints.txt -e ".[test,meta,lora]" $(PEER_DEPS)

@@ -1,6 +1,7 @@
 """``ImageData``: a labelled image set held in memory, and the embedded scikit-learn digits."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,16 @@ def stratified_split(labels: Tensor, test_fraction: float, seed: int = 0) -> tup
     return torch.nonzero(~is_test).flatten(), torch.nonzero(is_test).flatten()
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as _sk_load_digits  # imported lazily: sklearn is slow to import
+
+    raw = _sk_load_digits()
+    images, labels = np.asarray(raw.images, dtype=np.float64), np.asarray(raw.target, dtype=np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every call: keep it intact
+    return images, labels
+
+
 def load_digits(
     split: str = "train", *, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> ImageData:
@@ -191,11 +202,9 @@ def load_digits(
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"load_digits: split must be 'train', 'test' or 'all', got {split!r}")
-    from sklearn.datasets import load_digits as _sk_load_digits  # imported lazily: sklearn is slow to import
-
-    raw = _sk_load_digits()
-    images = torch.from_numpy(np.asarray(raw.images, dtype=np.float64) / 16.0).to(dtype).unsqueeze(1)
-    labels = torch.from_numpy(np.asarray(raw.target, dtype=np.int64))
+    raw_images, raw_labels = _sklearn_digits()
+    images = torch.from_numpy(raw_images / 16.0).to(dtype).unsqueeze(1)
+    labels = torch.from_numpy(raw_labels.copy())
     data = ImageData(images, labels, tuple(str(c) for c in range(10)), "digits")
     if split == "all":
         return data

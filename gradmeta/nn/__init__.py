@@ -1,0 +1,13 @@
+"""Equivariant networks on gradients and low-rank weights (DESIGN §2–§3, §5).
+
+``symmetry_spec(model)`` derives which axes of which parameters share a neuron permutation;
+``GradMetaNet.for_model(model, readout=..., variant="base"|"plusplus")`` builds a network on a
+``GradientSet`` that is exactly equivariant to those permutations and invariant to data order.
+"""
+from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
+from ._inputs import NeuronLayout
+from ._models import GradMetaNet
+from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, symmetry_spec
+
+__all__ = ["symmetry_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
+           "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout"]

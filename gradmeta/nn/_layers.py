@@ -1,0 +1,156 @@
+"""Equivariant layers over (data × tokens × neurons) and the readouts (DESIGN §3).
+
+Shapes: a batch of ``G`` gradient sets, ``B`` data, ``T`` tokens, ``N`` neurons (one bag over
+every space of the spec), ``c`` channels. Set-valued axes are always *mean*-pooled, so a trained
+layer accepts any ``B``, ``T`` (and any width of a permuted space).
+
+* ``SetNeuronLayer``: ``(G, B, T, N, c) -> (G, B, T, N, c')``, equivariant to ``S_B × S_N`` (and
+  ``S_T`` inside each datum).
+* ``DataPool``: ``(G, B, T, N, c) -> (G, N, c')``, invariant to data/token order.
+* ``NeuronDeepSets``: ``(G, N, c) -> (G, N, c')``.
+* ``AttentionBlock`` (GradMetaNet++): attention across data per neuron and across neurons per datum.
+* ``ProductReadout``: one output per parameter entry, ``Ŵ[i, j] = MLP(h_X[i], h_Y[j], edge[i, j])``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._spec import SymmetrySpec
+
+
+class SetNeuronLayer(nn.Module):
+    """Exchangeable layer: ``M₁g + M₂ mean_t g + M₃ mean_{b,t} g + M₄ mean_n g + M₅ mean_{b,t,n} g + bias``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.self_ = nn.Linear(c_in, c_out)
+        self.pools = nn.ModuleList(nn.Linear(c_in, c_out, bias=False) for _ in range(4))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        pooled = (g.mean(2, keepdim=True), g.mean((1, 2), keepdim=True),
+                  g.mean(3, keepdim=True), g.mean((1, 2, 3), keepdim=True))
+        out = self.self_(g)
+        for lin, p in zip(self.pools, pooled):
+            out = out + lin(p)
+        return out
+
+
+class DataPool(nn.Module):
+    """Pool over data and tokens: ``h[n] = M₁ mean_{b,t} g[·,·,n] + M₂ mean_{b,t,n} g``; ``(G,B,T,N,c) -> (G,N,c')``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.m1 = nn.Linear(c_in, c_out)
+        self.m2 = nn.Linear(c_in, c_out, bias=False)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        h = g.mean((1, 2))
+        return self.m1(h) + self.m2(h.mean(1, keepdim=True))
+
+
+class NeuronDeepSets(nn.Module):
+    """``h[n] = M₁ h[n] + M₂ mean_n h``; ``(G, N, c) -> (G, N, c')``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.m1 = nn.Linear(c_in, c_out)
+        self.m2 = nn.Linear(c_in, c_out, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.m1(h) + self.m2(h.mean(-2, keepdim=True))
+
+
+class _MHA(nn.Module):
+    """Multi-head self-attention without positions (permutation equivariant along the sequence)."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        if c % heads:
+            raise ValueError(f"channels={c} not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, c)
+        *lead, L, c = x.shape
+        q, k, v = self.qkv(x).reshape(-1, L, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(*lead, L, c))
+
+
+class AttentionBlock(nn.Module):
+    """GradMetaNet++ block on ``(G, S, N, c)`` (``S = B·T`` set elements).
+
+    Pre-norm residual: attention across the data axis for every neuron, then across neurons for
+    every datum, then a channel MLP. Equivariant to ``S_S × S_N``.
+    """
+
+    def __init__(self, c: int, heads: int = 4):
+        super().__init__()
+        self.n1, self.n2, self.n3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
+        self.data_attn = _MHA(c, heads)
+        self.neuron_attn = _MHA(c, heads)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.data_attn(self.n1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.neuron_attn(self.n2(x))
+        return x + self.mlp(self.n3(x))
+
+
+class ProductReadout(nn.Module):
+    """Per-parameter readout ``{param_name: (G, *param.shape[, out_dim])}`` from neuron features.
+
+    For a 2-axis parameter with axes ``(X, Y)``: ``Ŵ[i, j] = w₂ · σ(U h_X[i] + V h_Y[j] + E e[i, j]
+    + p) + b₂`` computed by broadcasting (``O(P·hidden)``, never a concatenation). A 1-axis
+    parameter: ``b̂[i] = w₂' · σ(U' h_X[i] + E' e[i] + p) + b₂'``. ``e`` are optional per-entry
+    features (the weight itself in the weight-aware variant, the mean gradient in the averaged-
+    gradient net), ``p`` an optional learned per-parameter vector (needed when several parameters
+    share the same spaces, as ``q`` and ``k`` do). ``h`` may carry a data axis ``S``: the MLP is
+    applied per element and the result averaged over ``S`` (GradMetaNet++'s per-datum readout).
+    """
+
+    def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
+                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False):
+        super().__init__()
+        for p, axes in spec.params:
+            if len(axes) > 2:
+                raise ValueError(f"product readout handles parameters with 1 or 2 axes; {p!r} has {len(axes)}")
+        self.spec, self.offsets, self.out_dim = spec, offsets, out_dim
+        self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
+        self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.w2, self.w1 = nn.Linear(hidden, out_dim), nn.Linear(hidden, out_dim)
+        self.pid = nn.Parameter(torch.randn(len(spec.params), hidden) * 0.1) if param_ids else None
+
+    def _rows(self, h: torch.Tensor, axis: tuple[str, ...]) -> torch.Tensor:
+        return torch.cat([h[..., slice(*self.offsets[s]), :] for s in axis], -2)
+
+    def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``h``: ``(G, N, c)`` or ``(G, S, N, c)``; ``edges``: ``{param_name: (G, *param.shape, e)}``."""
+        per_datum = h.dim() == 4
+        out = {}
+        for k, (name, axes) in enumerate(self.spec.params):
+            e = None if edges is None else edges[name]
+            if per_datum and e is not None:
+                e = e.unsqueeze(1)
+            if len(axes) == 2:
+                z = self.u2(self._rows(h, axes[0])).unsqueeze(-2) + self.v2(self._rows(h, axes[1])).unsqueeze(-3)
+                if e is not None:
+                    z = z + self.e2(e)
+                lin = self.w2
+            else:
+                z = self.u1(self._rows(h, axes[0]))
+                if e is not None:
+                    z = z + self.e1(e)
+                lin = self.w1
+            if self.pid is not None:
+                z = z + self.pid[k]
+            z = F.gelu(z)
+            if per_datum:
+                z = z.mean(1)
+            y = lin(z)
+            out[name] = y.squeeze(-1) if self.out_dim == 1 else y
+        return out

@@ -1,0 +1,171 @@
+"""``GradMetaNet``: an equivariant network on a set of factored per-example gradients (DESIGN §3, §5)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._inputs import NeuronLayout
+from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
+from ._spec import SymmetrySpec, symmetry_spec
+
+_READOUTS = ("invariant", "neuron", "weight")
+
+
+class NeuronEncoder(nn.Module):
+    """Raw space channels -> one bag ``(G, B, T, N, c)``: per-group embedding + positional codes.
+
+    Hidden (permuted) spaces get a learned map of the sinusoidal (position, group) code of their
+    space; fixed spaces additionally a learned vector per neuron (the neuron id).
+    """
+
+    def __init__(self, layout: NeuronLayout, c: int):
+        super().__init__()
+        self.layout = layout
+        self.embed = nn.ModuleDict({g.replace(".", "_"): nn.Linear(k, c) for g, k in layout.channels.items()})
+        self.pos_map = nn.Linear(c, c, bias=False)
+        self.register_buffer("pos_code", torch.stack(
+            [v for v in layout.positional(c).values()]).float(), persistent=False)
+        self.ids = nn.ParameterDict({
+            s.name.replace(".", "_"): nn.Parameter(torch.randn(s.size, c) * 0.1)
+            for s in layout.spec.spaces if not s.permutable})
+
+    def forward(self, feats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        pos = self.pos_map(self.pos_code.to(self.pos_map.weight.dtype))
+        parts = []
+        for k, s in enumerate(self.layout.spec.spaces):
+            x = torch.stack([f[s.name] for f in feats])  # (G, B, T, n, ch)
+            y = self.embed[self.layout.group_of[s.name].replace(".", "_")](x.to(pos.dtype)) + pos[k]
+            if not s.permutable:
+                y = y + self.ids[s.name.replace(".", "_")]
+            parts.append(y)
+        return torch.cat(parts, -2)
+
+
+class GradMetaNet(nn.Module):
+    """Equivariant network over a set of factored per-example gradients.
+
+    Exactly equivariant to the neuron permutations of ``spec`` and invariant to the order of the
+    data (and of the tokens inside a datum); every set axis is mean-pooled, so any batch size and
+    token count work. Build with ``GradMetaNet.for_model``.
+
+    Args:
+        spec: the model's ``SymmetrySpec``.
+        readout: ``"invariant"`` -> ``(out_dim,)``; ``"neuron"`` -> ``{space_name: (n, out_dim)}``;
+            ``"weight"`` -> ``{param_name: tensor shaped like the parameter}`` (``(*shape, out_dim)``
+            when ``out_dim > 1``).
+        out_dim: output channels.
+        variant: ``"base"`` (set×neuron layers, pool over data, neuron DeepSets, product readout)
+            or ``"plusplus"`` (attention across data and across neurons, per-datum product readout
+            averaged over the data).
+        weight_aware: feed biases as neuron channels and ``W[i, j]`` into the product readout;
+            then ``forward`` needs ``params``.
+        channels, set_layers, neuron_layers, heads: sizes.
+        extra_channels: extra per-neuron input channels passed as ``forward(extra=...)``.
+    """
+
+    def __init__(self, spec: SymmetrySpec, readout: str = "invariant", out_dim: int = 1,
+                 variant: str = "base", weight_aware: bool = False, channels: int = 32,
+                 set_layers: int = 4, neuron_layers: int = 2, heads: int = 4, extra_channels: int = 0,
+                 edge_channels: int = 0):
+        super().__init__()
+        if readout not in _READOUTS:
+            raise ValueError(f"readout must be one of {_READOUTS}, got {readout!r}")
+        if variant not in ("base", "plusplus"):
+            raise ValueError(f"variant must be 'base' or 'plusplus', got {variant!r}")
+        self.spec, self.readout, self.variant, self.out_dim = spec, readout, variant, out_dim
+        self.weight_aware = weight_aware
+        self.layout = NeuronLayout(spec, weight_aware, extra_channels)
+        c = channels
+        self.encoder = NeuronEncoder(self.layout, c)
+        if variant == "base":
+            self.set_layers = nn.ModuleList(SetNeuronLayer(c, c) for _ in range(set_layers))
+            self.pool = DataPool(c, c)
+            self.neuron_layers = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(neuron_layers))
+        else:
+            self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
+            self.final_norm = nn.LayerNorm(c)
+        if readout == "weight":
+            self.head = ProductReadout(spec, self.layout.offsets, c, c, out_dim,
+                                       edge_channels + int(weight_aware), param_ids=spec.arch != "mlp")
+        else:
+            self.head = nn.Linear(c, out_dim)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, readout: str = "invariant", out_dim: int = 1,
+                  variant: str = "base", weight_aware: bool = False, spec: SymmetrySpec | None = None,
+                  **kwargs) -> "GradMetaNet":
+        """Size a network for ``model``'s architecture (spec derived by ``symmetry_spec`` unless given)."""
+        spec = spec if spec is not None else symmetry_spec(model)
+        spec.check(model)
+        return cls(spec, readout, out_dim, variant, weight_aware, **kwargs)
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, gs, params: dict[str, torch.Tensor] | Sequence[dict] | None = None,
+                extra=None, edges=None):
+        """Apply to one ``GradientSet`` or a list of them (same architecture).
+
+        Args:
+            gs: a ``GradientSet`` or a list of them; a list gives outputs with a leading axis.
+            params: ``{param_name: tensor}`` (or one per gradient set) for the weight-aware variant.
+            extra: ``{space_name: (B, T, n, k)}`` (or one per set) extra neuron channels.
+            edges: ``{param_name: (*param.shape, e)}`` (or one per set) extra per-entry readout features.
+        """
+        single = not isinstance(gs, (list, tuple))
+        sets = [gs] if single else list(gs)
+        per = lambda x: [x] * len(sets) if x is None or isinstance(x, dict) else list(x)  # noqa: E731
+        params_l, extra_l, edges_l = per(params), per(extra), per(edges)
+        shapes = {(s.batch_size, s[self.spec.layers[0].module].backprops.shape[1]) for s in sets}
+        if len(shapes) > 1:  # different B or T: run one by one
+            outs = [self._forward([s], [p], [x], [e]) for s, p, x, e in zip(sets, params_l, extra_l, edges_l)]
+            out = _cat(outs)
+        else:
+            out = self._forward(sets, params_l, extra_l, edges_l)
+        return _index0(out) if single else out
+
+    def _forward(self, sets, params_l, extra_l, edges_l):
+        feats = [self.layout.features(s, p, x) for s, p, x in zip(sets, params_l, extra_l)]
+        g = self.encoder(feats)  # (G, B, T, N, c)
+        if self.variant == "base":
+            for k, layer in enumerate(self.set_layers):
+                g = layer(g) if k == 0 else layer(F.gelu(g))
+            h = self.pool(F.gelu(g))
+            for layer in self.neuron_layers:
+                h = layer(F.gelu(h))
+        else:
+            G, B, T, N, c = g.shape
+            h = g.reshape(G, B * T, N, c)
+            for block in self.blocks:
+                h = block(h)
+            h = self.final_norm(h)
+        if self.readout == "invariant":
+            return self.head(h.mean(-2) if h.dim() == 3 else h.mean((1, 2)))
+        if self.readout == "neuron":
+            y = self.head(h if h.dim() == 3 else h.mean(1))
+            return {s.name: y[:, slice(*self.layout.offsets[s.name])] for s in self.spec.spaces}
+        return self.head(h, self._edges(params_l, edges_l, h))
+
+    def _edges(self, params_l, edges_l, h):
+        parts = []
+        if self.weight_aware:
+            parts.append({n: torch.stack([p[n].detach() for p in params_l]).to(h).unsqueeze(-1)
+                          for n, _ in self.spec.params})
+        if edges_l[0] is not None:
+            parts.append({n: torch.stack([e[n] for e in edges_l]).to(h) for n, _ in self.spec.params})
+        if not parts:
+            return None
+        return {n: torch.cat([p[n] for p in parts], -1) for n, _ in self.spec.params}
+
+
+def _cat(outs):
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
+
+
+def _index0(out):
+    if isinstance(out, dict):
+        return {k: v[0] for k, v in out.items()}
+    return out[0]

@@ -5,9 +5,11 @@
 ``GradientSet`` that is exactly equivariant to those permutations and invariant to data order.
 """
 from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
+from ._baselines import AveragedGradientNet, FlatFactorMLP, PerParamDeepSets
 from ._inputs import NeuronLayout
 from ._models import GradMetaNet
 from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, symmetry_spec
 
 __all__ = ["symmetry_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
-           "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout"]
+           "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout",
+           "PerParamDeepSets", "FlatFactorMLP", "AveragedGradientNet"]

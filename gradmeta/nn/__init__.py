@@ -6,10 +6,14 @@
 """
 from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
 from ._baselines import AveragedGradientNet, FlatFactorMLP, PerParamDeepSets
+from ._factor_pair import (FactorPairHead, FactorPairLinear, FactorPairNet, GLGate, gradient_factor_pairs,
+                           pair_product, singular_value_features)
 from ._inputs import NeuronLayout
 from ._models import GradMetaNet
 from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, symmetry_spec
 
 __all__ = ["symmetry_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
            "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout",
-           "PerParamDeepSets", "FlatFactorMLP", "AveragedGradientNet"]
+           "PerParamDeepSets", "FlatFactorMLP", "AveragedGradientNet",
+           "FactorPairLinear", "GLGate", "FactorPairHead", "FactorPairNet", "pair_product",
+           "singular_value_features", "gradient_factor_pairs"]

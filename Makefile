@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gradmeta-installed
 # Runtime deps of the peers installed with --no-deps (BackPACK would drag in torchvision).
-PEER_DEPS := opacus einops unfoldNd einconv linear_operator opt-einsum scipy
+PEER_DEPS := opacus pyhessian einops unfoldNd einconv linear_operator opt-einsum scipy
 
 .PHONY: demo test bench env clean
 

@@ -17,7 +17,7 @@ import torch
 from ._errors import DataFormatError, MissingDataError
 from ._images import ImageData
 
-__all__ = ["load_cifar10", "load_cifar100", "read_cifar_pickle", "CIFAR10_CLASSES"]
+__all__ = ["load_cifar", "load_cifar10", "load_cifar100", "read_cifar_pickle", "CIFAR10_CLASSES"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -161,3 +161,24 @@ def load_cifar100(root: str | os.PathLike | None, split: str = "train", *, label
         raise DataFormatError(f"{d / 'meta'}: expected {n_classes} {labels} label names, got {len(classes)}")
     data, y = _batch(d / split, f"{labels}_labels")
     return _to_images(data, y, classes, f"cifar100/{split}", d / split)
+
+
+def load_cifar(root: str | os.PathLike | None, split: str = "train", num_classes: int = 10, **kwargs) -> ImageData:
+    """CIFAR-10 or CIFAR-100 by its number of classes: :func:`load_cifar10` or :func:`load_cifar100`.
+
+    Args:
+        root: the data directory (see the two loaders for the layouts accepted).
+        split: ``"train"`` or ``"test"``.
+        num_classes: ``10`` (CIFAR-10), ``100`` (CIFAR-100 fine labels) or ``20`` (CIFAR-100
+            coarse labels).
+        **kwargs: passed on to the loader.
+
+    Returns:
+        :class:`ImageData` with images ``(N, 3, 32, 32)`` float in ``[0, 1]``; the raw uint8 pixels
+        are ``(images * 255).round().to(torch.uint8)`` exactly.
+    """
+    if num_classes == 10:
+        return load_cifar10(root, split, **kwargs)
+    if num_classes in (100, 20):
+        return load_cifar100(root, split, labels="fine" if num_classes == 100 else "coarse", **kwargs)
+    raise ValueError(f"load_cifar: num_classes must be 10, 100 or 20 (CIFAR-100 coarse), got {num_classes!r}")

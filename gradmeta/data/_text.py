@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._errors import MissingDataError
+from ._tensors import lm_batches
 
 __all__ = ["CharTokenizer", "TextCorpus", "stdlib_docstring_corpus", "DEFAULT_MODULES"]
 
@@ -123,19 +124,16 @@ class TextCorpus:
     def get_batch(
         self, split: str, batch_size: int, seq_len: int, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Random windows for next-character prediction.
+        """Random windows for next-character prediction (:func:`lm_batches` on one stream).
 
         Returns:
             ``(inputs, targets)``, both int64 ``(batch_size, seq_len)``, with
             ``targets[:, t] == inputs[:, t + 1]`` inside a window (targets are shifted by one).
         """
         tokens = self.split(split)
-        n_starts = tokens.numel() - seq_len
-        if seq_len < 1 or n_starts < 1:
+        if seq_len < 1 or tokens.numel() - seq_len < 1:
             raise ValueError(f"TextCorpus.get_batch: seq_len={seq_len} does not fit the {split} stream of {tokens.numel()} tokens")
-        starts = torch.randint(0, n_starts, (batch_size,), generator=generator)
-        windows = tokens.unfold(0, seq_len + 1, 1)[starts]  # (B, T + 1)
-        return windows[:, :-1], windows[:, 1:]
+        return lm_batches(tokens, batch_size, seq_len, generator)
 
     def windows(self, split: str, seq_len: int, max_windows: int | None = None) -> tuple[Tensor, Tensor]:
         """Consecutive non-overlapping windows from the start of a stream (for evaluation).

@@ -67,8 +67,13 @@ def format_report(run_dir: str | Path) -> str:
 
 def _cmd_run(args) -> int:
     out = Path(args.out) if args.out else default_out_dir(args.spec)
-    run_dir = run_spec(args.spec, out, resume=args.resume, overwrite=args.overwrite,
-                       max_steps=args.max_steps, progress=False if args.no_progress else None)
+    try:
+        run_dir = run_spec(args.spec, out, resume=args.resume, overwrite=args.overwrite,
+                           max_steps=args.max_steps, progress=False if args.no_progress else None)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue from the last checkpoint with: gradmeta run {args.spec} --out {out} --resume",
+              file=sys.stderr)
+        return 130
     m = json.loads((run_dir / METRICS_FILE).read_text())
     if m["status"] == "stopped":
         print(f"stopped at step {m['step']} of {m['total_steps']}; continue with: "

@@ -183,8 +183,8 @@ def _merge(raw: dict, defaults: dict, where: str, prefix: str = "") -> dict:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, list(defaults), n=1)
-        hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-        raise SpecError(f"{where}: unknown key {prefix}{k!r}{hint}; allowed here: {', '.join(defaults)}")
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        raise SpecError(f"{where}: unknown key {prefix + k!r}{hint}; allowed here: {', '.join(defaults)}")
     out = {}
     for k, default in defaults.items():
         key = prefix + k
@@ -383,7 +383,7 @@ class Run:
         """Write a matplotlib figure as PNG ``name`` in the run folder (atomically) and close it."""
         import matplotlib.pyplot as plt
 
-        atomic_write(self.out / name, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+        atomic_write(self.out / name, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         return name
 

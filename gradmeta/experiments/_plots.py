@@ -26,7 +26,7 @@ def _series(h: dict, key: str) -> tuple[list, list]:
 def plot_gradients(history: dict, layers: list[str], quantiles: list[float], probe_batch: int):
     """Six panels: loss, accuracy, per-layer gradient norms, noise scale, Fisher spectrum, its quantiles."""
     tr, ev, gr = history["train"], history["eval"], history["gradients"]
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8.5), layout="constrained")
     ax = ax.ravel()
 
     ax[0].plot(tr["step"], _smooth(tr["batch_loss"], 20), color="0.6", lw=1, label="minibatch (smoothed)")
@@ -73,5 +73,4 @@ def plot_gradients(history: dict, layers: list[str], quantiles: list[float], pro
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle("gradients_digits: gradient sets along training")
-    fig.tight_layout()
     return fig

@@ -21,6 +21,9 @@ __all__ = ["gradients_digits", "gradient_statistics", "DEFAULTS"]
 
 DEFAULTS = {
     "seed": 0,
+    # torch intra-op threads during the run: a model this small runs fastest on one thread, and
+    # several threads on a busy machine were measured 30-100x slower per step (2-core CPU).
+    "threads": 1,
     "data": {"split_seed": 0},
     "model": {"widths": [64, 64, 32, 10], "activation": OneOf("relu", ("relu", "tanh", "gelu", "sigmoid"))},
     "train": {
@@ -112,6 +115,17 @@ def _evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple
 @register_task("gradients_digits", defaults=DEFAULTS)
 def gradients_digits(run: Run) -> dict:
     """MLP on the scikit-learn digits; gradient norms, noise scale and Fisher spectrum over training."""
+    if run.spec["threads"] < 1:
+        raise run.spec_error("threads", f"must be at least 1, got {run.spec['threads']}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(run.spec["threads"])
+    try:
+        return _train(run)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(run: Run) -> dict:
     from gradmeta.data import load_digits
 
     s, tr, co = run.spec, run.spec["train"], run.spec["collect"]

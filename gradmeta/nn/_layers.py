@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._spec import SymmetrySpec
 
@@ -134,23 +135,49 @@ class ProductReadout(nn.Module):
         out = {}
         for k, (name, axes) in enumerate(self.spec.params):
             e = None if edges is None else edges[name]
-            if per_datum and e is not None:
-                e = e.unsqueeze(1)
             if len(axes) == 2:
-                z = self.u2(self._rows(h, axes[0])).unsqueeze(-2) + self.v2(self._rows(h, axes[1])).unsqueeze(-3)
-                if e is not None:
-                    z = z + self.e2(e)
-                lin = self.w2
+                hx, hy = self.u2(self._rows(h, axes[0])), self.v2(self._rows(h, axes[1]))
+                lin, el = self.w2, self.e2
             else:
-                z = self.u1(self._rows(h, axes[0]))
-                if e is not None:
-                    z = z + self.e1(e)
-                lin = self.w1
+                hx, hy, lin, el = self.u1(self._rows(h, axes[0])), None, self.w1, self.e1
+            bias = 0 if e is None else el(e)
             if self.pid is not None:
-                z = z + self.pid[k]
-            z = F.gelu(z)
+                bias = bias + self.pid[k]
             if per_datum:
-                z = z.mean(1)
+                z = _chunked_mean(hx, hy, bias)
+            else:
+                z = F.gelu(_outer(hx, hy) + bias)
             y = lin(z)
             out[name] = y.squeeze(-1) if self.out_dim == 1 else y
         return out
+
+
+# Per-datum product readouts are evaluated in chunks of data of at most this many elements, with
+# activation checkpointing, so memory stays O(chunk·P·hidden) instead of O(S·P·hidden).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _outer(hx, hy):
+    return hx if hy is None else hx.unsqueeze(-2) + hy.unsqueeze(-3)
+
+
+def _gelu_sum(hx, hy, bias):
+    bias = bias.unsqueeze(1) if torch.is_tensor(bias) and bias.dim() > 1 else bias
+    return F.gelu(_outer(hx, hy) + bias).sum(1)
+
+
+def _chunked_mean(hx, hy, bias):
+    """``mean_s gelu(hx[:, s, :, None] + hy[:, s, None, :] + bias)``; hx/hy ``(G, S, n, k)``."""
+    S = hx.shape[1]
+    per = hx.shape[-2] * (1 if hy is None else hy.shape[-2]) * hx.shape[-1] * hx.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(per, 1))
+    if step >= S:
+        return _gelu_sum(hx, hy, bias) / S
+    total = 0
+    for s in range(0, S, step):
+        args = (hx[:, s:s + step], None if hy is None else hy[:, s:s + step], bias)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_gelu_sum, *args, use_reentrant=False)
+        else:
+            total = total + _gelu_sum(*args)
+    return total / S

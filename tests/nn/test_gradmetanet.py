@@ -111,3 +111,23 @@ def test_bad_arguments():
         GradMetaNet.for_model(mlp([2, 3, 2]), readout="bogus")
     with pytest.raises(ValueError, match="variant"):
         GradMetaNet.for_model(mlp([2, 3, 2]), variant="bogus")
+
+
+def test_chunked_per_datum_readout_matches(refs, monkeypatch):
+    import gradmeta.nn._layers as layers
+    model, x, y = refs.mlp_case([4, 6, 3], 9, 0)
+    gs = refs.collect(model, x, y)
+    net = make_net(model, "weight", "plusplus", True)
+    params = dict(model.named_parameters())
+
+    def value_and_grad():
+        net.zero_grad()
+        out = net(gs, params=params)
+        sum((v ** 2).sum() for v in out.values()).backward()
+        return out, [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    full, gfull = value_and_grad()
+    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 50)
+    chunked, gchunk = value_and_grad()
+    refs.assert_close_dict(chunked, full, 1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(gchunk, gfull))

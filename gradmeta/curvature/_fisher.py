@@ -146,7 +146,7 @@ class KFAC(Mapping):
         if inverse:
             eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            # Tikhonov damping split as π-free sqrt(λ) on each factor (Martens & Grosse 2015, eq. 13 with π=1)
+            # damping λ split as √λ on each factor (Martens & Grosse 2015, §6.3, with π = 1)
             d = damping ** 0.5
             R = torch.linalg.solve(G + d * eye_g, torch.linalg.solve(A + d * eye_a, M.T).T)
         else:

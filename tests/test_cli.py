@@ -105,6 +105,29 @@ def test_resume_continues_from_checkpoint(tmp_path, full_run):
     assert m["history"] == metrics(full_run)["history"]
 
 
+def test_resume_after_keyboard_interrupt(tmp_path, full_run, monkeypatch, capsys):
+    import gradmeta.experiments.gradients as task
+
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the 4th collection (step 30)
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return gm.collect_gradients(*args, **kwargs)
+
+    spec, out = write_spec(tmp_path), tmp_path / "run"
+    monkeypatch.setattr(task, "collect_gradients", interrupted)
+    assert gm_run(spec, "--out", out) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 20
+    monkeypatch.undo()
+    assert gm_run(spec, "--out", out, "--resume") == 0
+    record = json.loads((out / "run.json").read_text())
+    assert [i["start_step"] for i in record["invocations"]] == [20]
+    assert metrics(out)["history"] == metrics(full_run)["history"]
+
+
 def test_resume_refuses_changed_spec(tmp_path, capsys):
     spec, out = write_spec(tmp_path), tmp_path / "run"
     assert gm_run(spec, "--out", out, "--max-steps", 10) == 0

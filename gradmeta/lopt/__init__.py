@@ -1,0 +1,33 @@
+"""Learned optimization (DESIGN §7), split as in learned_optimization.
+
+* **tasks** -- functional inner problems: :func:`digits_mlp` (embedded, default),
+  :func:`image_mlp` (8×8 Fashion-MNIST / CIFAR-10 / CIFAR-100 from local files), :func:`char_lm`
+  (2-block transformer on the stdlib-docstring corpus), :class:`QuadraticTask`;
+* **optimizers** -- hand-designed baselines as ``init``/``update`` pairs with named state:
+  :func:`sgdm`, :func:`adam`, the Adam learning-rate sweep :data:`ADAM_LRS`;
+* **learned optimizers** -- :class:`PerParamMLP` (residual form: untrained = SGD with momentum);
+* **outer trainers** -- :class:`PES`, :func:`es_grad`, :class:`TruncatedBackprop` (``torch.func``
+  or ``higher``), split over ``torchrun`` ranks with :func:`comm_from_env`;
+* **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that loads a shipped
+  checkpoint by default.
+
+Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
+``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.lopt._experiments`).
+"""
+from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
+from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
+from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP
+from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
+from ._outer import PES, TruncatedBackprop, es_grad, meta_loss, unroll
+from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, Task,
+                     char_lm, digits_mlp, image_mlp, make_task)
+
+__all__ = [
+    "Task", "ModuleTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
+    "digits_mlp", "image_mlp", "char_lm", "make_task", "TASK_NAMES",
+    "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
+    "PerParamMLP", "LOState", "DECAYS", "TIMESCALES",
+    "unroll", "meta_loss", "PES", "es_grad", "TruncatedBackprop",
+    "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
+    "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",
+]

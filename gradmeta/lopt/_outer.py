@@ -1,0 +1,250 @@
+"""Outer trainers: estimate the meta-gradient of a learned optimizer from inner runs.
+
+An outer trainer works with any task (:mod:`gradmeta.lopt._tasks`) and any learned optimizer with
+``init(params)`` and ``update(meta, grads, state, params)``. It keeps ``particles`` inner runs
+(stacked along axis 0, advanced together with ``torch.func.vmap`` over functional parameters),
+unrolls them ``truncation`` inner steps per call and resets them after ``horizon`` steps.
+
+The meta-loss of one truncation is the mean inner *training* loss over its steps (the loss of each
+step's batch before that step's update), or the mean of its logarithm with ``log_loss=True``.
+
+* :class:`PES` -- Persistent Evolution Strategies (Vicol et al. 2021), antithetic: particles come
+  in pairs ``θ ± ε`` sharing initialisation and data; each particle accumulates its perturbations
+  ``ξ`` since its last reset and the estimate is ``Σ_i ξ_i L_i / (P σ²)``, unbiased for the
+  gradient of the Gaussian-smoothed loss over the whole horizon.
+* :func:`es_grad` -- full-unroll antithetic ES: PES with ``truncation = horizon`` from fresh runs.
+* :class:`TruncatedBackprop` -- the exact gradient of each truncation's loss through its unroll,
+  with ``torch.func`` (vectorised over particles) or ``higher`` (one particle at a time).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+from torch.utils import _pytree as pytree
+
+from ._distributed import Comm, LocalComm
+
+__all__ = ["unroll", "PES", "TruncatedBackprop", "es_grad", "meta_loss"]
+
+Params = dict[str, Tensor]
+
+
+def meta_loss(losses: Tensor, log_loss: bool = False) -> Tensor:
+    """Mean over the last axis (the steps of a truncation) of ``losses`` or ``log(losses)``."""
+    return (losses.clamp_min(1e-12).log() if log_loss else losses).mean(-1)
+
+
+def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor, ...]):
+    """Run ``K`` inner steps; ``batches`` hold one batch per step (leading axis ``K``).
+
+    Returns:
+        ``(params, state, losses)`` with ``losses (K,)`` the mean batch loss before each update.
+    """
+    losses = []
+    for t in range(batches[0].shape[0]):
+        batch = tuple(b[t] for b in batches)
+        grads, loss = grad_and_value(lambda p: task.loss(p, batch).mean())(params)
+        params, state = lo.update(meta, grads, state, params)
+        losses.append(loss)
+    return params, state, torch.stack(losses)
+
+
+class _Particles:
+    """Particle bookkeeping shared by the outer trainers (state = plain dict of tensor trees)."""
+
+    antithetic = False
+
+    def __init__(self, task, lo, *, particles: int, truncation: int, horizon: int, log_loss: bool = False,
+                 comm: Comm | None = None):
+        if particles < 1 or truncation < 1 or horizon < truncation:
+            raise ValueError(f"{type(self).__name__}: need particles >= 1 and 1 <= truncation <= horizon, got "
+                             f"particles={particles}, truncation={truncation}, horizon={horizon}")
+        if self.antithetic and particles % 2:
+            raise ValueError(f"{type(self).__name__}: antithetic particles come in pairs; particles={particles} is odd")
+        self.task, self.lo, self.P, self.K, self.T = task, lo, particles, truncation, horizon
+        self.log_loss, self.comm = log_loss, comm or LocalComm()
+        self.groups = particles // 2 if self.antithetic else particles  # runs sharing init and data
+        self.rep = 2 if self.antithetic else 1
+
+    def _fresh(self, generator: torch.Generator) -> dict:
+        seeds = torch.randint(2**31 - 1, (self.groups,), generator=generator).tolist()
+        params = pytree.tree_map(lambda x: x.repeat_interleave(self.rep, 0), self.task.init_stacked(seeds))
+        opt_state = vmap(self.lo.init)(params)
+        return {"params": params, "opt_state": opt_state, "step": torch.zeros((), dtype=torch.long)}
+
+    def init(self, meta: Params, generator: torch.Generator) -> dict:
+        """Fresh particles (initialisations drawn from ``generator``)."""
+        state = self._fresh(generator)
+        if self.antithetic:
+            state["accum"] = {k: torch.zeros(self.P, *v.shape, dtype=v.dtype) for k, v in meta.items()}
+        return state
+
+    def to_leaves(self, state: dict) -> list[Tensor]:
+        """The tensors of ``state`` in a fixed order (for ``torch.save`` / ``weights_only`` loads)."""
+        return pytree.tree_flatten(state)[0]
+
+    def from_leaves(self, meta: Params, leaves: list[Tensor]) -> dict:
+        """Inverse of :meth:`to_leaves`."""
+        spec = pytree.tree_flatten(self.init(meta, torch.Generator().manual_seed(0)))[1]
+        return pytree.tree_unflatten(list(leaves), spec)
+
+    def _batches(self, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """``(K, P, B, ...)`` batches; the runs of one group share them."""
+        b = self.task.batches(generator, self.K * self.groups)
+        return tuple(x.view(self.K, self.groups, *x.shape[1:]).repeat_interleave(self.rep, 1) for x in b)
+
+    def _advance(self, state: dict, new_local: dict, generator: torch.Generator) -> dict:
+        """Gather the ranks' new particle slices; reset every particle at the end of the horizon."""
+        gather = self.comm.all_gather_cat if self.comm.world_size > 1 else (lambda x: x)
+        new = pytree.tree_map(gather, new_local)
+        new["step"] = state["step"] + self.K
+        if int(new["step"]) >= self.T:
+            fresh = self._fresh(generator)
+            new.update(fresh)
+            if "accum" in new:
+                new["accum"] = pytree.tree_map(torch.zeros_like, new["accum"])
+        return new
+
+    def _local(self) -> slice:
+        g = self.comm.share(self.groups)
+        return slice(g.start * self.rep, g.stop * self.rep)
+
+
+class PES(_Particles):
+    """Antithetic Persistent Evolution Strategies over ``particles`` vectorised inner runs.
+
+    Args:
+        task: inner task.
+        lo: learned optimizer (``init``, ``update(meta, grads, state, params)``).
+        particles: number of inner runs (even: ``particles / 2`` antithetic pairs).
+        truncation: inner steps per meta-gradient estimate.
+        horizon: inner steps after which all runs restart from fresh initialisations.
+        sigma: standard deviation of the perturbations of every meta-parameter.
+        log_loss: meta-loss on ``log`` of the inner losses.
+        comm: splits the pairs over ranks (:mod:`gradmeta.lopt._distributed`); default one process.
+    """
+
+    antithetic = True
+
+    def __init__(self, task, lo, *, particles: int = 8, truncation: int = 50, horizon: int = 2000,
+                 sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None):
+        super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
+                         log_loss=log_loss, comm=comm)
+        self.sigma = sigma
+
+    @torch.no_grad()
+    def grad(self, meta: Params, state: dict, generator: torch.Generator) -> tuple[Params, dict, dict]:
+        """One truncation of every particle.
+
+        Returns:
+            ``(meta_grad, new_state, info)``; ``meta_grad`` like ``meta``; ``info`` has the mean
+            meta-loss over particles ``"meta_loss"`` (antithetic pairs averaged) and ``"skipped"``,
+            the total number of skipped inner steps over particles.
+        """
+        N, P = self.groups, self.P
+        sign = torch.tensor([1.0, -1.0]).repeat(N)
+        eps = {k: self.sigma * torch.randn(N, *v.shape, generator=generator, dtype=v.dtype).repeat_interleave(2, 0)
+               * sign.view(-1, *[1] * v.dim()) for k, v in meta.items()}
+        batches = self._batches(generator)
+        sl = self._local()
+        theta = {k: meta[k].detach() + eps[k][sl] for k in meta}
+        loc = lambda tree: pytree.tree_map(lambda x: x[sl], tree)  # noqa: E731
+        params, opt_state, losses = vmap(
+            lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b), in_dims=(0, 0, 0, 1))(
+            theta, loc(state["params"]), loc(state["opt_state"]), tuple(b[:, sl] for b in batches))
+        L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
+        accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
+        contrib = torch.cat([(accum[k] * L.view(-1, *[1] * meta[k].dim())).sum(0).flatten() for k in meta])
+        skipped = opt_state.skipped.sum() if hasattr(opt_state, "skipped") else torch.zeros(())
+        totals = self.comm.all_reduce_sum(torch.cat([contrib, L.sum().view(1), skipped.view(1).to(L.dtype)]))
+        flat = totals[:-2] / (P * self.sigma ** 2)
+        g, off = {}, 0
+        for k, v in meta.items():
+            g[k] = flat[off:off + v.numel()].view_as(v)
+            off += v.numel()
+        new = self._advance(state, {"params": params, "opt_state": opt_state, "accum": accum}, generator)
+        return g, new, {"meta_loss": float(totals[-2]) / P, "skipped": int(totals[-1])}
+
+
+def es_grad(task, lo, meta: Params, generator: torch.Generator, *, particles: int = 8, horizon: int = 50,
+            sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None) -> tuple[Params, dict]:
+    """Full-unroll antithetic ES: ``Σ_pairs ε (L(θ+ε) − L(θ−ε)) / (2 N σ²)`` from fresh inner runs.
+
+    Returns ``(meta_grad, info)`` as :meth:`PES.grad` does.
+    """
+    pes = PES(task, lo, particles=particles, truncation=horizon, horizon=horizon, sigma=sigma,
+              log_loss=log_loss, comm=comm)
+    g, _, info = pes.grad(meta, pes.init(meta, generator), generator)
+    return g, info
+
+
+class TruncatedBackprop(_Particles):
+    """Truncated backpropagation through the unroll, averaged over particles.
+
+    Args:
+        backend: ``"func"`` (``torch.func.grad`` through the unroll, vmapped over particles) or
+            ``"higher"`` (``higher.monkeypatch`` of the task's model and ``autograd.grad`` with
+            ``create_graph=True``; module-backed tasks only). Both give the same meta-gradient.
+        Other arguments as :class:`PES`.
+    """
+
+    def __init__(self, task, lo, *, particles: int = 8, truncation: int = 20, horizon: int = 2000,
+                 log_loss: bool = False, backend: str = "func", comm: Comm | None = None):
+        if backend not in ("func", "higher"):
+            raise ValueError(f"TruncatedBackprop: backend must be 'func' or 'higher', got {backend!r}")
+        if backend == "higher" and not hasattr(task, "model"):
+            raise ValueError(f"TruncatedBackprop(backend='higher') needs a module-backed task; {task.name} has no model")
+        super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
+                         log_loss=log_loss, comm=comm)
+        self.backend = backend
+
+    def _loss_func(self, meta, params, state, batches):
+        p, s, losses = unroll(self.task, self.lo, meta, params, state, batches)
+        return meta_loss(losses, self.log_loss), (p, s)
+
+    def _grad_higher(self, meta, params, state, batches):
+        import higher
+
+        task, names = self.task, list(params)
+        fmodel = higher.monkeypatch(task.model, copy_initial_weights=True, track_higher_grads=True)
+        m = {k: v.detach().requires_grad_() for k, v in meta.items()}
+        p = {k: v.detach().requires_grad_() for k, v in params.items()}
+        losses = []
+        with torch.enable_grad():
+            for t in range(batches[0].shape[0]):
+                x, y = task.split(tuple(b[t] for b in batches))
+                loss = task.loss_fn(fmodel(x, params=[p[n] for n in names]), y).mean()
+                grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True)
+                p, state = self.lo.update(m, dict(zip(names, grads)), state, p)
+                losses.append(loss)
+            L = meta_loss(torch.stack(losses), self.log_loss)
+            g = dict(zip(m, torch.autograd.grad(L, list(m.values()))))
+        detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
+        return g, L.detach(), detach(p), detach(state)
+
+    def grad(self, meta: Params, state: dict, generator: torch.Generator) -> tuple[Params, dict, dict]:
+        """Mean over particles of ``∂(truncation loss)/∂meta``; returns ``(meta_grad, new_state, info)``."""
+        batches = self._batches(generator)
+        sl = self._local()
+        loc = lambda tree: pytree.tree_map(lambda x: x[sl].detach(), tree)  # noqa: E731
+        params, opt_state, b = loc(state["params"]), loc(state["opt_state"]), tuple(x[:, sl] for x in batches)
+        meta = {k: v.detach() for k, v in meta.items()}
+        if self.backend == "func":
+            one = grad_and_value(self._loss_func, has_aux=True)
+            g, (L, (params, opt_state)) = vmap(one, in_dims=(None, 0, 0, 1))(meta, params, opt_state, b)
+        else:
+            outs = [self._grad_higher(meta, *(pytree.tree_map(lambda x: x[i], t) for t in (params, opt_state)),
+                                      tuple(x[:, i] for x in b)) for i in range(b[0].shape[1])]
+            stack = lambda j: pytree.tree_map(lambda *xs: torch.stack(xs), *[o[j] for o in outs])  # noqa: E731
+            g, L, params, opt_state = stack(0), stack(1), stack(2), stack(3)
+        flat = torch.cat([g[k].sum(0).flatten() for k in meta] + [L.sum().view(1)])
+        totals = self.comm.all_reduce_sum(flat.detach())
+        out, off = {}, 0
+        for k, v in meta.items():
+            out[k] = totals[off:off + v.numel()].view_as(v) / self.P
+            off += v.numel()
+        detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
+        new = self._advance(state, {"params": detach(params), "opt_state": detach(opt_state)}, generator)
+        return out, new, {"meta_loss": float(totals[-1]) / self.P,
+                          "skipped": int(opt_state.skipped.sum()) if hasattr(opt_state, "skipped") else 0}

@@ -1,0 +1,205 @@
+"""Inner tasks: what a learned optimizer is trained and evaluated on.
+
+A task is functional so that many inner runs can be vectorised with ``torch.func.vmap``:
+parameters are ``dict[str, Tensor]`` keyed by the model's ``named_parameters()`` names, and
+
+* ``init(seed) -> params`` draws a fresh initialisation (deterministic in ``seed``);
+* ``batches(generator, n) -> batch`` draws ``n`` independent training batches, every tensor
+  with a leading axis ``n`` (one batch per particle / inner run);
+* ``loss(params, batch) -> (B,)`` per-example training losses for one batch (no leading ``n``);
+* ``test_loss(params) -> ()`` the mean loss on held-out data (test split or validation stream).
+
+Module-backed tasks also expose ``model`` (a parameter skeleton), ``loss_fn(outputs, targets)`` and
+``split(batch) -> (inputs, targets)`` so that other backends (``higher``) can run them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gradmeta.models import GPT, classification_loss, lm_loss, mlp
+
+__all__ = ["Task", "ModuleTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
+           "digits_mlp", "image_mlp", "char_lm", "make_task", "TASK_NAMES"]
+
+
+class Task:
+    """Base class of inner tasks (see the module docstring for the protocol)."""
+
+    name = "task"
+
+    def init(self, seed: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def loss(self, params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def test_loss(self, params: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def init_stacked(self, seeds: list[int]) -> dict[str, Tensor]:
+        """``init`` for several seeds, stacked along a new leading axis ``(len(seeds), *shape)``."""
+        inits = [self.init(int(s)) for s in seeds]
+        return {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
+
+
+class ModuleTask(Task):
+    """A task whose loss is ``loss_fn(model(inputs), targets)`` with the model's parameters replaced."""
+
+    def __init__(self, model: nn.Module, loss_fn, name: str):
+        self.model, self.loss_fn, self.name = model, loss_fn, name
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def init(self, seed: int) -> dict[str, Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.model.modules():
+                if m is not self.model and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            return {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+    @staticmethod
+    def split(batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` of a batch."""
+        return batch[0], batch[1]
+
+    def loss(self, params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+        """Per-example losses ``(B,)`` of ``batch`` at ``params``."""
+        x, y = self.split(batch)
+        return self.loss_fn(functional_call(self.model, params, (x,)), y)
+
+
+class ClassificationTask(ModuleTask):
+    """An MLP classifier on flat inputs: train ``X (N, D)`` float, ``y (N,)`` int64; test likewise.
+
+    Batches of ``batch_size`` examples are drawn with replacement; the test loss is the mean
+    cross-entropy over the whole test split.
+    """
+
+    def __init__(self, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, hidden: list[int],
+                 batch_size: int = 128, activation: str = "relu", name: str = "mlp"):
+        if X.dim() != 2 or y.shape != X.shape[:1]:
+            raise ValueError(f"ClassificationTask: expected X (N, D) and y (N,), got {tuple(X.shape)} and {tuple(y.shape)}")
+        n_classes = int(max(y.max(), y_test.max())) + 1
+        self.widths = [X.shape[1], *hidden, n_classes]
+        super().__init__(mlp(self.widths, activation=activation), classification_loss, name)
+        self.X, self.y, self.X_test, self.y_test, self.batch_size = X, y, X_test, y_test, batch_size
+
+    def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` batches: inputs ``(n, B, D)``, labels ``(n, B)``."""
+        idx = torch.randint(len(self.y), (n, self.batch_size), generator=generator)
+        return self.X[idx], self.y[idx]
+
+    def test_loss(self, params: dict[str, Tensor]) -> Tensor:
+        """Mean cross-entropy on the test split, ``()``."""
+        return self.loss(params, (self.X_test, self.y_test)).mean()
+
+
+class LanguageModelTask(ModuleTask):
+    """Next-character prediction with :class:`gradmeta.models.GPT` on a :class:`~gradmeta.data.TextCorpus`.
+
+    Batches are random windows ``(B, T)`` of the train stream; the test loss is the mean
+    per-token loss over the first ``test_windows`` windows of the validation stream.
+    """
+
+    def __init__(self, corpus, d_model: int = 32, n_heads: int = 4, n_blocks: int = 2,
+                 batch_size: int = 8, seq_len: int = 8, test_windows: int = 256, name: str = "char_lm"):
+        super().__init__(GPT(corpus.vocab_size, d_model, n_heads, n_blocks, max_len=seq_len), lm_loss, name)
+        self.corpus, self.batch_size, self.seq_len = corpus, batch_size, seq_len
+        self._windows = corpus.train.unfold(0, seq_len + 1, 1)  # (N - T, T + 1), a view
+        self.X_test, self.y_test = corpus.windows("val", seq_len, test_windows)
+
+    def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` batches: inputs and shifted targets, both int64 ``(n, B, T)``."""
+        w = self._windows[torch.randint(len(self._windows), (n, self.batch_size), generator=generator)]
+        return w[..., :-1], w[..., 1:]
+
+    def test_loss(self, params: dict[str, Tensor]) -> Tensor:
+        """Mean per-token cross-entropy on the validation windows, ``()``."""
+        return self.loss(params, (self.X_test, self.y_test)).mean()
+
+
+class QuadraticTask(Task):
+    """``loss = ½ Σ_i h_i (θ_i − x_i)²`` with fixed curvatures ``h`` and noisy targets ``x ~ N(0, noise²)``.
+
+    A cheap task with a known structure, used to check outer-gradient estimators. ``B`` noisy
+    targets per batch give ``B`` per-example losses.
+    """
+
+    name = "quadratic"
+
+    def __init__(self, dim: int = 4, batch_size: int = 4, noise: float = 0.1, init_scale: float = 1.0):
+        self.h = torch.logspace(-1, 0, dim)
+        self.dim, self.batch_size, self.noise, self.init_scale = dim, batch_size, noise, init_scale
+
+    def init(self, seed: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {"theta": self.init_scale * torch.randn(self.dim, generator=g)}
+
+    def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor]:
+        return (self.noise * torch.randn(n, self.batch_size, self.dim, generator=generator),)
+
+    def loss(self, params: dict[str, Tensor], batch: tuple[Tensor]) -> Tensor:
+        return 0.5 * (self.h * (params["theta"] - batch[0]).square()).sum(-1)
+
+    def test_loss(self, params: dict[str, Tensor]) -> Tensor:
+        return 0.5 * (self.h * params["theta"].square()).sum()
+
+
+def digits_mlp(hidden: list[int] | None = None, batch_size: int = 128, split_seed: int = 0) -> ClassificationTask:
+    """MLP ``64 -> hidden -> 10`` on the scikit-learn digits (embedded; default hidden ``[32]``)."""
+    from gradmeta.data import load_digits
+
+    tr, te = load_digits("train", seed=split_seed), load_digits("test", seed=split_seed)
+    return ClassificationTask(tr.flat(), tr.labels, te.flat(), te.labels, hidden or [32], batch_size,
+                              name="digits_mlp")
+
+
+def image_mlp(dataset: str, root: str | os.PathLike | None = None, hidden: list[int] | None = None,
+              batch_size: int = 128, size: int = 8) -> ClassificationTask:
+    """MLP on a file-based image set downsampled to ``size × size`` and flattened.
+
+    ``dataset`` is ``fashion_mnist``, ``mnist``, ``cifar10`` or ``cifar100`` (read from ``root`` or
+    ``$GRADMETA_DATA``, never downloaded); hidden defaults to ``[128]`` for CIFAR-100 and ``[32]``
+    otherwise (DESIGN §7). Inputs are ``C·size²`` (64 for the grey sets, 192 for CIFAR).
+    """
+    from gradmeta.data import load_dataset
+
+    hidden = hidden or ([128] if dataset == "cifar100" else [32])
+    tr, te = (load_dataset(dataset, split, root).resize(size) for split in ("train", "test"))
+    return ClassificationTask(tr.flat(), tr.labels, te.flat(), te.labels, hidden, batch_size,
+                              name=f"{dataset}{size}_mlp")
+
+
+def char_lm(corpus=None, batch_size: int = 8, seq_len: int = 8, d_model: int = 32, n_heads: int = 4,
+            n_blocks: int = 2) -> LanguageModelTask:
+    """2-block transformer LM (d=32, 4 heads, batch 8, sequence 8) on the stdlib-docstring corpus."""
+    if corpus is None:
+        from gradmeta.data import stdlib_docstring_corpus
+
+        corpus = stdlib_docstring_corpus()
+    return LanguageModelTask(corpus, d_model, n_heads, n_blocks, batch_size, seq_len)
+
+
+TASK_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "char_lm", "quadratic")
+
+
+def make_task(name: str, *, hidden: list[int] | None = None, batch_size: int | None = None,
+              data_root: str | None = None) -> Task:
+    """Build a task by name (one of :data:`TASK_NAMES`), as task specs do."""
+    if name == "digits":
+        return digits_mlp(hidden, batch_size or 128)
+    if name in ("fashion_mnist", "mnist", "cifar10", "cifar100"):
+        return image_mlp(name, data_root or None, hidden, batch_size or 128)
+    if name == "char_lm":
+        return char_lm(batch_size=batch_size or 8)
+    if name == "quadratic":
+        return QuadraticTask(batch_size=batch_size or 4)
+    raise ValueError(f"gradmeta.lopt.make_task: unknown task {name!r}; choose from {TASK_NAMES}")

@@ -1,0 +1,141 @@
+"""Models on LoRA adapters: the common :class:`AdapterModel` base, :class:`GLNet`, checkpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from gradmeta.nn import FactorPairNet
+
+from ._adapter import Adapter
+from ._dataset import stack_factors
+
+__all__ = ["AdapterModel", "GLNet", "Pairs", "MODELS", "save_model", "load_model"]
+
+#: ``{module: (U (N, n, r), V (N, m, r))}`` with ``scale`` folded into ``U`` (see :func:`stack_factors`).
+Pairs = dict[str, tuple[Tensor, Tensor]]
+AdapterInput = Union[Adapter, Sequence[Adapter], Pairs]
+
+#: Registered model classes by name (for :func:`load_model`).
+MODELS: dict[str, type] = {}
+
+
+class AdapterModel(nn.Module):
+    """Base of every adapter model: input handling, per-module input scale, construction kwargs.
+
+    ``net(x)`` accepts one :class:`Adapter`, a list of adapters (any ranks; zero-padded) or
+    already stacked :data:`Pairs`, and returns ``(N, out_dim)``. Before the model sees them, the
+    ``U`` of module ``k`` is divided by ``input_scale[k]`` (a scalar, so every symmetry of the
+    model is kept); :meth:`fit_input_scale` sets it to the RMS Frobenius norm of ``ΔW_k``.
+
+    Args:
+        shapes: ``{module: (n, m)}`` as in ``Adapter.shapes`` (module order is kept).
+        out_dim: output size.
+    """
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        MODELS[cls.__name__] = cls
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], out_dim: int = 1):
+        super().__init__()
+        self.names = list(shapes)
+        self.shapes = {k: (int(v[0]), int(v[1])) for k, v in shapes.items()}
+        self.out_dim = out_dim
+        self.register_buffer("input_scale", torch.ones(len(self.names)))
+        self.kwargs: dict = {"shapes": self.shapes, "out_dim": out_dim}
+
+    @classmethod
+    def for_adapter(cls, ad: Adapter, out_dim: int = 1, **kwargs) -> "AdapterModel":
+        """A model sized from an example adapter's module names and shapes (its rank does not matter)."""
+        return cls(ad.shapes, out_dim=out_dim, **kwargs)
+
+    def _dtype(self) -> torch.dtype:
+        return self.input_scale.dtype
+
+    def pairs(self, x: AdapterInput) -> Pairs:
+        """Stacked, input-scaled factor pairs in the model's dtype; checks module names and shapes."""
+        if isinstance(x, Adapter):
+            x = [x]
+        if not isinstance(x, dict):
+            x = stack_factors(list(x), dtype=self._dtype())
+        out = {}
+        for i, k in enumerate(self.names):
+            if k not in x:
+                raise KeyError(f"{type(self).__name__}: input has no module {k!r}; it has {list(x)[:8]}")
+            U, V = x[k]
+            if (U.shape[-2], V.shape[-2]) != self.shapes[k]:
+                raise ValueError(f"{type(self).__name__}: module {k!r} is {(U.shape[-2], V.shape[-2])}, "
+                                 f"the model was built for {self.shapes[k]}")
+            out[k] = (U.to(self._dtype()) / self.input_scale[i], V.to(self._dtype()))
+        return out
+
+    @torch.no_grad()
+    def fit_input_scale(self, x: AdapterInput) -> "AdapterModel":
+        """Set ``input_scale[k] = sqrt(mean ‖U_k V_kᵀ‖_F²)`` over the given adapters (``O((n+m) r²)``)."""
+        pairs = x if isinstance(x, dict) else stack_factors([x] if isinstance(x, Adapter) else list(x),
+                                                             dtype=self._dtype())
+        for i, k in enumerate(self.names):
+            U, V = pairs[k]
+            sq = ((U.transpose(-1, -2) @ U) * (V.transpose(-1, -2) @ V)).sum((-1, -2))  # ‖U Vᵀ‖_F²
+            self.input_scale[i] = sq.mean().clamp_min(1e-30).sqrt()
+        return self
+
+    def forward(self, x: AdapterInput) -> Tensor:
+        return self.forward_pairs(self.pairs(x))
+
+    def forward_pairs(self, pairs: Pairs) -> Tensor:
+        """``pairs`` (already scaled) -> ``(N, out_dim)``."""
+        raise NotImplementedError
+
+
+class GLNet(AdapterModel):
+    """``GL(r)^L``-invariant model on adapters, built from :class:`gradmeta.nn.FactorPairNet`.
+
+    Per module, row-side equivariant maps on ``(U, V)`` with the sign-gated GL nonlinearity, an
+    invariant ``U Vᵀ`` head on the learned ``h × h`` sketch ``W_U ΔW W_Vᵀ`` and the top-``svd_k``
+    singular values; an MLP on their concatenation. Rank-agnostic: any ``r``, and zero-padded
+    rank columns do not change the output.
+
+    Args:
+        shapes, out_dim: see :class:`AdapterModel`.
+        hidden, channels, depth, svd_k, mlp_hidden: those of :class:`gradmeta.nn.FactorPairNet`.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], out_dim: int = 1, *, hidden: int = 8,
+                 channels: int = 4, depth: int = 2, svd_k: int = 4, mlp_hidden: int = 64):
+        super().__init__(shapes, out_dim)
+        self.kwargs.update(hidden=hidden, channels=channels, depth=depth, svd_k=svd_k, mlp_hidden=mlp_hidden)
+        self.body = FactorPairNet(self.shapes, out_dim, hidden=hidden, channels=channels, depth=depth,
+                                  svd_k=svd_k, mlp_hidden=mlp_hidden)
+
+    def forward_pairs(self, pairs: Pairs) -> Tensor:
+        return self.body(pairs)
+
+
+def save_model(net: AdapterModel, path: str | os.PathLike, **extra) -> Path:
+    """Save ``{"model": class name, "kwargs", "state_dict", **extra}`` (readable with weights_only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": type(net).__name__, "kwargs": net.kwargs, "state_dict": net.state_dict(), **extra}, path)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> tuple[AdapterModel, dict]:
+    """Inverse of :func:`save_model`: ``(model in eval mode, the extra entries)``."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read model checkpoint ({type(e).__name__}: {e})") from e
+    name = ckpt.get("model")
+    if name not in MODELS:
+        raise ValueError(f"{path}: unknown model class {name!r}; known: {sorted(MODELS)}")
+    kwargs = dict(ckpt["kwargs"])
+    shapes, out_dim = kwargs.pop("shapes"), kwargs.pop("out_dim")
+    net = MODELS[name](shapes, out_dim, **kwargs)
+    net.load_state_dict(ckpt["state_dict"])
+    net.to(ckpt["state_dict"]["input_scale"].dtype).eval()
+    return net, {k: v for k, v in ckpt.items() if k not in ("model", "kwargs", "state_dict")}

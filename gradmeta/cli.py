@@ -98,7 +98,8 @@ def _cmd_tasks(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, including subcommands from :data:`SUBCOMMAND_MODULES`."""
-    parser = argparse.ArgumentParser(prog="gradmeta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gradmeta", description="Run gradmeta task specs and summarise run folders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("run", help="run a task spec into a run folder")
     p.add_argument("spec", help="TOML spec file (its key `task` names the task)")

@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradmeta run tasks/gradients_digits.toml --out runs/demo
+	$(VENV)/bin/gradmeta run tasks/gradients_digits.toml --out runs/demo --overwrite
 	$(VENV)/bin/gradmeta report runs/demo
 
 test: $(STAMP)

@@ -66,3 +66,15 @@ def save(pm, path, **kw):
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(path), **kw)
     return path
+
+
+# A tiny lora_zoo spec: 12 adapters of ranks 2 and 4, a few steps each (seconds on a CPU).
+ZOO_SPEC = """task = "lora_zoo"
+n_adapters = 12
+[base]
+steps = 60
+[finetune]
+ranks = [2, 4]
+steps_min = 5
+steps_max = 15
+"""

@@ -10,32 +10,14 @@ from gradmeta import lora
 from gradmeta.data import load_digits
 from gradmeta.lora._zoo import evaluate, load_base
 from gradmeta.run import run_spec
-
-SPEC = """task = "lora_zoo"
-n_adapters = 6
-[base]
-steps = 60
-[finetune]
-ranks = [2, 4]
-steps_min = 5
-steps_max = 15
-"""
-
-
-@pytest.fixture(scope="module")
-def zoo_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo_task")
-    (d / "zoo.toml").write_text(SPEC)
-    out = run_spec(d / "zoo.toml", d / "run", progress=False)
-    return d, out
-
+from tests.lora.peft_refs import ZOO_SPEC as SPEC
 
 def test_zoo_labels_match_merged_adapters(zoo_run):
     _, out = zoo_run
     m = json.loads((out / "metrics.json").read_text())
-    assert m["status"] == "complete" and m["summary"]["adapters_done"] == 6
+    assert m["status"] == "complete" and m["summary"]["adapters_done"] == 12
     ds = lora.LoraDataset(out / "adapters", out / "labels.csv")
-    assert len(ds) == 6 and ds.module_names == ["0", "2", "4"]
+    assert len(ds) == 12 and ds.module_names == ["0", "2", "4"]
     assert {a["0"].rank for a, _ in ds} <= {2, 4}
     te = load_digits("test", seed=0)
     for ad, lab in ds:
@@ -55,14 +37,14 @@ def test_zoo_resume_skips_and_rebuilds_identically(zoo_run):
     (out / "adapters" / "00003" / "labels.json").unlink()
     out2 = run_spec(d / "zoo.toml", out, resume=True, progress=False)
     m = json.loads((out2 / "metrics.json").read_text())
-    assert m["summary"]["built_this_process"] == 1 and m["summary"]["adapters_done"] == 6
+    assert m["summary"]["built_this_process"] == 1 and m["summary"]["adapters_done"] == 12
     after = lora.load_adapter(out / "adapters" / "00003")
     for k in before:
         torch.testing.assert_close(after[k].delta(), before[k].delta())
 
 
 def test_zoo_sharding_by_rank(tmp_path, monkeypatch):
-    (tmp_path / "zoo.toml").write_text(SPEC.replace("n_adapters = 6", "n_adapters = 5"))
+    (tmp_path / "zoo.toml").write_text(SPEC.replace("n_adapters = 12", "n_adapters = 5"))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = run_spec(tmp_path / "zoo.toml", tmp_path / "run", progress=False)

@@ -18,11 +18,12 @@ from ._estimators import (EigenResult, SpectralDensity, hutchinson_diagonal, hut
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
 from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
 from ._operators import GGNOperator, HessianOperator
+from ._report import curvature_report, format_table
 
 __all__ = [
     "hvp", "ggn_vp", "exact_hessian", "hessian_trace", "hessian_diagonal", "hessian_eigenvalues",
     "spectral_density", "fisher_diagonal", "kfac", "KFAC", "sample_targets",
     "LinearOperator", "DenseOperator", "ParamLayout", "as_operator", "HessianOperator", "GGNOperator",
     "hutchinson_trace", "hutchpp_trace", "hutchinson_diagonal", "lanczos", "top_eigenvalues", "slq",
-    "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS",
+    "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS", "curvature_report", "format_table",
 ]

@@ -7,6 +7,15 @@ from torch.func import functional_call, hessian, jacrev
 from gradmeta.models import GPT, classification_loss, lm_loss, mlp
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and several test processes may share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def mse_loss(outputs, targets):
     return ((outputs - targets) ** 2).mean(-1)
 

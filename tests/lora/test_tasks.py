@@ -55,3 +55,19 @@ def test_missing_zoo_is_a_spec_error(tmp_path):
     from gradmeta.run import SpecError
     with pytest.raises(SpecError, match="build the zoo first"):
         run_spec(_spec(tmp_path, tmp_path / "nozoo", ""), tmp_path / "run", progress=False)
+
+
+def test_cli_lora_predict_and_info(zoo_run, tmp_path, monkeypatch, capsys):
+    import gradmeta.cli as cli
+    _, zoo = zoo_run
+    out = run_spec(_spec(tmp_path, zoo, 'target = "loss"\nmodels = ["GLNet"]'), tmp_path / "run", progress=False)
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", [*cli.SUBCOMMAND_MODULES, "gradmeta.lora._cli"])
+    dirs = [str(zoo / "adapters" / "00000"), str(zoo / "adapters" / "00001")]
+    assert cli.main(["lora", "predict", "--model", str(out / "glnet.pt"), "--json", *dirs]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["adapter"] for r in rows] == dirs and all("test_loss" in r for r in rows)
+    net, extra = lora.load_model(out / "glnet.pt")
+    want = net(lora.load_adapter(dirs[1]))[0, 0] * extra["target_std"][0] + extra["target_mean"][0]
+    assert rows[1]["test_loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert cli.main(["lora", "info", dirs[0]]) == 0
+    assert "linear" in capsys.readouterr().out

@@ -64,18 +64,21 @@ def curvature_report(model: nn.Module, loss_fn, data, *, num_samples: int = 100,
                 "fisher_trace": float(sum(fisher[k].sum().item() for k in names)),
                 "condition": top / mean if mean > 0 else math.nan}
 
-    layers = [row(layer, op.block(names), names) for layer, names in layer_groups(op.layout).items()]
+    blocks = [(layer, op.block(names), names) for layer, names in layer_groups(op.layout).items()]
+    layers = [row(*b) for b in blocks]
     whole = row("(all)", op, list(op.layout.names))
     sd = est.slq(op, slq_probes, slq_steps, generator=gen)
+    matvecs = op.num_matvecs + sum(b.num_matvecs for _, b, _ in blocks)
     return {"layers": layers, "model": whole, "num_data": op.num_data,
             "density": {"grid": sd.grid.tolist(), "density": sd.density.tolist(), "sigma": sd.sigma,
                         "num_probes": slq_probes, "num_steps": slq_steps},
-            "num_matvecs": op.num_matvecs, "seconds": time.perf_counter() - t0, "_spectral_density": sd}
+            "num_matvecs": matvecs, "seconds": time.perf_counter() - t0, "_spectral_density": sd}
 
 
 def format_table(report: dict) -> str:
     """Plain-text table of a ``curvature_report`` (one row per layer, then the whole model)."""
-    cols = [("layer", "layer"), ("params", "params"), ("trace", "trace"), ("top_eigenvalue", "top eig"),
+    cols = [("layer", "layer"), ("params", "params"), ("trace", "trace"), ("trace_method", "trace via"),
+            ("top_eigenvalue", "top eig"),
             ("fisher_trace", "Fisher trace"), ("condition", "cond. est.")]
 
     def fmt(v):

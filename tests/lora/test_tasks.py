@@ -71,3 +71,13 @@ def test_cli_lora_predict_and_info(zoo_run, tmp_path, monkeypatch, capsys):
     assert rows[1]["test_loss"] == pytest.approx(want.item(), rel=1e-5)
     assert cli.main(["lora", "info", dirs[0]]) == 0
     assert "linear" in capsys.readouterr().out
+
+
+def test_shipped_specs_resolve():
+    from pathlib import Path
+
+    from gradmeta.run import load_spec, resolve_spec
+    specs = sorted((Path(__file__).resolve().parents[2] / "tasks").glob("lora_*.toml"))
+    assert len(specs) >= 5
+    for p in specs:
+        resolve_spec(load_spec(p), p)

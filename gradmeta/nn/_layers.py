@@ -30,12 +30,16 @@ class SetNeuronLayer(nn.Module):
         self.pools = nn.ModuleList(nn.Linear(c_in, c_out, bias=False) for _ in range(4))
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        pooled = (g.mean(2, keepdim=True), g.mean((1, 2), keepdim=True),
-                  g.mean(3, keepdim=True), g.mean((1, 2, 3), keepdim=True))
-        out = self.self_(g)
-        for lin, p in zip(self.pools, pooled):
-            out = out + lin(p)
-        return out
+        tok, data, neuron, everything = self.pools
+        if g.shape[2] == 1:  # one token: mean_t g = g, fold M₂ into M₁ (one full-size matmul)
+            out = F.linear(g, self.self_.weight + tok.weight, self.self_.bias)
+        else:
+            out = self.self_(g) + tok(g.mean(2, keepdim=True))
+        pooled_n = g.mean(3, keepdim=True)                             # (G, B, T, 1, c)
+        pooled_d = g.mean((1, 2), keepdim=True)                        # (G, 1, 1, N, c)
+        small = data(pooled_d) + everything(pooled_d.mean(3, keepdim=True))
+        # two broadcast adds on the full-size tensor instead of four
+        return out.add_(small).add_(neuron(pooled_n))
 
 
 class DataPool(nn.Module):

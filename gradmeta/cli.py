@@ -19,7 +19,7 @@ from gradmeta.run import (CHECKPOINT_FILE, METRICS_FILE, TASK_MODULES, TASKS, Re
 __all__ = ["main", "build_parser", "format_report", "SUBCOMMAND_MODULES"]
 
 #: Modules contributing subcommands; one that does not exist (yet) is skipped silently.
-SUBCOMMAND_MODULES: list[str] = ["gradmeta.curvature._cli"]
+SUBCOMMAND_MODULES: list[str] = ["gradmeta.curvature._cli", "gradmeta.lora._cli"]
 
 
 def _fmt(x) -> str:

@@ -1,0 +1,127 @@
+"""What an editor sees of an INR besides its weights: its gradient set, or probing activations.
+
+* gradient set: the per-coordinate squared error ``ℓ_p = ‖f(x_p) − t_p‖²`` at 64 fixed random
+  coordinates ``x_p``, factored by ``gm.collect_gradients`` over the SIREN's three Linear layers.
+  The default target is ``t = 0``: a well-fitted INR has almost no residual on its own image, so
+  the error against the image carries little signal, while against 0 the backprops
+  ``δ = 2 f(x) ∂f/∂z`` carry the output and its Jacobian at every probed point.
+* probing set (baseline): the activations at grid points, in the same per-layer layout
+  (``activations`` = layer inputs, ``backprops`` slot = the layer's pre-activations ``ω₀ z``, or
+  the output for the last layer), so one GradMetaNet architecture reads either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..grads import GradientSet, collect_gradients
+from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid
+
+__all__ = ["probe_coordinates", "inr_gradient_set", "FactorSet", "gradient_factor_sets", "probe_factor_sets",
+           "factor_rms"]
+
+
+def probe_coordinates(n: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(n, 2)`` fixed random coordinates, uniform in ``[-1, 1]²`` (the same for every INR)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+
+def _sq_error(out: Tensor, target: Tensor) -> Tensor:
+    return (out - target).square().sum(-1)
+
+
+def inr_gradient_set(inr: Siren, coords: Tensor, targets: Tensor | None = None) -> GradientSet:
+    """Gradient set of one INR: per-coordinate squared errors ``(B,)`` at ``coords (B, 2)``.
+
+    ``targets (B, C)`` defaults to zeros. The result's ``layers.i`` factors are ``A (B, 1, d_in)``
+    and ``Δ (B, 1, d_out)``; ``per_example_grads()`` equals the gradient of each ``ℓ_p`` alone.
+    """
+    C = inr.layers[-1].out_features
+    coords = coords.to(inr.layers[0].weight)
+    if targets is None:
+        targets = coords.new_zeros(coords.shape[0], C)
+    return collect_gradients(inr, _sq_error, coords, targets)
+
+
+@dataclass(frozen=True)
+class _Factors:
+    activations: Tensor
+    backprops: Tensor
+
+
+class FactorSet:
+    """Per-layer ``(A, Δ)`` factors with the interface GradMetaNet reads from a ``GradientSet``.
+
+    Used for gradient sets rescaled per layer (a scalar per layer keeps every symmetry) and for
+    probing sets, whose ``backprops`` slot holds pre-activations rather than gradients.
+    """
+
+    def __init__(self, layers: dict[str, tuple[Tensor, Tensor]]):
+        self._layers = {k: _Factors(a, d) for k, (a, d) in layers.items()}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self._layers.values())).backprops.shape[0]
+
+    def __getitem__(self, name: str) -> _Factors:
+        return self._layers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layers
+
+    def scaled(self, scales: dict[str, tuple[float, float]] | None) -> "FactorSet":
+        """A copy with layer ``k``'s ``A`` divided by ``scales[k][0]`` and ``Δ`` by ``scales[k][1]``."""
+        if scales is None:
+            return self
+        return FactorSet({k: (f.activations / scales[k][0], f.backprops / scales[k][1])
+                          for k, f in self._layers.items()})
+
+
+def gradient_factor_sets(params: dict[str, Tensor], coords: Tensor, omega0: float = DEFAULT_OMEGA0) -> list[FactorSet]:
+    """Gradient sets (:func:`inr_gradient_set`, target 0) of a stack of INRs ``{name: (G, ...)}``."""
+    G = params["layers.0.weight"].shape[0]
+    out = []
+    for g in range(G):
+        inr = Siren.from_params({k: v[g].detach() for k, v in params.items()}, omega0)
+        gs = inr_gradient_set(inr, coords)
+        out.append(FactorSet({n: (gs[n].activations, gs[n].backprops) for n in gs.layer_names}))
+    return out
+
+
+def probe_factor_sets(params: dict[str, Tensor], grid: int = 8, omega0: float = DEFAULT_OMEGA0) -> list[FactorSet]:
+    """Probing sets of a stack of INRs: activations at the ``grid × grid`` pixel-centre points.
+
+    Layer ``i``: ``activations`` = its input ``(P, 1, d_in)``, ``backprops`` slot = its
+    pre-activation ``ω₀ z`` (the sine's argument; the raw output for the last layer).
+    Differentiable in ``params`` (computed batched over the stack).
+    """
+    w0 = params["layers.0.weight"]
+    x = pixel_grid(grid, grid, w0.dtype).to(w0.device).expand(w0.shape[0], -1, -1)  # (G, P, 2)
+    n = len(params) // 2
+    per_layer = {}
+    for i in range(n):
+        w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+        z = torch.matmul(x, w.transpose(-1, -2)) + b.unsqueeze(-2)
+        pre = omega0 * z if i < n - 1 else z
+        per_layer[f"layers.{i}"] = (x, pre)
+        x = torch.sin(pre)
+    G = w0.shape[0]
+    return [FactorSet({k: (a[g].unsqueeze(1), d[g].unsqueeze(1)) for k, (a, d) in per_layer.items()})
+            for g in range(G)]
+
+
+def factor_rms(sets: list[FactorSet]) -> dict[str, tuple[float, float]]:
+    """Per layer ``(rms A, rms Δ)`` over a list of factor sets (for :meth:`FactorSet.scaled`)."""
+    out = {}
+    for k in sets[0].layer_names:
+        a = torch.stack([s[k].activations for s in sets])
+        d = torch.stack([s[k].backprops for s in sets])
+        out[k] = (float(a.square().mean().sqrt().clamp_min(1e-12)), float(d.square().mean().sqrt().clamp_min(1e-12)))
+    return out

@@ -1,0 +1,184 @@
+"""INR editors: neuron-permutation equivariant networks predicting ``Δθ`` (``θ' = θ + Δθ``).
+
+All variants share a weight-space trunk built from ``gradmeta.nn`` blocks:
+
+1. neuron features from the weights (bias, mean and RMS of incoming and outgoing weights,
+   normalised per parameter), embedded with a learned code per level and a learned id per
+   fixed neuron (input coordinates, output channels);
+2. ``layers`` rounds of ``NeuronDeepSets`` plus weight-space message passing
+   (``h_l[i] += mean_j W_l[i,j]·U h_{l−1}[j]`` and back), equivariant to hidden-neuron
+   permutations;
+3. ``ProductReadout``: ``Δθ[i,j] = MLP(h[i], h[j], W[i,j], e[i,j])`` for weights,
+   ``Δb[i] = MLP(h[i], b[i], e[i])`` for biases, scaled by each parameter's zoo std.
+
+``features`` picks the per-weight extras ``e``: none (``"weights"``), or the weight readout of a
+``GradMetaNet`` applied to the INR's gradient set (``"gradients"``; ``"gradients++"`` uses the
+GradMetaNet++ variant) or to its probing activations at grid points (``"probing"``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
+from ._features import FactorSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets
+from ._siren import DEFAULT_OMEGA0, Siren, siren_spec
+
+__all__ = ["INREditor", "FEATURES", "edit"]
+
+FEATURES = ("weights", "probing", "gradients", "gradients++")
+
+
+class _WeightMessage(nn.Module):
+    """Messages along the INR's weights: ``h_l[i] += mean_j W[i,j] U h_{l−1}[j]``, ``h_{l−1}[j] += mean_i W[i,j] V h_l[i]``."""
+
+    def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int):
+        super().__init__()
+        self.spec, self.offsets = spec, offsets
+        self.u, self.v = nn.Linear(c, c, bias=False), nn.Linear(c, c, bias=False)
+
+    def forward(self, h: Tensor, w: dict[str, Tensor]) -> Tensor:
+        parts = {s.name: [] for s in self.spec.spaces}
+        hs = {s.name: h[:, slice(*self.offsets[s.name])] for s in self.spec.spaces}
+        for lm in self.spec.layers:
+            (o,), (i,) = lm.out_spaces, lm.in_spaces
+            W = w[lm.weight]  # (G, n_o, n_i)
+            parts[o].append(W @ self.u(hs[i]) / W.shape[-1])
+            parts[i].append(W.transpose(-1, -2) @ self.v(hs[o]) / W.shape[-2])
+        return torch.cat([sum(parts[s.name]) if parts[s.name] else torch.zeros_like(hs[s.name])
+                          for s in self.spec.spaces], 1)
+
+
+class INREditor(nn.Module):
+    """Predicts ``Δθ`` for a stack of SIRENs; exactly equivariant to their hidden-neuron permutations.
+
+    Args:
+        out_channels, hidden, num_layers, omega0: the SIREN architecture edited.
+        features: one of :data:`FEATURES`.
+        channels: width of the trunk (and of the GradMetaNet branch).
+        layers: rounds of neuron DeepSets + weight messages.
+        aux_channels: per-weight features from the GradMetaNet branch.
+        num_coords, coord_seed: the fixed random coordinates of the gradient set.
+        probe_grid: the probing baseline uses a ``probe_grid × probe_grid`` pixel grid.
+        zero_init: start as the identity edit (``Δθ = 0``).
+
+    Call :meth:`calibrate` on training INRs before training (sets the per-parameter and
+    per-layer feature scales, stored as buffers).
+    """
+
+    def __init__(self, out_channels: int = 1, hidden: int = 32, num_layers: int = 3, *, features: str = "weights",
+                 channels: int = 16, layers: int = 2, aux_channels: int = 4, set_layers: int = 2,
+                 num_coords: int = 64, coord_seed: int = 0, probe_grid: int = 8,
+                 omega0: float = DEFAULT_OMEGA0, zero_init: bool = True):
+        super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        self.spec = siren_spec(out_channels, hidden, num_layers)
+        self.features, self.omega0, self.probe_grid = features, omega0, probe_grid
+        self.names = [p for p, _ in self.spec.params]
+        layout = NeuronLayout(self.spec)
+        self.offsets = layout.offsets
+        c = channels
+        self.embed = nn.Linear(7, c)
+        self.level = nn.Parameter(torch.randn(len(self.spec.spaces), c) * 0.1)
+        self.ids = nn.ParameterDict({s.name: nn.Parameter(torch.randn(s.size, c) * 0.1)
+                                     for s in self.spec.spaces if not s.permutable})
+        self.deepsets = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(layers))
+        self.messages = nn.ModuleList(_WeightMessage(self.spec, self.offsets, c) for _ in range(layers))
+        aux = 0 if features == "weights" else aux_channels
+        if aux:
+            self.aux = GradMetaNet(self.spec, readout="weight", out_dim=aux,
+                                   variant="plusplus" if features == "gradients++" else "base",
+                                   channels=c, set_layers=set_layers, neuron_layers=1, heads=2)
+        self.head = ProductReadout(self.spec, self.offsets, c, c, 1, edge_channels=1 + aux)
+        if zero_init:
+            for lin in (self.head.w1, self.head.w2):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        self.register_buffer("coords", probe_coordinates(num_coords, coord_seed))
+        self.register_buffer("param_std", torch.ones(len(self.names)))
+        self.register_buffer("feature_rms", torch.ones(num_layers, 2))
+
+    # ------------------------------------------------------------------------------ scales
+    @torch.no_grad()
+    def calibrate(self, params: dict[str, Tensor]) -> "INREditor":
+        """Set the per-parameter std and per-layer feature RMS from a stack of training INRs."""
+        self.param_std.copy_(torch.stack([params[n].std().clamp_min(1e-8) for n in self.names]))
+        if self.features != "weights":
+            raw = self._raw_sets({k: v[:256] for k, v in params.items()})
+            rms = factor_rms(raw)
+            self.feature_rms.copy_(torch.tensor([rms[f"layers.{i}"] for i in range(len(rms))]))
+        return self
+
+    def _raw_sets(self, params: dict[str, Tensor]) -> list[FactorSet]:
+        if self.features == "probing":
+            return probe_factor_sets(params, self.probe_grid, self.omega0)
+        return gradient_factor_sets(params, self.coords.to(params["layers.0.weight"]), self.omega0)
+
+    def aux_sets(self, params: dict[str, Tensor]) -> list[FactorSet] | None:
+        """The (rescaled) factor sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""
+        if self.features == "weights":
+            return None
+        scales = {f"layers.{i}": tuple(float(x) for x in r) for i, r in enumerate(self.feature_rms)}
+        return [s.scaled(scales) for s in self._raw_sets(params)]
+
+    # ------------------------------------------------------------------------------ forward
+    def _neuron_features(self, w: dict[str, Tensor]) -> Tensor:
+        G = next(iter(w.values())).shape[0]
+        dt = next(iter(w.values())).dtype
+        feats = []
+        for k, s in enumerate(self.spec.spaces):
+            n = s.size
+            zero = torch.zeros(G, n, dtype=dt, device=self.level.device)
+            one = torch.ones_like(zero)
+            inc = [lm for lm in self.spec.layers if s.name in lm.out_spaces]
+            out = [lm for lm in self.spec.layers if s.name in lm.in_spaces]
+            ch = [w[inc[0].bias] if inc and inc[0].bias else zero]
+            if inc:
+                W = w[inc[0].weight]
+                ch += [W.mean(-1), W.square().mean(-1).sqrt(), one]
+            else:
+                ch += [zero, zero, zero]
+            if out:
+                W = w[out[0].weight]
+                ch += [W.mean(-2), W.square().mean(-2).sqrt(), one]
+            else:
+                ch += [zero, zero, zero]
+            y = self.embed(torch.stack(ch, -1)) + self.level[k]
+            if not s.permutable:
+                y = y + self.ids[s.name]
+            feats.append(y)
+        return torch.cat(feats, 1)
+
+    def forward(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+        """``Δθ`` ``{name: (G, ...)}`` for a stack of INRs ``{name: (G, ...)}``.
+
+        ``sets``: precomputed :meth:`aux_sets` of these INRs (else computed here).
+        """
+        w = {n: params[n] / self.param_std[k] for k, n in enumerate(self.names)}
+        h = self._neuron_features(w)
+        for ds, msg in zip(self.deepsets, self.messages):
+            x = F.gelu(h)
+            h = h + ds(x) + msg(x, w)
+        edges = {n: w[n].unsqueeze(-1) for n in self.names}
+        if self.features != "weights":
+            sets = self.aux_sets(params) if sets is None else sets
+            e = self.aux(list(sets))
+            edges = {n: torch.cat([edges[n], e[n]], -1) for n in self.names}
+        out = self.head(h, edges)
+        return {n: out[n] * self.param_std[k] for k, n in enumerate(self.names)}
+
+    def edit(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+        """Edited parameters ``θ + Δθ`` of a stack of INRs."""
+        delta = self(params, sets)
+        return {n: params[n] + delta[n] for n in self.names}
+
+
+def edit(inr: Siren | dict[str, Tensor], editor: INREditor) -> Siren | dict[str, Tensor]:
+    """Edit one INR: a ``Siren`` gives a new ``Siren``; a ``{name: tensor}`` dict of one INR gives a dict."""
+    params = inr.params() if isinstance(inr, Siren) else inr
+    p = {k: v.to(editor.param_std).unsqueeze(0) for k, v in params.items()}
+    with torch.no_grad():
+        new = {k: v[0] for k, v in editor.edit(p).items()}
+    return Siren.from_params(new, editor.omega0) if isinstance(inr, Siren) else new

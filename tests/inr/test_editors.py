@@ -1,0 +1,51 @@
+"""Editors: exact equivariance (float64) to the hidden-neuron permutations of the input INR."""
+import pytest
+import torch
+
+import gradmeta.inr as inr
+
+
+@pytest.fixture(scope="module")
+def inrs():
+    return inr.siren_init(2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("features", inr.FEATURES)
+def test_editor_is_exactly_equivariant(inrs, features):
+    torch.manual_seed(0)
+    ed = inr.INREditor(features=features, zero_init=False, num_coords=16, probe_grid=4).double().calibrate(inrs)
+    spec = ed.spec
+    perms = spec.random_permutations(torch.Generator().manual_seed(3))
+    permuted = spec.permute(inrs, perms, leading=1)
+    with torch.no_grad():
+        delta, delta_p = ed(inrs), ed(permuted)
+    want = spec.permute(delta, perms, leading=1)
+    for k in delta:
+        torch.testing.assert_close(delta_p[k], want[k], atol=1e-10, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert max(v.abs().max() for v in delta.values()) > 1e-3  # not trivially zero
+    edited = inr.render({k: inrs[k] + delta[k] for k in inrs}, (6, 6))
+    edited_p = inr.render({k: permuted[k] + delta_p[k] for k in inrs}, (6, 6))
+    torch.testing.assert_close(edited_p, edited, atol=1e-10, rtol=0)
+    # permuting the INR's level-1 weights without the matching columns of level 2 is not a
+    # symmetry: the predicted Δθ must then differ from the permuted one
+    broken = dict(inrs)
+    broken["layers.0.weight"] = inrs["layers.0.weight"][:, perms["level1"]]
+    with torch.no_grad():
+        delta_b = ed(broken)
+    assert not torch.allclose(delta_b["layers.1.weight"], spec.permute(delta, perms, leading=1)["layers.1.weight"],
+                              atol=1e-6)
+
+
+def test_zero_init_is_identity_and_edit_one_inr(inrs):
+    ed = inr.INREditor(features="gradients", num_coords=16).double().calibrate(inrs)
+    m = inr.Siren.from_params({k: v[0] for k, v in inrs.items()})
+    out = inr.edit(m, ed)
+    assert isinstance(out, inr.Siren)
+    torch.testing.assert_close(out.params(), m.params())
+    d = inr.edit({k: v[0] for k, v in inrs.items()}, ed)
+    assert set(d) == set(inrs)
+
+
+def test_unknown_features():
+    with pytest.raises(ValueError, match="features must be one of"):
+        inr.INREditor(features="magic")

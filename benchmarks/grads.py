@@ -107,6 +107,17 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _take(model: torch.nn.Module, attr: str) -> dict:
+    """Move the peers' per-example gradients off the parameters into the returned dict, so that
+    they are freed with the result and not kept alive into the next call."""
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = getattr(p, attr, None)
+        if hasattr(p, attr):
+            setattr(p, attr, None)
+    return out
+
+
 def _fresh(case: Case) -> torch.nn.Module:
     return copy.deepcopy(case.model)
 
@@ -151,7 +162,7 @@ def _opacus(case: Case) -> Prepared:
     def run():
         gsm.zero_grad(set_to_none=True)
         case.loss_fn(gsm(case.x), case.y).sum().backward()
-        return {n: p.grad_sample for n, p in model.named_parameters()}
+        return _take(model, "grad_sample")
     return Prepared(run, lambda r: r, lambda r: _bytes(r.values()),
                     note="GradSampleModule, hooks (loss_reduction='sum')")
 
@@ -166,7 +177,7 @@ def _backpack(case: Case) -> Prepared:
         loss = case.loss_fn(model(case.x), case.y).sum()
         with backpack(BatchGrad()):
             loss.backward()
-        return {n: getattr(p, "grad_batch", None) for n, p in model.named_parameters()}
+        return _take(model, "grad_batch")
 
     with warnings.catch_warnings(record=True) as caught:  # BackPACK only warns; make it an error
         warnings.simplefilter("always")

@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/tables.py                      # every results/*.json -> results/*.md
     python benchmarks/tables.py FILE.json [-o OUT.md]
+    python benchmarks/tables.py FILE.json --pivot ratio:ratio   # one key, contestants × cases
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["fmt", "render", "render_table", "main"]
+__all__ = ["fmt", "render", "render_table", "pivot", "main"]
 
 _ENV_ORDER = ("device", "cpu", "cpu_count", "torch_threads", "python", "torch", "opacus",
               "backpack", "gradmeta", "git_commit", "date", "load_avg_at_start")
@@ -58,6 +59,21 @@ def render_table(columns: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(data: dict, key: str, kind: str | None = None, row_key: str = "label") -> str:
+    """One value ``key`` as a table: a row per contestant (``row_key``), a column per case."""
+    cases = data.get("cases", [])
+    labels = list(dict.fromkeys(r[row_key] for c in cases for r in c.get("results", [])))
+    lines = ["| | " + " | ".join(c["name"] for c in cases) + " |",
+             "|---|" + "---:|" * len(cases)]
+    for label in labels:
+        cells = []
+        for c in cases:
+            row = next((r for r in c.get("results", []) if r.get(row_key) == label), {})
+            cells.append("not run" if row.get("error") else fmt(row.get(key), kind))
+        lines.append(f"| {fmt(label)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(data: dict) -> str:
     """The whole markdown document for one result file."""
     out = [f"# {data.get('title', data.get('benchmark', 'Benchmark'))}", ""]
@@ -82,10 +98,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Markdown tables from benchmarks/results/*.json")
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("-o", "--output", type=Path, help="output file (one input only)")
+    p.add_argument("--pivot", metavar="KEY[:FORMAT]",
+                   help="print only KEY as a contestants × cases table (one input only)")
     args = p.parse_args(argv)
     files = args.files or sorted((Path(__file__).resolve().parent / "results").glob("*.json"))
-    if args.output and len(files) != 1:
-        p.error("-o needs exactly one input file")
+    if (args.output or args.pivot) and len(files) != 1:
+        p.error("-o and --pivot need exactly one input file")
+    if args.pivot:
+        key, _, kind = args.pivot.partition(":")
+        print(pivot(json.loads(files[0].read_text()), key, kind or None))
+        return 0
     for f in files:
         md = render(json.loads(f.read_text()))
         target = args.output or f.with_suffix(".md")

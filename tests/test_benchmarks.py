@@ -78,3 +78,4 @@ def test_tables_formats_and_errors(tmp_path):
     assert tables.main([str(f)]) == 0
     md = (tmp_path / "x.md").read_text()
     assert "| a | 500 ms | — |" in md and "**not run:** X: no \\| way" in md and "- a / b: 2.00×" in md
+    assert tables.pivot(data, "t", "ms").splitlines()[2:] == ["| a | 500 ms |", "| b | not run |"]

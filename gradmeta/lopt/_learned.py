@@ -11,7 +11,7 @@ as in Metz et al. 2022's small per-parameter MLPs):
 
 It outputs a direction ``d`` and a log-scale ``s`` per parameter; the update is
 
-    ``θ ← θ − clip(α · (e^s · m_sgd + λ · d), ±max_update)``,  ``α = exp(log_lr)``,
+    ``θ ← θ − clip(α · (e^{0.1 s} · m_sgd + λ · d), ±max_update)``,  ``α = exp(log_lr)``,
 
 where ``m_sgd = m_{0.9} / 0.1`` is exactly the momentum buffer of SGD with momentum 0.9. The last
 layer starts at zero (``d = s = 0``), so an untrained optimizer *is* SGD with momentum at
@@ -72,7 +72,7 @@ class PerParamMLP:
 
     n_base_features = 2 + 2 * len(DECAYS) + len(TIMESCALES)
 
-    def __init__(self, hidden: int = 32, lr: float = 0.1, step_mult: float = 0.01, max_update: float = 1.0,
+    def __init__(self, hidden: int = 32, lr: float = 0.1, step_mult: float = 0.001, max_update: float = 0.1,
                  extra_features: int = 0):
         self.hidden, self.lr, self.step_mult = hidden, lr, step_mult
         self.max_update, self.extra_features = max_update, extra_features
@@ -142,7 +142,8 @@ class PerParamMLP:
         x = torch.relu(x @ meta["w0"] + meta["b0"])
         x = torch.relu(x @ meta["w1"] + meta["b1"])
         out = x @ meta["w2"] + meta["b2"]  # (total, 2)
-        direction, log_scale = out[:, 0].clamp(-10, 10), out[:, 1].clamp(-5, 5)
+        # Small output multipliers (as Metz et al.'s λ₁, λ₂) keep early meta-training stable.
+        direction, log_scale = out[:, 0].clamp(-10, 10), (0.1 * out[:, 1]).clamp(-3, 3)
         lr = meta["log_lr"].exp()
         new, offset = {}, 0
         for k, p in params.items():

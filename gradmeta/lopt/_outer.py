@@ -10,7 +10,8 @@ step's batch before that step's update), or the mean of its logarithm with ``log
 
 * :class:`PES` -- Persistent Evolution Strategies (Vicol et al. 2021), antithetic: particles come
   in pairs ``θ ± ε`` sharing initialisation and data; each particle accumulates its perturbations
-  ``ξ`` since its last reset and the estimate is ``Σ_i ξ_i L_i / (P σ²)``, unbiased for the
+  ``ξ`` since its last reset and the estimate is ``Σ_i ξ_i L_i / (P σ²)`` (computed per pair as
+  ``ξ₊ (L₊ − L₋)``), unbiased for the
   gradient of the Gaussian-smoothed loss over the whole horizon.
 * :func:`es_grad` -- full-unroll antithetic ES: PES with ``truncation = horizon`` from fresh runs.
 * :class:`TruncatedBackprop` -- the exact gradient of each truncation's loss through its unroll,
@@ -80,13 +81,17 @@ class _Particles:
             state["accum"] = {k: torch.zeros(self.P, *v.shape, dtype=v.dtype) for k, v in meta.items()}
         return state
 
+    @staticmethod
+    def _ordered(state: dict) -> dict:
+        return {k: state[k] for k in ("params", "opt_state", "step", "accum") if k in state}
+
     def to_leaves(self, state: dict) -> list[Tensor]:
         """The tensors of ``state`` in a fixed order (for ``torch.save`` / ``weights_only`` loads)."""
-        return pytree.tree_flatten(state)[0]
+        return pytree.tree_flatten(self._ordered(state))[0]
 
     def from_leaves(self, meta: Params, leaves: list[Tensor]) -> dict:
         """Inverse of :meth:`to_leaves`."""
-        spec = pytree.tree_flatten(self.init(meta, torch.Generator().manual_seed(0)))[1]
+        spec = pytree.tree_flatten(self._ordered(self.init(meta, torch.Generator().manual_seed(0))))[1]
         return pytree.tree_unflatten(list(leaves), spec)
 
     def _batches(self, generator: torch.Generator) -> tuple[Tensor, ...]:
@@ -155,16 +160,22 @@ class PES(_Particles):
             theta, loc(state["params"]), loc(state["opt_state"]), tuple(b[:, sl] for b in batches))
         L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
         accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
-        contrib = torch.cat([(accum[k] * L.view(-1, *[1] * meta[k].dim())).sum(0).flatten() for k in meta])
+        # Σ_i ξ_i L_i over a pair is ξ₊(L₊ − L₋) (ξ₋ = −ξ₊ exactly); differencing first avoids
+        # cancellation. Per-pair terms are gathered and summed in pair order, so the estimate is
+        # bitwise the same for any number of ranks (an all-reduce would agree only up to rounding).
+        dL = L[0::2] - L[1::2]
+        contrib = torch.cat([(accum[k][0::2] * dL.view(-1, *[1] * meta[k].dim())).reshape(len(dL), -1) for k in meta], 1)
+        if self.comm.world_size > 1:
+            contrib = self.comm.all_gather_cat(contrib)
         skipped = opt_state.skipped.sum() if hasattr(opt_state, "skipped") else torch.zeros(())
-        totals = self.comm.all_reduce_sum(torch.cat([contrib, L.sum().view(1), skipped.view(1).to(L.dtype)]))
-        flat = totals[:-2] / (P * self.sigma ** 2)
+        totals = self.comm.all_reduce_sum(torch.stack([L.sum(), skipped.to(L.dtype)]))
+        flat = contrib.sum(0) / (P * self.sigma ** 2)
         g, off = {}, 0
         for k, v in meta.items():
             g[k] = flat[off:off + v.numel()].view_as(v)
             off += v.numel()
         new = self._advance(state, {"params": params, "opt_state": opt_state, "accum": accum}, generator)
-        return g, new, {"meta_loss": float(totals[-2]) / P, "skipped": int(totals[-1])}
+        return g, new, {"meta_loss": float(totals[0]) / P, "skipped": int(totals[1])}
 
 
 def es_grad(task, lo, meta: Params, generator: torch.Generator, *, particles: int = 8, horizon: int = 50,

@@ -127,21 +127,24 @@ class LanguageModelTask(ModuleTask):
 
 
 class QuadraticTask(Task):
-    """``loss = ½ Σ_i h_i (θ_i − x_i)²`` with fixed curvatures ``h`` and noisy targets ``x ~ N(0, noise²)``.
+    """``loss = ½ Σ_i h_i (θ_i − x_i)²`` with curvatures ``h = logspace(-1, 0)`` and targets ``x ~ N(0, noise²)``.
 
     A cheap task with a known structure, used to check outer-gradient estimators. ``B`` noisy
-    targets per batch give ``B`` per-example losses.
+    targets per batch give ``B`` per-example losses. Initialisation ``θ₀ ~ N(init_mean, init_scale²)``
+    (with ``noise = init_scale = 0`` every inner run is the same deterministic problem).
     """
 
     name = "quadratic"
 
-    def __init__(self, dim: int = 4, batch_size: int = 4, noise: float = 0.1, init_scale: float = 1.0):
+    def __init__(self, dim: int = 4, batch_size: int = 4, noise: float = 0.1, init_scale: float = 1.0,
+                 init_mean: float = 0.0):
         self.h = torch.logspace(-1, 0, dim)
         self.dim, self.batch_size, self.noise, self.init_scale = dim, batch_size, noise, init_scale
+        self.init_mean = init_mean
 
     def init(self, seed: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(seed)
-        return {"theta": self.init_scale * torch.randn(self.dim, generator=g)}
+        return {"theta": self.init_mean + self.init_scale * torch.randn(self.dim, generator=g)}
 
     def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor]:
         return (self.noise * torch.randn(n, self.batch_size, self.dim, generator=generator),)

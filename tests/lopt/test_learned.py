@@ -1,0 +1,98 @@
+"""The per-parameter MLP learned optimizer: untrained = SGDM, non-finite skip, clipping, vmap."""
+import math
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from gradmeta.lopt import DECAYS, PerParamMLP
+from gradmeta.models import classification_loss
+from tests.lopt.references import torch_trajectory
+
+
+def test_untrained_learned_optimizer_is_sgd_with_momentum(small_digits):
+    lo = PerParamMLP(hidden=16, lr=0.2)
+    meta = lo.init_meta(0)
+    params = small_digits.init(1)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 20)
+    model = small_digits.model
+    model.load_state_dict(params)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        ref = torch_trajectory(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), batches,
+                               classification_loss, 20)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    state = lo.init(params)
+    for t in range(20):
+        batch = (batches[0][t], batches[1][t])
+        g = grad(lambda p: small_digits.loss(p, batch).mean())(params)
+        params, state = lo.update(meta, g, state, params)
+        for k in params:
+            torch.testing.assert_close(params[k], ref[t][k], rtol=1e-4, atol=1e-6)
+    assert int(state.step) == 20 and int(state.skipped) == 0
+
+
+def test_momenta_are_emas_with_the_six_decays():
+    assert DECAYS == (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+    lo = PerParamMLP(hidden=4)
+    params = {"w": torch.zeros(3)}
+    state = lo.init(params)
+    g1, g2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.5, 0.0])
+    _, state = lo.update(lo.init_meta(), {"w": g1}, state, params)
+    _, state = lo.update(lo.init_meta(), {"w": g2}, state, params)
+    for i, b in enumerate(DECAYS):
+        torch.testing.assert_close(state.momenta["w"][i], b * (1 - b) * g1 + (1 - b) * g2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_update_is_skipped_and_counted(bad):
+    lo = PerParamMLP(hidden=4)
+    meta = lo.init_meta(0)
+    params = {"a": torch.randn(3, 2), "b": torch.randn(2)}
+    state = lo.init(params)
+    params, state = lo.update(meta, {"a": torch.ones(3, 2), "b": torch.ones(2)}, state, params)
+    grads = {"a": torch.ones(3, 2), "b": torch.tensor([1.0, bad])}
+    new, new_state = lo.update(meta, grads, state, params)
+    for k in params:
+        assert torch.equal(new[k], params[k])
+        assert torch.equal(new_state.momenta[k], state.momenta[k])
+        assert torch.equal(new_state.second[k], state.second[k])
+    assert new_state.step == state.step == 1 and int(new_state.skipped) == 1
+    # a learned network that outputs NaN is caught as well (±inf outputs are clamped)
+    meta_bad = dict(meta, b2=torch.tensor([float("nan"), 0.0]))
+    new, s2 = lo.update(meta_bad, {"a": torch.ones(3, 2), "b": torch.ones(2)}, state, params)
+    assert torch.equal(new["a"], params["a"]) and int(s2.skipped) == 1
+
+
+def test_updates_are_clipped():
+    lo = PerParamMLP(hidden=4, lr=1.0, max_update=0.05)
+    params = {"w": torch.zeros(5)}
+    new, _ = lo.update(lo.init_meta(), {"w": torch.tensor([-10.0, -0.01, 0.0, 0.01, 10.0])}, lo.init(params), params)
+    torch.testing.assert_close(new["w"], torch.tensor([0.05, 0.01, 0.0, -0.01, -0.05]))
+
+
+def test_learned_update_changes_steps_and_vmap_matches_loop(small_digits):
+    lo = PerParamMLP(hidden=8)
+    meta = lo.init_meta(0)
+    meta["w2"] = 0.1 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    params = small_digits.init_stacked([0, 1, 2])
+    batch = tuple(x[:3] for x in small_digits.batches(torch.Generator().manual_seed(0), 3))
+
+    def step(p, b):
+        g = grad(lambda q: small_digits.loss(q, b).mean())(p)
+        return lo.update(meta, g, lo.init(p), p)[0]
+
+    batched = vmap(step)(params, batch)
+    for i in range(3):
+        single = step({k: v[i] for k, v in params.items()}, tuple(x[i] for x in batch))
+        for k in single:
+            torch.testing.assert_close(batched[k][i], single[k], rtol=1e-5, atol=1e-6)
+    untrained = PerParamMLP(hidden=8)
+    p0 = {k: v[0] for k, v in params.items()}
+    g0 = grad(lambda q: small_digits.loss(q, tuple(x[0] for x in batch)).mean())(p0)
+    plain = untrained.update(untrained.init_meta(0), g0, untrained.init(p0), p0)[0]
+    assert any(not torch.allclose(plain[k], batched[k][0]) for k in plain)
+    assert math.isclose(float(meta["log_lr"].exp()), lo.lr, rel_tol=1e-6)

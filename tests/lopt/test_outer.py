@@ -1,0 +1,92 @@
+"""Outer trainers: PES is unbiased on a quadratic, TBPTT torch.func == higher, ES, state round trip."""
+import pytest
+import torch
+from torch.func import grad
+
+from gradmeta.lopt import PES, PerParamMLP, QuadraticTask, TruncatedBackprop, es_grad, unroll
+from tests.lopt.references import LearnedSGD
+
+
+def _exact_full_unroll_grad(task, lo, meta, horizon):
+    """d/dmeta of the mean training loss over the whole horizon, by backprop through all steps."""
+    params = task.init(0)
+    batches = task.batches(torch.Generator().manual_seed(0), horizon)
+
+    def f(m):
+        return unroll(task, lo, m, params, lo.init(params), batches)[2].mean()
+
+    return grad(f)(meta)
+
+
+def test_pes_is_unbiased_over_truncations_on_a_quadratic():
+    # noise = init_scale = 0: every inner run is the same deterministic problem, so the only
+    # randomness is PES's own; the truncation estimates averaged over the horizon must match the
+    # gradient of the full-horizon meta-loss (PES corrects the truncation bias of TBPTT).
+    task = QuadraticTask(dim=4, batch_size=2, noise=0.0, init_scale=0.0, init_mean=1.0)
+    lo, horizon, K = LearnedSGD(), 20, 5
+    meta = {"log_lr": torch.tensor(-1.5)}
+    exact = _exact_full_unroll_grad(task, lo, meta, horizon)["log_lr"]
+    pes = PES(task, lo, particles=4000, truncation=K, horizon=horizon, sigma=0.01)
+    gen = torch.Generator().manual_seed(0)
+    state, est, truncated = pes.init(meta, gen), 0.0, 0.0
+    for _ in range(horizon // K):
+        tb = TruncatedBackprop(task, lo, particles=1, truncation=K, horizon=horizon)
+        p = {k: v[:1] for k, v in state["params"].items()}
+        truncated += tb.grad(meta, {"params": p, "opt_state": {"count": state["opt_state"]["count"][:1]},
+                                    "step": state["step"]}, torch.Generator())[0]["log_lr"] / (horizon // K)
+        g, state, info = pes.grad(meta, state, gen)
+        est += g["log_lr"] / (horizon // K)
+    assert int(state["step"]) == 0  # reset at the end of the horizon
+    assert abs(float(est - exact)) < 0.05 * abs(float(exact)), (float(est), float(exact))
+    # truncated backprop alone is biased here (it ignores the effect on later truncations)
+    assert abs(float(truncated - exact)) > 0.2 * abs(float(exact)), (float(truncated), float(exact))
+
+
+def test_es_matches_exact_gradient_on_a_quadratic():
+    task = QuadraticTask(dim=4, batch_size=2, noise=0.0, init_scale=0.0, init_mean=1.0)
+    lo, meta = LearnedSGD(), {"log_lr": torch.tensor(-1.0)}
+    exact = _exact_full_unroll_grad(task, lo, meta, 10)["log_lr"]
+    g, info = es_grad(task, lo, meta, torch.Generator().manual_seed(0), particles=4000, horizon=10, sigma=0.01)
+    assert abs(float(g["log_lr"] - exact)) < 0.05 * abs(float(exact))
+    assert info["meta_loss"] > 0
+
+
+def test_truncated_backprop_func_and_higher_give_the_same_meta_gradient(small_digits):
+    lo = PerParamMLP(hidden=8)
+    meta = lo.init_meta(0)
+    meta["w2"] = 0.05 * torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for backend in ("func", "higher"):
+        tb = TruncatedBackprop(small_digits, lo, particles=2, truncation=3, horizon=6, backend=backend)
+        gen = torch.Generator().manual_seed(0)
+        state = tb.init(meta, gen)
+        g, state, info = tb.grad(meta, state, gen)
+        out[backend] = (g, state, info)
+    g_func, g_higher = out["func"][0], out["higher"][0]
+    assert any(float(v.abs().max()) > 0 for v in g_func.values())
+    for k in meta:
+        torch.testing.assert_close(g_higher[k], g_func[k], rtol=1e-4, atol=1e-7)
+    assert out["func"][2]["meta_loss"] == pytest.approx(out["higher"][2]["meta_loss"], rel=1e-6)
+    for k in out["func"][1]["params"]:
+        torch.testing.assert_close(out["higher"][1]["params"][k], out["func"][1]["params"][k])
+
+
+def test_pes_state_round_trips_through_leaves_and_resets(small_digits):
+    lo = PerParamMLP(hidden=8)
+    meta = lo.init_meta(0)
+    pes = PES(small_digits, lo, particles=4, truncation=2, horizon=4)
+    gen = torch.Generator().manual_seed(0)
+    state = pes.init(meta, gen)
+    g, state, info = pes.grad(meta, state, gen)
+    assert int(state["step"]) == 2 and set(g) == set(meta) and info["skipped"] == 0
+    # antithetic pairs share their initialisation
+    w = state["params"]["0.weight"]
+    assert not torch.equal(w[0], w[1])  # after different perturbations
+    back = pes.from_leaves(meta, [x.clone() for x in pes.to_leaves(state)])
+    g1, s1, _ = pes.grad(meta, back, torch.Generator().manual_seed(5))
+    g2, s2, _ = pes.grad(meta, state, torch.Generator().manual_seed(5))
+    for k in meta:
+        assert torch.equal(g1[k], g2[k])
+    assert int(s1["step"]) == 0 and all(float(v.abs().sum()) == 0 for v in s1["accum"].values())
+    with pytest.raises(ValueError, match="pairs"):
+        PES(small_digits, lo, particles=3, truncation=2, horizon=4)

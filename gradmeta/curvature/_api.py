@@ -142,8 +142,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn, data, k: int = 1, *, tol: flo
         r = est.top_eigenvalues(A, min(k, A.shape[0]), tol=tol, max_matvecs=max_matvecs, generator=gen,
                                 return_eigenvectors=return_eigenvectors)
         if return_eigenvectors:
-            vecs = {n: t.T.reshape((-1,) + s) for (n, t), s in
-                    zip(((n, r.eigenvectors[sl]) for n, sl in A.layout.slices().items()), A.layout.shapes)}
+            k_found = r.eigenvectors.shape[1]
+            vecs = {n: r.eigenvectors[sl].T.reshape(k_found, *shape)
+                    for (n, sl), shape in zip(A.layout.slices().items(), A.layout.shapes)}
             out[name] = (r.eigenvalues, vecs)
         else:
             out[name] = r.eigenvalues

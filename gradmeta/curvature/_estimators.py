@@ -92,7 +92,36 @@ def hutchinson_diagonal(A, num_samples: int = 100, generator=None, chunk: int = 
     return acc / num_samples
 
 
-def lanczos(A, num_steps: int, v0: torch.Tensor, reorthogonalize: bool = True):
+def _lanczos_steps(A, v0: torch.Tensor, max_steps: int):
+    """Lanczos with full reorthogonalisation, one product per step.
+
+    Yields after step ``j``: ``(alpha (list of j+1), beta (list of j), Q (n, j+1), b, exhausted)`` where
+    ``b = ‖w‖`` is the next off-diagonal (the Ritz residual scale) and ``exhausted`` says the Krylov
+    space is invariant (or of dimension ``n``), so the Ritz values are exact.
+    """
+    n = A.shape[0]
+    m = min(max_steps, n)
+    Q = torch.zeros(n, m, dtype=A.dtype, device=A.device)
+    alpha, beta = [], []
+    q = v0.to(A.dtype) / v0.norm()
+    for j in range(m):
+        Q[:, j] = q
+        w = A.matvec(q)
+        a = torch.dot(q, w)
+        alpha.append(a)
+        w = w - a * q - (beta[-1] * Q[:, j - 1] if j > 0 else 0)
+        for _ in range(2):  # twice is enough (Parlett): Q stays orthonormal to working precision
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        b = w.norm()
+        exhausted = j == n - 1 or b <= 1e-12 * max(abs(a.item()), 1.0) * math.sqrt(n)
+        yield alpha, beta, Q[:, : j + 1], b, exhausted
+        if exhausted:
+            return
+        beta.append(b)
+        q = w / b
+
+
+def lanczos(A, num_steps: int, v0: torch.Tensor):
     """Lanczos tridiagonalisation with full reorthogonalisation.
 
     Args:
@@ -103,29 +132,10 @@ def lanczos(A, num_steps: int, v0: torch.Tensor, reorthogonalize: bool = True):
     Returns:
         ``(alpha (m,), beta (m-1,), Q (n, m))`` with ``Qᵀ A Q = tridiag(beta, alpha, beta)``.
     """
-    A = as_operator(A)
-    n = A.shape[0]
-    m = min(num_steps, n)
-    Q = torch.zeros(n, m, dtype=A.dtype, device=A.device)
-    alpha, beta = [], []
-    q = v0.to(A.dtype) / v0.norm()
-    for j in range(m):
-        Q[:, j] = q
-        w = A.matvec(q)
-        a = torch.dot(q, w)
-        alpha.append(a)
-        w = w - a * q - (beta[-1] * Q[:, j - 1] if j > 0 else 0)
-        if reorthogonalize:  # twice is enough (Parlett): keeps Q orthonormal to working precision
-            for _ in range(2):
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        b = w.norm()
-        if j == m - 1 or b <= 1e-12 * max(abs(a.item()), 1.0) * math.sqrt(n):
-            Q = Q[:, : j + 1]
-            break
-        beta.append(b)
-        q = w / b
+    for alpha, beta, Q, _, _ in _lanczos_steps(as_operator(A), v0, num_steps):
+        beta = list(beta)  # a snapshot: the generator appends once more after the last step
     alpha_t = torch.stack(alpha)
-    beta_t = torch.stack(beta[: len(alpha) - 1]) if len(alpha) > 1 else alpha_t.new_zeros(0)
+    beta_t = torch.stack(beta) if beta else alpha_t.new_zeros(0)
     return alpha_t, beta_t, Q
 
 
@@ -148,49 +158,33 @@ def top_eigenvalues(A, k: int = 1, *, tol: float = 1e-6, max_matvecs: int = 200,
                     return_eigenvectors: bool = False, check_every: int = 5) -> EigenResult:
     """Largest-algebraic ``k`` eigenvalues of a symmetric operator by Lanczos with reorthogonalisation.
 
-    Runs Lanczos, checking every ``check_every`` steps, until every one of the top ``k`` Ritz pairs has
-    residual ``‖A x − θ x‖ ≤ tol · max(|θ_1|, 1e-30)`` or ``max_matvecs`` products were spent (or the
-    Krylov space is exhausted, in which case the values are exact).
+    Grows one Krylov space (no restarts), checking every ``check_every`` steps, until each of the top
+    ``k`` Ritz pairs has residual ``‖A x − θ x‖ ≤ tol · |θ_1|`` (which bounds the eigenvalue error by
+    the same amount), ``max_matvecs`` products were spent, or the Krylov space is exhausted (then the
+    values are exact).
 
     Returns:
-        ``EigenResult`` (eigenvalues in float of the operator's dtype, descending).
+        ``EigenResult`` (eigenvalues in the operator's dtype, descending).
     """
     A = as_operator(A)
     n = A.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    gen = _gen(generator, A.device)
-    v0 = _gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
+    v0 = _gaussian(n, 1, _gen(generator, A.device), A.dtype, A.device)[:, 0]
     start = A.num_matvecs
-    # Restart-free: grow the Krylov space, reusing previous products (recomputed only in Q/T bookkeeping).
-    Q = torch.zeros(n, 0, dtype=A.dtype, device=A.device)
-    alpha, beta = [], []
-    q, steps = v0 / v0.norm(), 0
     budget = min(max_matvecs, n)
-    while True:
-        Q = torch.cat([Q, q[:, None]], 1)
-        w = A.matvec(q)
-        a = torch.dot(q, w)
-        alpha.append(a)
-        w = w - a * q - (beta[-1] * Q[:, -2] if len(beta) else 0)
-        for _ in range(2):
-            w = w - Q @ (Q.T @ w)
-        b = w.norm()
-        steps += 1
-        done_space = steps >= n or b <= 1e-12 * max(abs(a.item()), 1.0) * math.sqrt(n)
-        if steps >= k and (steps % check_every == 0 or done_space or steps >= budget):
-            T = _tridiag(torch.stack(alpha), torch.stack(beta) if beta else a.new_zeros(0))
-            theta, S = torch.linalg.eigh(T)
-            order = torch.argsort(theta, descending=True)[:k]
-            res = (b * S[-1, order]).abs()
-            scale = max(abs(theta[order[0]].item()), 1e-30)
-            if done_space or steps >= budget or bool((res <= tol * scale).all()):
-                vecs = Q @ S[:, order] if return_eigenvectors else None
-                if done_space:
-                    res = torch.zeros_like(res)
-                return EigenResult(theta[order], vecs, res, A.num_matvecs - start)
-        beta.append(b)
-        q = w / b
+    for alpha, beta, Q, b, exhausted in _lanczos_steps(A, v0, budget):
+        steps = len(alpha)
+        if steps < k or not (exhausted or steps >= budget or steps % check_every == 0):
+            continue
+        theta, S = torch.linalg.eigh(_tridiag(torch.stack(alpha), torch.stack(beta) if beta else alpha[0].new_zeros(0)))
+        order = torch.argsort(theta, descending=True)[:k]
+        res = torch.zeros(len(order), dtype=A.dtype, device=A.device) if exhausted else (b * S[-1, order]).abs()
+        scale = max(abs(theta[order[0]].item()), 1e-30)
+        if exhausted or steps >= budget or bool((res <= tol * scale).all()):
+            vecs = Q @ S[:, order] if return_eigenvectors else None
+            return EigenResult(theta[order], vecs, res, A.num_matvecs - start)
+    raise AssertionError("unreachable: the last Lanczos step always returns")
 
 
 @dataclass

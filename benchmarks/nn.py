@@ -145,7 +145,7 @@ def plot(data, path):
             rr = sorted((r for r in rows if tuple(r["widths"]) == widths), key=lambda r: r["B"])
             ax.plot([r["B"] * r["N"] for r in rr], [r["saved_bytes"] / 2**20 for r in rr], marker=m,
                     label=f"{v} {'-'.join(map(str, widths))}")
-    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlim(left=0), ax.set_ylim(bottom=0)  # linear axes: a straight line is linear growth
     ax.set_xlabel("B · N (examples × neurons)"), ax.set_ylabel("saved for backward (MiB)")
     ax.legend(fontsize=6), ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -294,7 +294,7 @@ def memory_subprocess(name: str, case_name: str, args) -> dict:
 
 def run_case(case: Case, names: list[str], args) -> list[dict]:
     """Time, check and (optionally) memory-probe every contestant on one case."""
-    rows, preps = {}, {}
+    rows, preps, n_calls = {}, {}, {}
     for name in names:
         label = CONTESTANTS[name][0]
         rows[name] = {"contestant": name, "label": label}
@@ -302,8 +302,12 @@ def run_case(case: Case, names: list[str], args) -> list[dict]:
             preps[name] = CONTESTANTS[name][1](case)
             rows[name]["note"] = preps[name].note
             for w in range(args.warmup):
+                t0 = time.perf_counter()
                 result = preps[name].run()
-            sync(args.device)
+                sync(args.device)
+            # Fast calls get more timed calls (up to --max-repeats, about --budget seconds each).
+            n_calls[name] = max(args.repeats, min(args.max_repeats,
+                                                  int(args.budget / (time.perf_counter() - t0))))
             rows[name].update(max_rel_err(case, preps[name].grads(result), preps[name].kind,
                                           preps[name].rows))
             if rows[name]["missing_params"]:
@@ -315,8 +319,10 @@ def run_case(case: Case, names: list[str], args) -> list[dict]:
             preps.pop(name, None)
         gc.collect()
     times = {n: [] for n in preps}
-    for _ in range(args.repeats):
+    for r in range(max(n_calls.values(), default=0)):
         for name, prep in preps.items():
+            if r >= n_calls[name]:
+                continue
             gc.collect()
             sync(args.device)
             t0 = time.perf_counter()
@@ -378,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--contestants", nargs="+", default=list(CONTESTANTS), choices=list(CONTESTANTS))
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 7; quick 2)")
+    p.add_argument("--max-repeats", type=int, default=None,
+                   help="cap on timed calls for fast contestants (default 41; quick 2)")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="seconds of timed calls per contestant and case that fast ones may use")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cpu")
@@ -393,6 +403,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(args.one, args.model or "mlp_b128", args.quick, args.device)))
         return 0
     args.repeats = args.repeats or (2 if args.quick else 7)
+    args.max_repeats = max(args.repeats, args.max_repeats or (args.repeats if args.quick else 41))
     args.warmup = max(args.warmup, 1)  # the warm-up result is the one checked
     if "plain" not in args.contestants:
         args.contestants.insert(0, "plain")
@@ -406,12 +417,14 @@ def main(argv=None) -> int:
     data = {
         "benchmark": "grads", "title": "Per-example gradients: time and memory",
         "environment": env,
-        "settings": {"quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"quick": args.quick, "repeats": args.repeats, "max_repeats": args.max_repeats,
+                     "budget_s": args.budget, "warmup": args.warmup,
                      "threads": args.threads, "dtype": "float32", "memory": args.memory},
         "notes": [
             "Random data (inputs ~ N(0,1), random labels / tokens): timings do not depend on values.",
-            f"Time: median of {args.repeats} calls after {args.warmup} warm-up call(s), contestants "
-            "interleaved round-robin in one process, each on its own copy of the model; "
+            f"Time: median of at least {args.repeats} calls after {args.warmup} warm-up call(s) "
+            f"(fast contestants: more, up to {args.max_repeats} or about {args.budget:g} s), "
+            "interleaved round-robin in one process, each contestant on its own copy of the model; "
             "× plain = median / median of a plain forward+backward of the mean loss.",
             "Naive loop: runs a few examples, its time is scaled to the full batch.",
             "Peak memory: a fresh subprocess per contestant, warmed up on 2 examples (so one-time "

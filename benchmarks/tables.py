@@ -109,7 +109,11 @@ def main(argv=None) -> int:
         print(pivot(json.loads(files[0].read_text()), key, kind or None))
         return 0
     for f in files:
-        md = render(json.loads(f.read_text()))
+        data = json.loads(f.read_text())
+        if not {"columns", "cases"} <= set(data):  # another layout: leave its markdown alone
+            print(f"skipped {f}: no 'columns' and 'cases'", file=sys.stderr)
+            continue
+        md = render(data)
         target = args.output or f.with_suffix(".md")
         target.write_text(md)
         print(f"wrote {target}", file=sys.stderr)

@@ -11,7 +11,7 @@ import torch
 
 from gradmeta import curvature as gc
 
-from conftest import reference_hessian
+from tests.curvature.conftest import reference_hessian
 
 
 def _sym(n, seed=0, decay=None):

@@ -9,7 +9,7 @@ from torch.func import functional_call, jacrev
 from gradmeta import curvature as gc
 from gradmeta.models import classification_loss
 
-from conftest import flat_params, mse_loss, naive_per_example_grads, reference_ggn
+from tests.curvature.conftest import flat_params, mse_loss, naive_per_example_grads, reference_ggn
 
 TOL = 1e-10
 

@@ -9,7 +9,7 @@ from torch import nn
 from gradmeta import curvature as gc
 from gradmeta.models import GPT, classification_loss
 
-from conftest import (finite_difference_columns, flat_params, functorch_hessian, naive_ggn_vp, naive_hvp,
+from tests.curvature.conftest import (finite_difference_columns, flat_params, functorch_hessian, naive_ggn_vp, naive_hvp,
                       reference_ggn, reference_hessian)
 
 TOL = 1e-10

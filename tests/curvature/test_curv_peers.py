@@ -7,7 +7,7 @@ from gradmeta import curvature as gc
 import curvlinops  # the `peers` extra; `make env` installs it
 import pyhessian
 
-from conftest import _mlp_ce, mse_loss
+from tests.curvature.conftest import _mlp_ce, mse_loss
 
 
 def _peer_loss(loss_fn):

@@ -8,6 +8,8 @@
 * **learned optimizers** -- :class:`PerParamMLP` (residual form: untrained = SGD with momentum);
 * **outer trainers** -- :class:`PES`, :func:`es_grad`, :class:`TruncatedBackprop` (``torch.func``
   or ``higher``), split over ``torchrun`` ranks with :func:`comm_from_env`;
+* **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
+  :func:`step_reduction`, :func:`step_times`;
 * **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that loads a shipped
   checkpoint by default.
 
@@ -16,6 +18,7 @@ Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
+from ._evaluate import step_reduction, step_times, train_curves
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP
 from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
 from ._outer import PES, TruncatedBackprop, es_grad, meta_loss, unroll
@@ -30,4 +33,5 @@ __all__ = [
     "unroll", "meta_loss", "PES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",
+    "train_curves", "step_reduction", "step_times",
 ]

@@ -35,7 +35,7 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "threads": 1,
     "inner": _TASK,
-    "optimizer": {"hidden": 32, "lr": 0.1, "step_mult": 0.001, "max_update": 0.1},
+    "optimizer": {"hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": 8, "truncation": 20,
               "horizon": 200, "sigma": 0.01, "log_loss": False, "meta_lr": 3e-3, "grad_clip": 1.0},

@@ -72,7 +72,7 @@ class PerParamMLP:
 
     n_base_features = 2 + 2 * len(DECAYS) + len(TIMESCALES)
 
-    def __init__(self, hidden: int = 32, lr: float = 0.1, step_mult: float = 0.001, max_update: float = 0.1,
+    def __init__(self, hidden: int = 32, lr: float = 0.1, step_mult: float = 0.03, max_update: float = 0.1,
                  extra_features: int = 0):
         self.hidden, self.lr, self.step_mult = hidden, lr, step_mult
         self.max_update, self.extra_features = max_update, extra_features

@@ -11,7 +11,7 @@ from tests.lopt.references import torch_trajectory
 
 
 def test_untrained_learned_optimizer_is_sgd_with_momentum(small_digits):
-    lo = PerParamMLP(hidden=16, lr=0.2)
+    lo = PerParamMLP(hidden=16, lr=0.2, max_update=10.0)  # clipping off: exactly SGDM
     meta = lo.init_meta(0)
     params = small_digits.init(1)
     batches = small_digits.batches(torch.Generator().manual_seed(0), 20)

@@ -85,8 +85,9 @@ class GradMetaNet(nn.Module):
             self.pool = DataPool(c, c)
             self.neuron_layers = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(neuron_layers))
         else:
+            # no final LayerNorm: it would divide out the magnitude of every (datum, neuron)
+            # feature, and the per-datum readout needs magnitudes to form products like δ_i a_j
             self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
-            self.final_norm = nn.LayerNorm(c)
         if readout == "weight":
             self.head = ProductReadout(spec, self.layout.offsets, c, c, out_dim,
                                        edge_channels + int(weight_aware), param_ids=spec.arch != "mlp")
@@ -139,7 +140,6 @@ class GradMetaNet(nn.Module):
             h = g.reshape(G, B * T, N, c)
             for block in self.blocks:
                 h = block(h)
-            h = self.final_norm(h)
         if self.readout == "invariant":
             return self.head(h.mean(-2) if h.dim() == 3 else h.mean((1, 2)))
         if self.readout == "neuron":

@@ -45,10 +45,31 @@ def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor,
     losses = []
     for t in range(batches[0].shape[0]):
         batch = tuple(b[t] for b in batches)
-        grads, loss = grad_and_value(lambda p: task.loss(p, batch).mean())(params)
-        params, state = lo.update(meta, grads, state, params)
+        if getattr(lo, "needs_gradient_set", False):  # collects the gradient set itself
+            params, state, loss = lo.step(meta, params, state, batch)
+        else:
+            grads, loss = grad_and_value(lambda p: task.loss(p, batch).mean())(params)
+            params, state = lo.update(meta, grads, state, params)
         losses.append(loss)
     return params, state, torch.stack(losses)
+
+
+def _skipped(state) -> Tensor:
+    """Total skipped steps in a (stacked) optimizer state, 0 for optimizers that do not count."""
+    while state is not None and not hasattr(state, "skipped"):
+        state = getattr(state, "base", None)
+    return state.skipped.sum() if state is not None else torch.zeros(())
+
+
+def _map_particles(lo, fn, in_dims, *args):
+    """``vmap(fn, in_dims)(*args)``, or a loop over the particle axis for optimizers that collect
+    gradient sets with hooks (not vmappable); the results are stacked either way."""
+    if not getattr(lo, "needs_gradient_set", False):
+        return vmap(fn, in_dims=in_dims)(*args)
+    n = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
+    take = lambda a, d, i: a if d is None else pytree.tree_map(lambda x: x.select(d, i), a)  # noqa: E731
+    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+    return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
 
 class _Particles:
@@ -155,8 +176,8 @@ class PES(_Particles):
         sl = self._local()
         theta = {k: meta[k].detach() + eps[k][sl] for k in meta}
         loc = lambda tree: pytree.tree_map(lambda x: x[sl], tree)  # noqa: E731
-        params, opt_state, losses = vmap(
-            lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b), in_dims=(0, 0, 0, 1))(
+        params, opt_state, losses = _map_particles(
+            self.lo, lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b), (0, 0, 0, 1),
             theta, loc(state["params"]), loc(state["opt_state"]), tuple(b[:, sl] for b in batches))
         L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
         accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
@@ -167,8 +188,7 @@ class PES(_Particles):
         contrib = torch.cat([(accum[k][0::2] * dL.view(-1, *[1] * meta[k].dim())).reshape(len(dL), -1) for k in meta], 1)
         if self.comm.world_size > 1:
             contrib = self.comm.all_gather_cat(contrib)
-        skipped = opt_state.skipped.sum() if hasattr(opt_state, "skipped") else torch.zeros(())
-        totals = self.comm.all_reduce_sum(torch.stack([L.sum(), skipped.to(L.dtype)]))
+        totals = self.comm.all_reduce_sum(torch.stack([L.sum(), _skipped(opt_state).to(L.dtype)]))
         flat = contrib.sum(0) / (P * self.sigma ** 2)
         g, off = {}, 0
         for k, v in meta.items():
@@ -204,6 +224,9 @@ class TruncatedBackprop(_Particles):
                  log_loss: bool = False, backend: str = "func", comm: Comm | None = None):
         if backend not in ("func", "higher"):
             raise ValueError(f"TruncatedBackprop: backend must be 'func' or 'higher', got {backend!r}")
+        if getattr(lo, "needs_gradient_set", False):
+            raise ValueError(f"TruncatedBackprop: {type(lo).__name__} collects gradient sets with hooks and cannot "
+                             "be differentiated through; meta-train it with PES or es_grad")
         if backend == "higher" and not hasattr(task, "model"):
             raise ValueError(f"TruncatedBackprop(backend='higher') needs a module-backed task; {task.name} has no model")
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
@@ -257,5 +280,4 @@ class TruncatedBackprop(_Particles):
             off += v.numel()
         detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
         new = self._advance(state, {"params": detach(params), "opt_state": detach(opt_state)}, generator)
-        return out, new, {"meta_loss": float(totals[-1]) / self.P,
-                          "skipped": int(opt_state.skipped.sum()) if hasattr(opt_state, "skipped") else 0}
+        return out, new, {"meta_loss": float(totals[-1]) / self.P, "skipped": int(_skipped(opt_state))}

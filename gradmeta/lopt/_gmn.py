@@ -1,0 +1,112 @@
+"""The per-parameter MLP learned optimizer plus a GradMetaNet branch (DESIGN §7).
+
+At every inner step the factored gradient set of the batch is collected
+(:func:`gradmeta.collect_gradients`, one forward+backward) and a
+:class:`gradmeta.nn.GradMetaNet` with a ``"weight"`` readout maps it to ``E`` features per
+parameter entry. Those features and their running average (EMA, decay ``avg_decay``, bias
+corrected) are concatenated to the per-parameter features of :class:`PerParamMLP`
+(``extra_features = 2E``). The update keeps the residual form, so an untrained optimizer is still
+SGD with momentum, whatever the GradMetaNet outputs. Meta-parameters are the MLP's (``"mlp.*"``)
+and the GradMetaNet's (``"gmn.*"``).
+
+The gradient set is collected with hooks on a real module, so inner runs are stepped one at a
+time (outer trainers loop over particles instead of using ``vmap``) and there is no
+backpropagation through the unroll: use it with :class:`PES` or :func:`es_grad`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from ._learned import LOState, PerParamMLP
+
+__all__ = ["GradMetaNetLO", "GMNState"]
+
+Params = dict[str, Tensor]
+
+
+class GMNState(NamedTuple):
+    """State of :class:`GradMetaNetLO`: the per-parameter optimizer's state and the readout EMA."""
+
+    base: LOState
+    avg: Params
+
+
+class GradMetaNetLO:
+    """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
+
+    Args:
+        task: a module-backed task (its ``model`` gives the symmetry spec and runs the hooks).
+        gmn_channels: ``E``, GradMetaNet outputs per parameter entry.
+        variant: ``"base"`` or ``"plusplus"`` (GradMetaNet++).
+        weight_aware: also feed the weights into the GradMetaNet.
+        avg_decay: decay of the running average of past readouts.
+        channels: GradMetaNet width.
+        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
+    """
+
+    needs_gradient_set = True
+
+    def __init__(self, task, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
+                 avg_decay: float = 0.9, channels: int = 8, **kwargs):
+        from gradmeta.nn import GradMetaNet
+
+        if not hasattr(task, "model"):
+            raise ValueError(f"GradMetaNetLO needs a module-backed task; {task.name} has no model")
+        self.task, self.E, self.avg_decay, self.weight_aware = task, gmn_channels, avg_decay, weight_aware
+        self.base = PerParamMLP(extra_features=2 * gmn_channels, **kwargs)
+        self.net = GradMetaNet.for_model(task.model, readout="weight", out_dim=gmn_channels, variant=variant,
+                                         weight_aware=weight_aware, channels=channels)
+        self.lr = self.base.lr
+
+    def init_meta(self, seed: int = 0) -> Params:
+        """``{"mlp.<name>": ...}`` (last layer zero: untrained = SGDM) and ``{"gmn.<name>": ...}``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.net.modules():
+                if m is not self.net and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        meta = {f"mlp.{k}": v for k, v in self.base.init_meta(seed).items()}
+        meta.update({f"gmn.{k}": v.detach().clone() for k, v in self.net.named_parameters()})
+        return meta
+
+    def init(self, params: Params) -> GMNState:
+        """Fresh state; readout averages start at zero."""
+        return GMNState(self.base.init(params), {k: torch.zeros(*v.shape, self.E) for k, v in params.items()})
+
+    def step(self, meta: Params, params: Params, state: GMNState, batch: tuple[Tensor, ...]):
+        """Collect the gradient set of ``batch`` at ``params`` and apply one update.
+
+        Returns:
+            ``(new_params, new_state, mean_loss)``.
+        """
+        import gradmeta as gm
+
+        model = self.task.model
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+                p.requires_grad_(True)
+        try:
+            x, y = self.task.split(batch)
+            gs = gm.collect_gradients(model, self.task.loss_fn, x, y)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        grads = gs.mean_grad()
+        gmn_meta = {k[4:]: v for k, v in meta.items() if k.startswith("gmn.")}
+        args = (gs, params) if self.weight_aware else (gs,)
+        with torch.no_grad():
+            out = functional_call(self.net, gmn_meta, args)
+        out = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
+        t = state.base.step + 1
+        avg = {k: torch.lerp(state.avg[k], out[k], 1 - self.avg_decay) for k in params}
+        extra = {k: torch.cat([out[k], avg[k] / (1 - self.avg_decay ** t)], -1) for k in params}
+        mlp_meta = {k[4:]: v for k, v in meta.items() if k.startswith("mlp.")}
+        new, base = self.base.update(mlp_meta, grads, state.base, params, extra)
+        ok = base.skipped == state.base.skipped
+        avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
+        return new, GMNState(base, avg), gs.losses.mean()

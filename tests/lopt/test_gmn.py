@@ -1,0 +1,50 @@
+"""The GradMetaNet branch: untrained it is SGD with momentum; PES meta-trains it (particle loop)."""
+import pytest
+import torch
+from torch.func import grad
+
+from gradmeta.lopt import PES, GradMetaNetLO, PerParamMLP, TruncatedBackprop
+
+
+@pytest.mark.parametrize("variant", ["base", "plusplus"])
+def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant):
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, variant=variant, hidden=8, lr=0.1)
+    ref = PerParamMLP(hidden=8, lr=0.1)
+    meta, ref_meta = lo.init_meta(0), ref.init_meta(0)
+    assert any(k.startswith("gmn.") for k in meta) and all(f"mlp.{k}" in meta for k in ref_meta)
+    params = small_digits.init(0)
+    p_ref, s_ref, s = params, ref.init(params), lo.init(params)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 4)
+    for t in range(4):
+        batch = tuple(b[t] for b in batches)
+        params, s, loss = lo.step(meta, params, s, batch)
+        g = grad(lambda q: small_digits.loss(q, batch).mean())(p_ref)
+        p_ref, s_ref = ref.update(ref_meta, g, s_ref, p_ref)
+        for k in params:
+            torch.testing.assert_close(params[k], p_ref[k], rtol=1e-5, atol=1e-6)
+    # the GradMetaNet readout reaches the update once the MLP's last layer is non-zero
+    meta2 = dict(meta)
+    meta2["mlp.w2"] = torch.zeros_like(meta["mlp.w2"])
+    meta2["mlp.w2"][0, 0] = 1.0
+    meta2["mlp.w0"] = torch.zeros_like(meta["mlp.w0"])
+    meta2["mlp.w0"][PerParamMLP.n_base_features - 9, 0] = 1.0  # hidden unit 0 reads GradMetaNet channel 0
+    meta2["mlp.w1"] = torch.eye(8)
+    a, _, _ = lo.step(meta2, params, s, batch)
+    noise = torch.Generator().manual_seed(1)
+    meta3 = dict(meta2, **{k: v + 0.5 * torch.randn(v.shape, generator=noise) for k, v in meta2.items()
+                           if k.startswith("gmn.")})
+    b, _, _ = lo.step(meta3, params, s, batch)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_pes_meta_gradient_for_the_gradmetanet_lo(small_digits):
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8)
+    meta = lo.init_meta(0)
+    pes = PES(small_digits, lo, particles=2, truncation=2, horizon=4)
+    gen = torch.Generator().manual_seed(0)
+    state = pes.init(meta, gen)
+    g, state, info = pes.grad(meta, state, gen)
+    assert set(g) == set(meta) and all(torch.isfinite(v).all() for v in g.values())
+    assert info["skipped"] == 0 and int(state["step"]) == 2
+    with pytest.raises(ValueError, match="PES or es_grad"):
+        TruncatedBackprop(small_digits, lo, particles=2, truncation=2, horizon=4)

@@ -38,14 +38,14 @@ def _probe_chunks(total: int, chunk: int):
         done += k
 
 
-def hutchinson_trace(A, num_samples: int = 100, generator=None, chunk: int = 16) -> torch.Tensor:
+def hutchinson_trace(A, num_samples: int = 100, generator=None, chunk: int | None = None) -> torch.Tensor:
     """Hutchinson trace estimate ``mean_i zᵢᵀ A zᵢ`` with Rademacher ``zᵢ``; ``num_samples`` products.
 
     Args:
         A: ``LinearOperator`` or dense ``(n, n)`` tensor.
         num_samples: number of probes (= matrix-vector products).
         generator: ``torch.Generator`` or int seed.
-        chunk: probes per ``matmat`` call.
+        chunk: probes per ``matmat`` call (default: the operator's ``probe_block``).
 
     Returns:
         0-dim tensor. Its variance is ``2(‖A‖_F² − Σ A_ii²) / num_samples``.
@@ -53,7 +53,7 @@ def hutchinson_trace(A, num_samples: int = 100, generator=None, chunk: int = 16)
     A = as_operator(A)
     gen, n = _gen(generator, A.device), A.shape[0]
     acc = torch.zeros((), dtype=A.dtype, device=A.device)
-    for k in _probe_chunks(num_samples, chunk):
+    for k in _probe_chunks(num_samples, chunk or A.probe_block):
         Z = _rademacher(n, k, gen, A.dtype, A.device)
         acc += (Z * A.matmat(Z)).sum()
     return acc / num_samples
@@ -81,12 +81,12 @@ def hutchpp_trace(A, num_samples: int = 99, generator=None) -> torch.Tensor:
     return t_top + t_rest
 
 
-def hutchinson_diagonal(A, num_samples: int = 100, generator=None, chunk: int = 16) -> torch.Tensor:
+def hutchinson_diagonal(A, num_samples: int = 100, generator=None, chunk: int | None = None) -> torch.Tensor:
     """Hutchinson diagonal estimate ``mean_i zᵢ ∘ A zᵢ`` (Rademacher); returns ``(n,)``."""
     A = as_operator(A)
     gen, n = _gen(generator, A.device), A.shape[0]
     acc = torch.zeros(n, dtype=A.dtype, device=A.device)
-    for k in _probe_chunks(num_samples, chunk):
+    for k in _probe_chunks(num_samples, chunk or A.probe_block):
         Z = _rademacher(n, k, gen, A.dtype, A.device)
         acc += (Z * A.matmat(Z)).sum(1)
     return acc / num_samples
@@ -101,20 +101,22 @@ def _lanczos_steps(A, v0: torch.Tensor, max_steps: int):
     """
     n = A.shape[0]
     m = min(max_steps, n)
-    Q = torch.zeros(n, m, dtype=A.dtype, device=A.device)
+    # Lanczos vectors as contiguous ROWS (a column slice of an (n, m) matrix is strided and slow to
+    # reorthogonalise against); torch.empty: pages of unused rows are never touched.
+    Qt = torch.empty(m, n, dtype=A.dtype, device=A.device)
     alpha, beta = [], []
     q = v0.to(A.dtype) / v0.norm()
     for j in range(m):
-        Q[:, j] = q
+        Qt[j] = q
         w = A.matvec(q)
         a = torch.dot(q, w)
         alpha.append(a)
-        w = w - a * q - (beta[-1] * Q[:, j - 1] if j > 0 else 0)
+        w = w - a * q - (beta[-1] * Qt[j - 1] if j > 0 else 0)
         for _ in range(2):  # twice is enough (Parlett): Q stays orthonormal to working precision
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            w = w - Qt[: j + 1].T @ (Qt[: j + 1] @ w)
         b = w.norm()
         exhausted = j == n - 1 or b <= 1e-12 * max(abs(a.item()), 1.0) * math.sqrt(n)
-        yield alpha, beta, Q[:, : j + 1], b, exhausted
+        yield alpha, beta, Qt[: j + 1].T, b, exhausted
         if exhausted:
             return
         beta.append(b)

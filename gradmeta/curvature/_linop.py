@@ -20,7 +20,12 @@ class LinearOperator:
         shape: ``(n, n)``.
         dtype, device: of the vectors the operator accepts and returns.
         num_matvecs: matrix-vector products performed so far (a ``matmat`` with ``k`` columns counts ``k``).
+        probe_block: how many probes stochastic estimators pass per ``matmat`` by default. 1 for
+            autograd operators (measured: a block only adds copies, the products run one by one);
+            larger for dense matrices, where a block is one matmul.
     """
+
+    probe_block = 1
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
         self.shape = (n, n)
@@ -32,7 +37,8 @@ class LinearOperator:
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        Vt = V.T.contiguous()  # columns of V are strided; contiguous probes keep the kernels fast
+        return torch.stack([self._matvec(v) for v in Vt], dim=1)
 
     def _check(self, x: torch.Tensor, ndim: int) -> torch.Tensor:
         if x.ndim != ndim or x.shape[0] != self.shape[1]:
@@ -85,6 +91,8 @@ class LinearOperator:
 
 class DenseOperator(LinearOperator):
     """A dense ``(n, n)`` tensor seen as an operator (tests pass the exact matrix this way)."""
+
+    probe_block = 64
 
     def __init__(self, matrix: torch.Tensor):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:

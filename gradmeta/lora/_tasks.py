@@ -33,7 +33,7 @@ from ._dataset import LoraDataset, stack_factors
 from ._models import MODELS, AdapterModel, save_model
 
 __all__ = ["lora_predict", "PREDICT_DEFAULTS", "TARGETS", "regression_metrics", "membership_metrics",
-           "kendall_tau", "train_model", "measure_speed"]
+           "kendall_tau", "train_model", "measure_speed", "results_table"]
 
 TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"class_{c}" for c in range(10)]}
 
@@ -122,7 +122,12 @@ def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]
 
 
 def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path) -> dict[str, float]:
-    """Seconds per adapter to predict vs to evaluate it on the digits test set, side by side."""
+    """Seconds per adapter to predict vs to evaluate it on the digits test set, side by side.
+
+    ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net`` vs PEFT ``from_pretrained`` +
+    test-set forward); ``*_mem_s``: adapters already in memory, one at a time (``net`` vs merging
+    ``W + ΔW`` + test-set forward); ``predict_batch_s``: ``net`` on all of them in one batch.
+    """
     from peft import PeftModel
 
     from gradmeta.data import load_digits
@@ -158,8 +163,14 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
                 model.get_submodule(name).weight += f.delta()
             evaluate(model, X, y)
         out["evaluate_mem_s"] = (time.perf_counter() - t) / len(ads)
+        pairs = stack_factors(ads)
+        net(pairs)  # warm-up
+        t = time.perf_counter()
+        net(pairs)  # in memory, all adapters in one batch
+        out["predict_batch_s"] = (time.perf_counter() - t) / len(ads)
     out["speedup_disk"] = out["evaluate_disk_s"] / out["predict_disk_s"]
     out["speedup_mem"] = out["evaluate_mem_s"] / out["predict_mem_s"]
+    out["speedup_batch"] = out["evaluate_mem_s"] / out["predict_batch_s"]
     return out
 
 
@@ -231,3 +242,27 @@ def lora_predict(run: Run) -> dict:
             summary[f"{name}/{key}_std"] = vals.std().item() if len(ms) > 1 else 0.0
     summary.update(n_train=len(tr), n_test=len(te), n_seeds=len(spec["seeds"]))
     return {"summary": summary, "history": history, "plots": [], "step": total, "total_steps": total}
+
+
+def results_table(run_dirs: dict[str, str | Path]) -> str:
+    """Markdown table (model × task, ``mean ± std`` over seeds) from ``lora_predict`` run folders.
+
+    ``run_dirs``: ``{column title: run folder}``; each column shows ``r2`` and ``tau`` (regression)
+    or ``label_acc`` (membership) from that folder's ``metrics.json``.
+    """
+    import json
+
+    cols, models = [], []
+    for title, d in run_dirs.items():
+        s = json.loads((Path(d) / "metrics.json").read_text())["summary"]
+        for m in (k.split("/")[0] for k in s if k.endswith("_mean")):
+            if m not in models:
+                models.append(m)
+        keys = ["r2", "tau"] if any(k.endswith("/r2_mean") for k in s) else ["label_acc"]
+        cols += [(f"{title} {k}", s, k) for k in keys]
+    lines = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in models:
+        cells = [f"{s[f'{m}/{k}_mean']:.3f} ± {s[f'{m}/{k}_std']:.3f}" if f"{m}/{k}_mean" in s else "-"
+                 for _, s, k in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

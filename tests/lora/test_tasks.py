@@ -61,7 +61,8 @@ def test_cli_lora_predict_and_info(zoo_run, tmp_path, monkeypatch, capsys):
     import gradmeta.cli as cli
     _, zoo = zoo_run
     out = run_spec(_spec(tmp_path, zoo, 'target = "loss"\nmodels = ["GLNet"]'), tmp_path / "run", progress=False)
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", [*cli.SUBCOMMAND_MODULES, "gradmeta.lora._cli"])
+    if "gradmeta.lora._cli" not in cli.SUBCOMMAND_MODULES:
+        monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", [*cli.SUBCOMMAND_MODULES, "gradmeta.lora._cli"])
     dirs = [str(zoo / "adapters" / "00000"), str(zoo / "adapters" / "00001")]
     assert cli.main(["lora", "predict", "--model", str(out / "glnet.pt"), "--json", *dirs]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -30,7 +30,7 @@ from ._tasks import TASK_NAMES, make_task
 
 __all__ = ["lopt_meta_train", "lopt_eval", "TRAIN_DEFAULTS", "EVAL_DEFAULTS"]
 
-_TASK = {"name": OneOf("digits", TASK_NAMES), "hidden": [32], "batch_size": 128, "data_root": ""}
+_TASK = {"name": OneOf("digits", TASK_NAMES), "hidden": [32], "batch_size": 128, "data_root": "", "valid_fraction": 0.0}
 TRAIN_DEFAULTS = {
     "seed": 0,
     "threads": 1,
@@ -38,7 +38,8 @@ TRAIN_DEFAULTS = {
     "optimizer": {"hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": 8, "truncation": 20,
-              "horizon": 200, "sigma": 0.01, "log_loss": False, "meta_lr": 3e-3, "grad_clip": 1.0},
+              "horizon": 200, "sigma": 0.01, "log_loss": False, "meta_lr": 3e-3, "grad_clip": 1.0,
+              "objective": OneOf("train", ("train", "valid"))},
     "eval": {"every": 25, "steps": 200, "eval_every": 10, "seeds": [1000, 1001]},
     "checkpoint_every": 5,
 }
@@ -65,7 +66,8 @@ def _set_threads(run: Run) -> None:
 
 def _task(run: Run):
     t = run.spec["inner"]
-    return make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"], data_root=t["data_root"] or None)
+    return make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"], data_root=t["data_root"] or None,
+                     valid_fraction=t["valid_fraction"])
 
 
 def _lo_curves(task, lo, meta, seeds, steps, eval_every, data_seed=0):
@@ -85,7 +87,7 @@ def lopt_meta_train(run: Run) -> dict:
     lo = PerParamMLP(**s["optimizer"])
     meta = {k: v.requires_grad_() for k, v in lo.init_meta(s["seed"]).items()}
     opt = torch.optim.Adam(meta.values(), lr=o["meta_lr"])
-    common = dict(particles=o["particles"], log_loss=o["log_loss"], comm=comm)
+    common = dict(particles=o["particles"], log_loss=o["log_loss"], comm=comm, objective=o["objective"])
     if o["method"] == "tbptt":
         trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], horizon=o["horizon"], backend=o["backend"],
                                     **common)

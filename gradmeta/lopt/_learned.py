@@ -134,9 +134,10 @@ class PerParamMLP:
         if self.extra_features and extra is None:
             raise ValueError(f"PerParamMLP(extra_features={self.extra_features}).update needs extra features")
         t = state.step + 1
-        momenta = {k: torch.lerp(state.momenta[k], grads[k].unsqueeze(0),
-                                 (1 - torch.tensor(DECAYS, dtype=grads[k].dtype, device=grads[k].device))
-                                 .view(-1, *[1] * grads[k].dim())) for k in params}
+        first = next(iter(grads.values()))
+        weights = 1 - torch.tensor(DECAYS, dtype=first.dtype, device=first.device)
+        momenta = {k: torch.lerp(state.momenta[k], grads[k].unsqueeze(0), weights.view(-1, *[1] * grads[k].dim()))
+                   for k in params}
         second = {k: torch.lerp(state.second[k], grads[k].square(), 0.001) for k in params}
         x = self._features(params, grads, momenta, second, t, extra)
         x = torch.relu(x @ meta["w0"] + meta["b0"])
@@ -154,7 +155,8 @@ class PerParamMLP:
             step = lr * (s.exp() * m_sgd + self.step_mult * d)
             new[k] = p - step.clamp(-self.max_update, self.max_update)
             offset += n
-        ok = torch.stack([torch.isfinite(v).all() for v in (*new.values(), *momenta.values(), *second.values())]).all()
+        # One reduction: a NaN or ±inf anywhere makes the sum non-finite (finite sums of this size do not overflow).
+        ok = torch.isfinite(sum(v.sum() for v in (*new.values(), *momenta.values(), *second.values())))
         keep = lambda a, b: torch.where(ok, a, b)  # noqa: E731
         new = {k: keep(new[k], params[k]) for k in params}
         state = LOState(keep(t, state.step), {k: keep(momenta[k], state.momenta[k]) for k in params},

@@ -82,12 +82,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return max((int(s["skipped"]) for s in self.state.values() if "skipped" in s), default=0)
 
     def _lo_state(self, params: list[nn.Parameter]) -> LOState:
-        fresh = self.lo.init({self._names[p]: p.detach() for p in params})
-        for p in params:
-            if not self.state[p]:
-                n = self._names[p]
-                self.state[p].update(step=fresh.step.clone(), skipped=fresh.skipped.clone(),
-                                     momenta=fresh.momenta[n], second=fresh.second[n])
+        empty = [p for p in params if not self.state[p]]
+        fresh = self.lo.init({self._names[p]: p.detach() for p in empty}) if empty else None
+        for p in empty:
+            n = self._names[p]
+            self.state[p].update(step=fresh.step.clone(), skipped=fresh.skipped.clone(),
+                                 momenta=fresh.momenta[n], second=fresh.second[n])
         s0 = self.state[params[0]]
         return LOState(s0["step"], {self._names[p]: self.state[p]["momenta"] for p in params},
                        {self._names[p]: self.state[p]["second"] for p in params}, s0["skipped"])

@@ -36,11 +36,12 @@ def meta_loss(losses: Tensor, log_loss: bool = False) -> Tensor:
     return (losses.clamp_min(1e-12).log() if log_loss else losses).mean(-1)
 
 
-def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor, ...]):
+def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor, ...], objective: str = "train"):
     """Run ``K`` inner steps; ``batches`` hold one batch per step (leading axis ``K``).
 
     Returns:
-        ``(params, state, losses)`` with ``losses (K,)`` the mean batch loss before each update.
+        ``(params, state, losses)`` with ``losses (K,)`` the mean batch loss before each update
+        (``objective="train"``) or the validation loss after it (``"valid"``, ``task.valid_loss``).
     """
     losses = []
     for t in range(batches[0].shape[0]):
@@ -50,7 +51,7 @@ def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor,
         else:
             grads, loss = grad_and_value(lambda p: task.loss(p, batch).mean())(params)
             params, state = lo.update(meta, grads, state, params)
-        losses.append(loss)
+        losses.append(task.valid_loss(params) if objective == "valid" else loss)
     return params, state, torch.stack(losses)
 
 
@@ -78,7 +79,10 @@ class _Particles:
     antithetic = False
 
     def __init__(self, task, lo, *, particles: int, truncation: int, horizon: int, log_loss: bool = False,
-                 comm: Comm | None = None):
+                 comm: Comm | None = None, objective: str = "train"):
+        if objective not in ("train", "valid"):
+            raise ValueError(f"{type(self).__name__}: objective must be 'train' or 'valid', got {objective!r}")
+        self.objective = objective
         if particles < 1 or truncation < 1 or horizon < truncation:
             raise ValueError(f"{type(self).__name__}: need particles >= 1 and 1 <= truncation <= horizon, got "
                              f"particles={particles}, truncation={truncation}, horizon={horizon}")
@@ -149,14 +153,16 @@ class PES(_Particles):
         sigma: standard deviation of the perturbations of every meta-parameter.
         log_loss: meta-loss on ``log`` of the inner losses.
         comm: splits the pairs over ranks (:mod:`gradmeta.lopt._distributed`); default one process.
+        objective: meta-loss on the inner training losses (``"train"``) or on the validation loss
+            after each step (``"valid"``, the task needs a validation split).
     """
 
     antithetic = True
 
     def __init__(self, task, lo, *, particles: int = 8, truncation: int = 50, horizon: int = 2000,
-                 sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None):
+                 sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None, objective: str = "train"):
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
-                         log_loss=log_loss, comm=comm)
+                         log_loss=log_loss, comm=comm, objective=objective)
         self.sigma = sigma
 
     @torch.no_grad()
@@ -177,7 +183,7 @@ class PES(_Particles):
         theta = {k: meta[k].detach() + eps[k][sl] for k in meta}
         loc = lambda tree: pytree.tree_map(lambda x: x[sl], tree)  # noqa: E731
         params, opt_state, losses = _map_particles(
-            self.lo, lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b), (0, 0, 0, 1),
+            self.lo, lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b, self.objective), (0, 0, 0, 1),
             theta, loc(state["params"]), loc(state["opt_state"]), tuple(b[:, sl] for b in batches))
         L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
         accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
@@ -234,7 +240,7 @@ class TruncatedBackprop(_Particles):
         self.backend = backend
 
     def _loss_func(self, meta, params, state, batches):
-        p, s, losses = unroll(self.task, self.lo, meta, params, state, batches)
+        p, s, losses = unroll(self.task, self.lo, meta, params, state, batches, self.objective)
         return meta_loss(losses, self.log_loss), (p, s)
 
     def _grad_higher(self, meta, params, state, batches):

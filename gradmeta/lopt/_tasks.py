@@ -84,12 +84,18 @@ class ClassificationTask(ModuleTask):
     """
 
     def __init__(self, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, hidden: list[int],
-                 batch_size: int = 128, activation: str = "relu", name: str = "mlp"):
+                 batch_size: int = 128, activation: str = "relu", name: str = "mlp", valid_fraction: float = 0.0):
         if X.dim() != 2 or y.shape != X.shape[:1]:
             raise ValueError(f"ClassificationTask: expected X (N, D) and y (N,), got {tuple(X.shape)} and {tuple(y.shape)}")
         n_classes = int(max(y.max(), y_test.max())) + 1
         self.widths = [X.shape[1], *hidden, n_classes]
         super().__init__(mlp(self.widths, activation=activation), classification_loss, name)
+        self.X_valid = self.y_valid = None
+        if valid_fraction > 0:  # hold out part of the training split for meta-training on validation loss
+            from gradmeta.data import stratified_split
+
+            tr, va = stratified_split(y, valid_fraction, seed=1)
+            X, y, self.X_valid, self.y_valid = X[tr], y[tr], X[va], y[va]
         self.X, self.y, self.X_test, self.y_test, self.batch_size = X, y, X_test, y_test, batch_size
 
     def batches(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
@@ -100,6 +106,12 @@ class ClassificationTask(ModuleTask):
     def test_loss(self, params: dict[str, Tensor]) -> Tensor:
         """Mean cross-entropy on the test split, ``()``."""
         return self.loss(params, (self.X_test, self.y_test)).mean()
+
+    def valid_loss(self, params: dict[str, Tensor]) -> Tensor:
+        """Mean cross-entropy on the validation examples held out of the training split, ``()``."""
+        if self.X_valid is None:
+            raise ValueError(f"{self.name}: no validation split; build the task with valid_fraction > 0")
+        return self.loss(params, (self.X_valid, self.y_valid)).mean()
 
 
 class LanguageModelTask(ModuleTask):
@@ -156,13 +168,17 @@ class QuadraticTask(Task):
         return 0.5 * (self.h * params["theta"].square()).sum()
 
 
-def digits_mlp(hidden: list[int] | None = None, batch_size: int = 128, split_seed: int = 0) -> ClassificationTask:
-    """MLP ``64 -> hidden -> 10`` on the scikit-learn digits (embedded; default hidden ``[32]``)."""
+def digits_mlp(hidden: list[int] | None = None, batch_size: int = 128, split_seed: int = 0,
+               valid_fraction: float = 0.0) -> ClassificationTask:
+    """MLP ``64 -> hidden -> 10`` on the scikit-learn digits (embedded; default hidden ``[32]``).
+
+    ``valid_fraction > 0`` holds that share of the training split out as a validation set.
+    """
     from gradmeta.data import load_digits
 
     tr, te = load_digits("train", seed=split_seed), load_digits("test", seed=split_seed)
     return ClassificationTask(tr.flat(), tr.labels, te.flat(), te.labels, hidden or [32], batch_size,
-                              name="digits_mlp")
+                              name="digits_mlp", valid_fraction=valid_fraction)
 
 
 def image_mlp(dataset: str, root: str | os.PathLike | None = None, hidden: list[int] | None = None,
@@ -195,10 +211,10 @@ TASK_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "char_l
 
 
 def make_task(name: str, *, hidden: list[int] | None = None, batch_size: int | None = None,
-              data_root: str | None = None) -> Task:
+              data_root: str | None = None, valid_fraction: float = 0.0) -> Task:
     """Build a task by name (one of :data:`TASK_NAMES`), as task specs do."""
     if name == "digits":
-        return digits_mlp(hidden, batch_size or 128)
+        return digits_mlp(hidden, batch_size or 128, valid_fraction=valid_fraction)
     if name in ("fashion_mnist", "mnist", "cifar10", "cifar100"):
         return image_mlp(name, data_root or None, hidden, batch_size or 128)
     if name == "char_lm":

@@ -243,8 +243,10 @@ def capability(a):
     channels, batch = (8, 2) if a.quick else (16, 4)
     train, test = make_sets(n_train, 32, 0), make_sets(n_test, 32, 1)
     rows = []
-    for target in TARGETS:
+    for target in a.targets or TARGETS:
         for name, net in cap_models(mlp(CAP_WIDTHS), channels).items():
+            if a.models and name not in a.models:
+                continue
             err, secs = train_eval(net, train, test, target, steps, batch, 3e-3)
             rows.append({"target": target, "model": name, "rel_error": err, "train_seconds": secs})
             print(f"{target:<26} {name:<22} rel. error {err:.4f}  ({secs:.0f}s)", flush=True)
@@ -253,8 +255,9 @@ def capability(a):
                          "steps": steps, "batch_sets": batch, "lr": 3e-3, "channels": channels},
             "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "nn_capability.json").write_text(json.dumps(data, indent=1) + "\n")
-    (a.out / "nn_capability.md").write_text(render_capability(data))
+    stem = a.stem or "nn_capability"
+    (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (a.out / f"{stem}.md").write_text(render_capability(data))
     print(render_capability(data))
 
 
@@ -276,6 +279,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--train-sets", type=int, default=512)
+    ap.add_argument("--targets", nargs="*", choices=TARGETS, help="capability targets (default: all)")
+    ap.add_argument("--models", nargs="*", help="capability models by name (default: all)")
+    ap.add_argument("--stem", help="result file stem (default: nn_capability)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results")

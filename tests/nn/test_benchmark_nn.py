@@ -1,0 +1,18 @@
+"""Smoke test of benchmarks/nn.py (quick sizes, subprocess): it runs and writes consistent results."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "nn.py"
+
+
+def test_quick_perf_benchmark(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "nn.json").read_text())
+    assert set(data["times"]) == {"mlp_step", "collect", "gmn_base", "gmn_plusplus", "per_param_deepsets"}
+    assert data["environment"]["device"] == "cpu"
+    assert {r["variant"] for r in data["memory"]} == {"base", "plusplus"}
+    assert (tmp_path / "nn_memory.png").exists() and "× MLP training step" in (tmp_path / "nn.md").read_text()

@@ -74,3 +74,26 @@ def test_zoo_images_digits_upsampled():
     assert x.shape == (3, 1, 16, 16) and 0 <= x.min() and x.max() <= 1
     with pytest.raises(ValueError, match="unknown zoo source"):
         inr.zoo_images("imagenet", "train")
+
+
+def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.fail(f"torchrun not found next to {sys.executable}")
+    args = ["build-zoo", "--source", "digits", "--size", "8", "--limit", "6", "--steps", "3", "--shard-size", "2",
+            "--splits", "test", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "gradmeta.inr", *args,
+                    "--out", str(tmp_path / "two")], check=True, env=env, cwd=root, capture_output=True, timeout=300)
+    inr.build_zoo(tmp_path / "one", {"test": inr.zoo_images("digits", "test", size=8, limit=6)}, shard_size=2, steps=3,
+                  lr=1e-3)
+    two, one = inr.load_zoo(tmp_path / "two"), inr.load_zoo(tmp_path / "one")
+    assert len(two) == 6
+    for k in one.params:
+        torch.testing.assert_close(two.params[k], one.params[k])

@@ -72,3 +72,21 @@ def test_char_lm_on_a_small_docstring_corpus():
 def test_unknown_task_name():
     with pytest.raises(ValueError, match="unknown task 'mnst'"):
         make_task("mnst")
+
+
+def test_validation_split_and_valid_objective():
+    from gradmeta.lopt import PES
+
+    full, held = digits_mlp(hidden=[4], batch_size=8), digits_mlp(hidden=[4], batch_size=8, valid_fraction=0.2)
+    assert len(held.y) + len(held.y_valid) == len(full.y) and abs(len(held.y_valid) - 0.2 * len(full.y)) <= 10
+    assert torch.isfinite(held.valid_loss(held.init(0)))
+    with pytest.raises(ValueError, match="no validation split"):
+        full.valid_loss(full.init(0))
+    lo = PerParamMLP(hidden=4)
+    meta = lo.init_meta()
+    pes = PES(held, lo, particles=2, truncation=2, horizon=4, objective="valid")
+    gen = torch.Generator().manual_seed(0)
+    _, _, info = pes.grad(meta, pes.init(meta, gen), gen)
+    assert info["meta_loss"] > 0
+    with pytest.raises(ValueError, match="objective"):
+        PES(held, lo, particles=2, truncation=2, horizon=4, objective="test")

@@ -6,9 +6,9 @@ from torch.func import grad
 from gradmeta.lopt import PES, GradMetaNetLO, PerParamMLP, TruncatedBackprop
 
 
-@pytest.mark.parametrize("variant", ["base", "plusplus"])
-def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant):
-    lo = GradMetaNetLO(small_digits, gmn_channels=2, variant=variant, hidden=8, lr=0.1)
+@pytest.mark.parametrize("variant,weight_aware", [("base", False), ("plusplus", False), ("base", True)])
+def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant, weight_aware):
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, variant=variant, weight_aware=weight_aware, hidden=8, lr=0.1)
     ref = PerParamMLP(hidden=8, lr=0.1)
     meta, ref_meta = lo.init_meta(0), ref.init_meta(0)
     assert any(k.startswith("gmn.") for k in meta) and all(f"mlp.{k}" in meta for k in ref_meta)

@@ -20,7 +20,7 @@ Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
 from ._gmn import GMNState, GradMetaNetLO
-from ._evaluate import step_reduction, step_times, train_curves
+from ._evaluate import step_reduction, step_times, train_curves, train_curves_loop
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP
 from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
 from ._outer import PES, TruncatedBackprop, es_grad, meta_loss, unroll
@@ -35,5 +35,5 @@ __all__ = [
     "unroll", "meta_loss", "PES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",
-    "train_curves", "step_reduction", "step_times",
+    "train_curves", "train_curves_loop", "step_reduction", "step_times",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-__all__ = ["train_curves", "step_reduction", "step_times"]
+__all__ = ["train_curves", "train_curves_loop", "step_reduction", "step_times"]
 
 
 def train_curves(task, make_opt: Callable, hparams: Tensor, seeds: list[int], steps: int, eval_every: int,
@@ -63,6 +63,33 @@ def train_curves(task, make_opt: Callable, hparams: Tensor, seeds: list[int], st
     skipped = getattr(state, "skipped", torch.zeros(H * S))
     return {"eval_steps": torch.tensor(eval_steps), "test_loss": torch.stack(tests, -1).view(H, S, -1),
             "train_loss": torch.stack(trains, -1).view(H, S, -1), "skipped": skipped.view(H, S)}
+
+
+def train_curves_loop(task, lo, meta: dict[str, Tensor], seeds: list[int], steps: int, eval_every: int,
+                      data_seed: int = 0) -> dict[str, Tensor]:
+    """:func:`train_curves` for one learned optimizer that steps itself (``lo.step``, e.g. one that
+    collects gradient sets with hooks), run seed by seed; same batches and output layout (``H = 1``)."""
+    params = task.init_stacked(seeds)
+    params = [{k: v[i] for k, v in params.items()} for i in range(len(seeds))]
+    states = [lo.init(p) for p in params]
+    gen = torch.Generator().manual_seed(data_seed)
+    eval_steps, tests, trains = [], [], []
+    with torch.no_grad():
+        for t in range(steps + 1):
+            if t % eval_every == 0 or t == steps:
+                eval_steps.append(t)
+                tests.append(torch.stack([task.test_loss(p) for p in params]))
+            if t == steps:
+                break
+            batch = task.batches(gen, len(seeds))
+            losses = []
+            for i in range(len(seeds)):
+                params[i], states[i], loss = lo.step(meta, params[i], states[i], tuple(b[i] for b in batch))
+                losses.append(loss)
+            trains.append(torch.stack(losses))
+    skipped = torch.stack([s.base.skipped if hasattr(s, "base") else s.skipped for s in states])
+    return {"eval_steps": torch.tensor(eval_steps), "test_loss": torch.stack(tests, -1).unsqueeze(0),
+            "train_loss": torch.stack(trains, -1).unsqueeze(0), "skipped": skipped.unsqueeze(0)}
 
 
 def step_reduction(reference: Tensor, other: Tensor, eval_steps: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ from gradmeta.run import OneOf, Required, Run, register_task
 
 from ._baselines import ADAM_LRS, SGDM_LRS, adam, sgdm
 from ._distributed import comm_from_env
-from ._evaluate import step_reduction, step_times, train_curves
+from ._evaluate import step_reduction, step_times, train_curves, train_curves_loop
+from ._gmn import GradMetaNetLO
 from ._learned import PerParamMLP
 from ._optim import load_checkpoint, save_checkpoint
 from ._outer import PES, TruncatedBackprop
@@ -35,7 +36,9 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "threads": 1,
     "inner": _TASK,
-    "optimizer": {"hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1},
+    "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++")),
+                  "hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1, "gmn_channels": 4,
+                  "weight_aware": False},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": 8, "truncation": 20,
               "horizon": 200, "sigma": 0.01, "log_loss": False, "meta_lr": 3e-3, "grad_clip": 1.0,
@@ -71,7 +74,19 @@ def _task(run: Run):
 
 
 def _lo_curves(task, lo, meta, seeds, steps, eval_every, data_seed=0):
+    if getattr(lo, "needs_gradient_set", False):
+        return train_curves_loop(task, lo, meta, seeds, steps, eval_every, data_seed)
     return train_curves(task, lambda _: lo.bind(meta), torch.zeros(1), seeds, steps, eval_every, data_seed)
+
+
+def _make_lo(task, cfg: dict):
+    """The learned optimizer of a spec's ``[optimizer]`` table."""
+    base = {k: cfg[k] for k in ("hidden", "lr", "step_mult", "max_update")}
+    if cfg["kind"] == "per_param_mlp":
+        return PerParamMLP(**base)
+    variant = "plusplus" if cfg["kind"] == "gradmetanet++" else "base"
+    return GradMetaNetLO(task, gmn_channels=cfg["gmn_channels"], variant=variant, weight_aware=cfg["weight_aware"],
+                         **base)
 
 
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
@@ -84,7 +99,7 @@ def lopt_meta_train(run: Run) -> dict:
     _set_threads(run)
     comm = comm_from_env()
     task = _task(run)
-    lo = PerParamMLP(**s["optimizer"])
+    lo = _make_lo(task, s["optimizer"])
     meta = {k: v.requires_grad_() for k, v in lo.init_meta(s["seed"]).items()}
     opt = torch.optim.Adam(meta.values(), lr=o["meta_lr"])
     common = dict(particles=o["particles"], log_loss=o["log_loss"], comm=comm, objective=o["objective"])
@@ -109,6 +124,7 @@ def lopt_meta_train(run: Run) -> dict:
     else:
         state = trainer.init(meta, gen)
     start, total = run.start_step, o["iterations"]
+    lr_key = "log_lr" if "log_lr" in meta else "mlp.log_lr"
 
     def evaluate(it: int) -> None:
         c = _lo_curves(task, lo, {k: v.detach() for k, v in meta.items()}, ev["seeds"], ev["steps"], ev["eval_every"])
@@ -130,7 +146,7 @@ def lopt_meta_train(run: Run) -> dict:
         opt.step()
         h = history["meta"]
         for k, v in (("step", it), ("meta_loss", info["meta_loss"]), ("grad_norm", norm),
-                     ("lr", float(meta["log_lr"].detach().exp())), ("skipped", info["skipped"])):
+                     ("lr", float(meta[lr_key].detach().exp())), ("skipped", info["skipped"])):
             h[k].append(v)
         if it % ev["every"] == 0 or it == total:
             evaluate(it)
@@ -148,10 +164,11 @@ def lopt_meta_train(run: Run) -> dict:
     plots = ["meta_loss.png", "inner_curves.png"]
     summary = {"iterations": it, "meta_loss_first": history["meta"]["meta_loss"][0] if history["meta"]["meta_loss"] else None,
                "meta_loss_last": history["meta"]["meta_loss"][-1] if history["meta"]["meta_loss"] else None,
-               "lr": float(final["log_lr"].exp()), "final_test_loss": history["eval"]["final_test_loss"][-1],
+               "lr": float(final[lr_key].exp()), "final_test_loss": history["eval"]["final_test_loss"][-1],
                "untrained_final_test_loss": history["eval"]["final_test_loss"][0]}
     if comm.rank == 0:
-        save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it)
+        if isinstance(lo, PerParamMLP):  # GradMetaNet optimizers keep their meta-parameters in checkpoint.pt
+            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it)
         from ._plots import plot_curves, plot_meta
 
         run.save_figure(plot_meta(history), plots[0])

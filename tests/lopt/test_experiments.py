@@ -96,3 +96,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert s["learned_step_reduction_mean"] >= 0 and s["step_time_ratio_vs_adam"] > 0
     assert len(m["history"]["per_seed"]["learned_step_reduction"]) == 2
     assert (tmp_path / "eval" / "evaluation.png").is_file()
+
+
+def test_meta_train_the_gradmetanet_branch_on_validation_loss(tmp_path):
+    spec = tmp_path / "gmn.toml"
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = "gradmetanet++"\ngmn_channels = 2')
+                    .replace("batch_size = 16", "batch_size = 16\nvalid_fraction = 0.2")
+                    .replace("log_loss = true", 'log_loss = true\nobjective = "valid"'))
+    out = gr.run_spec(spec, tmp_path / "gmn", progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and len(m["history"]["meta"]["meta_loss"]) == 2
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert any(k.startswith("gmn.") for k in meta) and not (out / "learned_optimizer.pt").exists()

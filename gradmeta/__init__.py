@@ -4,6 +4,7 @@ Top level: factored per-example gradients (``collect_gradients``, ``GradientSet`
 torch.func reference path (``per_example_grads``). Subpackages: ``gradmeta.data``,
 ``gradmeta.curvature``, ``gradmeta.models``.
 """
+from . import nn
 from .grads import GradientCollectionError, GradientSet, collect_gradients, per_example_grads
 
 __version__ = "0.1.0"

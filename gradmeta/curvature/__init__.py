@@ -15,6 +15,8 @@ from ._api import (EXACT_WARN_PARAMS, exact_hessian, ggn_vp, hessian_diagonal, h
 from ._data import CurvatureError
 from ._estimators import (EigenResult, SpectralDensity, hutchinson_diagonal, hutchinson_trace, hutchpp_trace,
                           lanczos, slq, top_eigenvalues)
+from ._learned import (LEARNED_MODELS, FisherDataset, LearnedFisherEstimator, evaluate_fisher_estimator,
+                       make_fisher_dataset, relative_error, standard_fisher, train_fisher_estimator)
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
 from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
 from ._operators import GGNOperator, HessianOperator
@@ -26,4 +28,6 @@ __all__ = [
     "LinearOperator", "DenseOperator", "ParamLayout", "as_operator", "HessianOperator", "GGNOperator",
     "hutchinson_trace", "hutchpp_trace", "hutchinson_diagonal", "lanczos", "top_eigenvalues", "slq",
     "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS", "curvature_report", "format_table",
+    "LearnedFisherEstimator", "FisherDataset", "make_fisher_dataset", "standard_fisher", "relative_error",
+    "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS",
 ]

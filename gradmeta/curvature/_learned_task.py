@@ -1,0 +1,151 @@
+"""Task ``curvature_learned``: learned Fisher-diagonal estimators vs the standard estimator.
+
+``gradmeta run tasks/curvature_learned_fisher.toml`` draws a pool of random SIRENs 1-h-h-1
+(``data.seed``) and a held-out test set (``data.seed + 1``), then for every model in ``models``,
+every training-set size in ``train_sizes`` and every seed trains a
+:class:`~gradmeta.curvature.LearnedFisherEstimator` on a random subset of the pool (the seed picks
+the subset, the initialisation and the minibatches) and records its error on the test set relative
+to the standard estimator. One checkpoint per finished job, so ``--resume`` continues where it
+stopped. Writes ``curvature_learned.png`` (error ratio vs training-set size) and ``table.md``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..run import Run, register_task
+from ._learned import (LEARNED_MODELS, LearnedFisherEstimator, evaluate_fisher_estimator, make_fisher_dataset,
+                       train_fisher_estimator)
+
+__all__ = ["curvature_learned", "DEFAULTS", "results_table"]
+
+DEFAULTS = {
+    "seeds": [0, 1],
+    "train_sizes": [32, 128],
+    "models": list(LEARNED_MODELS),
+    "data": {"set_size": 128, "num_points": 1024, "hidden": 32, "test_size": 128, "seed": 0},
+    "model": {"channels": 16, "layers": 2},
+    "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
+    # GradMetaNet++ costs ~10x a GradMetaNet step on CPU; its own step count (0: train.steps)
+    "plusplus_steps": 0,
+}
+
+
+@register_task("curvature_learned", defaults=DEFAULTS)
+def curvature_learned(run: Run) -> dict:
+    """Learned Fisher diagonal of random SIRENs from 128 output gradients: error vs the standard estimator."""
+    spec = run.spec
+    for m in spec["models"]:
+        if m not in LEARNED_MODELS:
+            raise run.spec_error("models", f"unknown model {m!r}; use {list(LEARNED_MODELS)}")
+    if not spec["train_sizes"] or min(spec["train_sizes"]) < 1:
+        raise run.spec_error("train_sizes", "need one or more positive sizes")
+    d, t = spec["data"], spec["train"]
+    kw = {"set_size": d["set_size"], "num_points": d["num_points"], "hidden": d["hidden"]}
+    t0 = time.perf_counter()
+    pool = make_fisher_dataset(max(spec["train_sizes"]), seed=d["seed"], **kw)
+    test = make_fisher_dataset(d["test_size"], seed=d["seed"] + 1, **kw)
+    data_seconds = time.perf_counter() - t0
+    state = run.restore() or {"results": {}, "losses": {}}
+    jobs = [(m, n, s) for m in spec["models"] for n in spec["train_sizes"] for s in spec["seeds"]]
+    bar = run.progress(len(jobs), initial=len(state["results"]), desc="estimators")
+    for model_kind, n, seed in jobs:
+        key = f"{model_kind}/n{n}/seed{seed}"
+        if key in state["results"]:
+            continue
+        if run.should_stop(len(state["results"])):
+            break
+        gen = torch.Generator().manual_seed(seed)
+        train = pool.subset(torch.randperm(len(pool), generator=gen)[:n])
+        torch.manual_seed(seed)
+        est = LearnedFisherEstimator(model_kind, d["hidden"], spec["model"]["channels"], spec["model"]["layers"])
+        steps = spec["plusplus_steps"] if model_kind == "gradmetanet++" and spec["plusplus_steps"] else t["steps"]
+        t1 = time.perf_counter()
+        hist = train_fisher_estimator(est, train, steps=steps, batch_size=t["batch_size"], lr=t["lr"], seed=seed,
+                                      log_every=max(1, steps // 50))
+        ev = evaluate_fisher_estimator(est, test)
+        state["results"][key] = {**ev, "train_seconds": time.perf_counter() - t1, "steps": steps}
+        state["losses"][key] = hist["loss"]
+        run.checkpoint(state, len(state["results"]))
+        bar.update(1)
+    bar.close()
+    std_err = evaluate_fisher_estimator(None, test)["standard_error"]
+    summary = _summary(state, spec, std_err)
+    summary["data_seconds"] = data_seconds
+    plots = [_plot(run, spec, state)] if state["results"] else []
+    (run.out / "table.md").write_text(results_table(summary, spec) + "\n")
+    return {"summary": summary, "history": {"train_loss": state["losses"]}, "plots": plots,
+            "step": len(state["results"]), "total_steps": len(jobs)}
+
+
+def _stats(vals: list[float]) -> tuple[float, float]:
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def _summary(state: dict, spec: dict, std_err: float) -> dict:
+    out = {"standard_error": std_err, "test_size": spec["data"]["test_size"]}
+    best = (-math.inf, "")
+    for m in spec["models"]:
+        for n in spec["train_sizes"]:
+            rs = [r for k, r in state["results"].items() if k.startswith(f"{m}/n{n}/")]
+            if not rs:
+                continue
+            mean, std = _stats([r["reduction"] for r in rs])
+            out[f"reduction/{m}/n{n}"], out[f"reduction_std/{m}/n{n}"] = mean, std
+            out[f"error/{m}/n{n}"] = _stats([r["error"] for r in rs])[0]
+            out[f"seeds/{m}/n{n}"] = len(rs)
+            out[f"train_seconds/{m}/n{n}"] = _stats([r["train_seconds"] for r in rs])[0]
+            best = max(best, (mean, f"{m}/n{n}"))
+    if best[1]:
+        out["best_reduction"], out["best"] = best
+    return out
+
+
+def results_table(summary: dict, spec: dict) -> str:
+    """Markdown table: error reduction vs the standard estimator (mean ± std over seeds) per model and size."""
+    sizes = spec["train_sizes"]
+    lines = ["| model | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for m in spec["models"]:
+        cells = []
+        for n in sizes:
+            k = f"{m}/n{n}"
+            if f"reduction/{k}" in summary:
+                cells.append(f"{100 * summary[f'reduction/{k}']:+.1f}% ± {100 * summary[f'reduction_std/{k}']:.1f} "
+                             f"({summary[f'seeds/{k}']} seeds)")
+            else:
+                cells.append("—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append(f"\nError reduction = 1 − error(model) / error(standard estimator) on {summary['test_size']} held-out "
+                 f"SIRENs; standard-estimator error {summary['standard_error']:.4g} (mean over parameter tensors of "
+                 "‖F̂−F‖²/‖F‖²). Positive = better than the standard estimator.")
+    return "\n".join(lines)
+
+
+def _plot(run: Run, spec: dict, state: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m in spec["models"]:
+        xs, ys, es = [], [], []
+        for n in spec["train_sizes"]:
+            rs = [r["error"] / r["standard_error"] for k, r in state["results"].items() if k.startswith(f"{m}/n{n}/")]
+            if rs:
+                mean, std = _stats(rs)
+                xs.append(n), ys.append(mean), es.append(std)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="standard estimator")
+    ax.axhline(0.7, color="gray", lw=0.8, ls=":", label="target (−30%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training SIRENs")
+    ax.set_ylabel("error / standard-estimator error")
+    ax.set_title("Fisher diagonal from 128 output gradients")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return run.save_figure(fig, "curvature_learned.png")

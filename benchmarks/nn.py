@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/nn.py                   # -> benchmarks/results/nn.{json,md,png}
     python benchmarks/nn.py --quick --out DIR # tiny sizes (smoke test)
+    python benchmarks/nn.py capability        # runs tasks/nn_capability.toml -> results/nn_capability.{json,md}
 """
 from __future__ import annotations
 
@@ -153,135 +154,32 @@ def plot(data, path):
 
 
 # --------------------------------------------------------------------------------------------
-# Capability experiment: regress per-parameter statistics of a gradient set (issue #4).
-CAP_WIDTHS = [64, 24, 10]
-TARGETS = ("mean_grad", "fisher_diag", "adam_direction", "natural_grad_last_layer")
-
-
-def normalised_set(model, x, y):
-    """Gradient set with ``A`` and ``Δ`` each divided by their RMS (two scalars per set, so the
-    symmetry is kept); targets are computed from this set, making the task scale-free."""
-    import dataclasses
-    gs = gm.collect_gradients(model, classification_loss, x, y)
-    sa = torch.cat([gs[n].activations.flatten() for n in gs.layer_names]).pow(2).mean().sqrt()
-    sd = torch.cat([gs[n].backprops.flatten() for n in gs.layer_names]).pow(2).mean().sqrt()
-    layers = {n: dataclasses.replace(gs[n], _inputs=gs[n].activations / sa, backprops=gs[n].backprops / sd)
-              for n in gs.layer_names}
-    return type(gs)(layers, gs.losses)
-
-
-def targets_of(gs, last="2", damping=0.1):
-    m, v = gs.mean_grad(), gs.fisher_diagonal()
-    adam = {k: m[k] / (v[k] + 1e-8).sqrt() for k in m}
-    pe = gs.per_example_grads()
-    names = [f"{last}.weight", f"{last}.bias"]
-    G = torch.cat([pe[n].flatten(1) for n in names], 1)             # (B, p) of the last layer
-    F = G.T @ G / G.shape[0]
-    lam = damping * F.diagonal().mean()
-    ng = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), G.mean(0))
-    out, k = {}, 0
-    for n in names:
-        out[n], k = ng[k:k + m[n].numel()].reshape(m[n].shape), k + m[n].numel()
-    return {"mean_grad": m, "fisher_diag": v, "adam_direction": adam, "natural_grad_last_layer": out}
-
-
-def make_sets(n, B, seed):
-    from gradmeta.data import load_digits
-    data = load_digits("all")
-    X, Y = data.flat if not callable(data.flat) else data.flat(), data.labels
-    g = torch.Generator().manual_seed(seed)
-    sets = []
-    for i in range(n):
-        torch.manual_seed(seed * 100003 + i)
-        model = mlp(CAP_WIDTHS, activation="tanh")
-        with torch.no_grad():                       # varied scales of random inits
-            for p in model.parameters():
-                p.mul_(0.5 + 1.5 * torch.rand((), generator=g))
-        idx = torch.randint(0, len(Y), (B,), generator=g)
-        gs = normalised_set(model, X[idx], Y[idx])
-        sets.append((gs, targets_of(gs)))
-    return sets
-
-
-def cap_models(model, channels):
-    torch.manual_seed(0)
-    kw = dict(readout="weight", channels=channels, set_layers=2, neuron_layers=2, heads=4)
-    return {"GradMetaNet": gnn.GradMetaNet.for_model(model, variant="base", **kw),
-            "GradMetaNet++": gnn.GradMetaNet.for_model(model, variant="plusplus", **kw),
-            "per-param DeepSets": gnn.PerParamDeepSets(hidden=channels),
-            "flat-factor MLP": gnn.FlatFactorMLP.for_model(model, readout="weight", hidden=256),
-            "averaged-gradient net": gnn.AveragedGradientNet.for_model(model, channels=channels)}
-
-
-def rel_err(pred, tgt, sq=False):
-    num = sum(((pred[k] - tgt[k]) ** 2).sum() for k in tgt)
-    den = sum((tgt[k] ** 2).sum() for k in tgt)
-    return num / den if sq else (num / den).sqrt()
-
-
-def train_eval(net, train, test, target, steps, batch, lr):
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(1)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (batch,), generator=g).tolist()
-        pred = net([train[i][0] for i in idx])         # one stacked pass over the sets
-        loss = sum(rel_err({k: v[j] for k, v in pred.items()}, train[i][1][target], sq=True)
-                   for j, i in enumerate(idx)) / batch
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    with torch.no_grad():
-        errs = [rel_err(net(gs), t[target]).item() for gs, t in test]
-    return statistics.mean(errs), time.perf_counter() - t0
-
-
+# Capability experiment (issue #4): the task ``nn_capability`` (gradmeta/experiments/capability.py)
 def capability(a):
-    n_train, n_test, steps = (16, 4, 3) if a.quick else (a.train_sets, 48, a.steps)
-    channels, batch = (8, 2) if a.quick else (16, 4)
-    train, test = make_sets(n_train, 32, 0), make_sets(n_test, 32, 1)
-    rows = []
-    for target in a.targets or TARGETS:
-        for name, net in cap_models(mlp(CAP_WIDTHS), channels).items():
-            if a.models and name not in a.models:
-                continue
-            err, secs = train_eval(net, train, test, target, steps, batch, 3e-3)
-            rows.append({"target": target, "model": name, "rel_error": err, "train_seconds": secs})
-            print(f"{target:<26} {name:<22} rel. error {err:.4f}  ({secs:.0f}s)", flush=True)
-    data = {"environment": environment("cpu"),
-            "settings": {"inner": CAP_WIDTHS, "set_size": 32, "train_sets": n_train, "test_sets": n_test,
-                         "steps": steps, "batch_sets": batch, "lr": 3e-3, "channels": channels},
-            "rows": rows}
+    """Run the spec into ``runs/<stem>`` and write ``<out>/<stem>.{json,md}`` from its metrics."""
+    from gradmeta.experiments.capability import render_capability
+    from gradmeta.run import load_spec, run_spec
+
+    stem = a.stem or Path(a.spec).stem
+    folder = run_spec(a.spec, Path("runs") / stem, overwrite=True, progress=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    spec = load_spec(folder / "spec.resolved.toml")
+    env = json.loads((folder / "run.json").read_text())["environment"]
+    data = {"environment": env, "spec": spec, "status": metrics["status"], "summary": metrics["summary"],
+            "history": metrics["history"]}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.stem or "nn_capability"
     (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
-    (a.out / f"{stem}.md").write_text(render_capability(data))
-    print(render_capability(data))
-
-
-def render_capability(data) -> str:
-    s, models = data["settings"], list(dict.fromkeys(r["model"] for r in data["rows"]))
-    lines = [f"Relative test error ‖pred − target‖/‖target‖ (mean over {s['test_sets']} test sets; random "
-             f"MLPs {s['inner']}, {s['set_size']} digits per set, {s['train_sets']} training sets, "
-             f"{s['steps']} Adam steps)", "", "| target | " + " | ".join(models) + " |",
-             "|---|" + "---:|" * len(models)]
-    for t in dict.fromkeys(r["target"] for r in data["rows"]):
-        vals = {r["model"]: r["rel_error"] for r in data["rows"] if r["target"] == t}
-        lines.append(f"| {t} | " + " | ".join(f"{vals[m]:.3f}" for m in models) + " |")
-    return "\n".join(lines) + "\n"
+    (a.out / f"{stem}.md").write_text(render_capability(spec, metrics["summary"], env))
+    print(render_capability(spec, metrics["summary"], env))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", nargs="?", default="perf", choices=["perf", "capability"])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--train-sets", type=int, default=512)
-    ap.add_argument("--targets", nargs="*", choices=TARGETS, help="capability targets (default: all)")
-    ap.add_argument("--models", nargs="*", help="capability models by name (default: all)")
-    ap.add_argument("--stem", help="result file stem (default: nn_capability)")
+    ap.add_argument("--spec", default=str(HERE.parent / "tasks" / "nn_capability.toml"),
+                    help="capability: the task spec to run (default: tasks/nn_capability.toml)")
+    ap.add_argument("--stem", help="capability: run folder runs/<stem> and result file stem (default: spec stem)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results")

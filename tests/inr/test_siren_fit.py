@@ -37,19 +37,19 @@ def test_batched_fit_equals_fitting_alone():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 1, 5, 5, generator=g, dtype=torch.float64)
     init = inr.siren_init(3, 1, generator=g, dtype=torch.float64)
-    together = inr.fit_inrs(images, steps=15, lr=1e-3, init=init)
+    together = inr.fit_inrs(images, steps=6, lr=1e-3, init=init)
     for i in range(3):
-        alone = inr.fit_inrs(images[i:i + 1], steps=15, lr=1e-3, init={k: v[i:i + 1] for k, v in init.items()})
+        alone = inr.fit_inrs(images[i:i + 1], steps=6, lr=1e-3, init={k: v[i:i + 1] for k, v in init.items()})
         for k in init:
             torch.testing.assert_close(together.params[k][i], alone.params[k][0], atol=1e-10, rtol=0)
         torch.testing.assert_close(together.psnr[i], alone.psnr[0], atol=1e-8, rtol=0)
 
 
 def test_fit_reaches_stated_psnr_on_simple_image():
-    # a smooth 12x12 blob: 150 Adam steps at lr 1e-3 give > 40 dB
+    # a smooth 12x12 blob: 60 Adam steps at lr 3e-3 give > 40 dB (46.7 dB measured)
     y, x = torch.meshgrid(torch.linspace(-1, 1, 12), torch.linspace(-1, 1, 12), indexing="ij")
     img = torch.exp(-3 * (x ** 2 + y ** 2))[None, None]
-    res = inr.fit_inrs(img, steps=150, lr=1e-3, generator=torch.Generator().manual_seed(0))
+    res = inr.fit_inrs(img, steps=60, lr=3e-3, generator=torch.Generator().manual_seed(0))
     assert res.psnr[0] > 40, res.psnr
     assert res.loss_history[-1] < res.loss_history[0]
     torch.testing.assert_close(res.psnr, inr.psnr(inr.render(res.params, (12, 12)), img))

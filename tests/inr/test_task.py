@@ -19,7 +19,7 @@ edit = "dilation"
 steps = 2
 shard_size = 4
 [editor]
-features = ["weights", "probing", "gradients"]
+features = ["weights", "gradients"]
 channels = 8
 num_coords = 8
 probe_grid = 4
@@ -34,12 +34,12 @@ def test_inr_editing_task_runs_and_resumes(tmp_path):
     spec.write_text(TINY)
     out = run_spec(spec, tmp_path / "run", max_steps=1, progress=False)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["status"] == "stopped" and m["step"] == 1 and m["total_steps"] == 3
+    assert m["status"] == "stopped" and m["step"] == 1 and m["total_steps"] == 2
     out = run_spec(spec, tmp_path / "run", resume=True, progress=False)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["status"] == "complete" and m["step"] == 3
+    assert m["status"] == "complete" and m["step"] == 2
     s = m["summary"]
-    for f in ("weights", "probing", "gradients"):
+    for f in ("weights", "gradients"):
         assert s[f"mse/{f}"] >= 0 and s[f"seeds/{f}"] == 1
     assert s["zoo_size"] == 9 and s["identity_mse"] > 0 and "zoo_inrs_per_s" in s
     assert (out / "edits.png").exists() and (out / "zoo" / "index.json").exists()

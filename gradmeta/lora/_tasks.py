@@ -48,6 +48,7 @@ PREDICT_DEFAULTS = {
     "models": ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"],
     "seeds": [0, 1, 2],
     "max_rank": 16,  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
+    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64},
     "train": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": 50},
     "threads": 1,  # tiny models: one thread is fastest on a shared CPU
@@ -76,10 +77,12 @@ def membership_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float
     return {"label_acc": right.double().mean().item(), "exact": right.all(-1).double().mean().item()}
 
 
-def _build(name: str, shapes, out_dim: int, max_rank: int) -> AdapterModel:
+def _build(name: str, shapes, out_dim: int, max_rank: int, glnet: dict | None = None) -> AdapterModel:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     kw = {"max_rank": max_rank} if name in ("FactorMLP", "ProcrustesMLP", "LayerTransformer") else {}
+    if name == "GLNet" and glnet:
+        kw.update(glnet)
     return MODELS[name](shapes, out_dim, **kw)
 
 
@@ -213,7 +216,7 @@ def lora_predict(run: Run) -> dict:
         loss_fn = F.mse_loss if regression else F.binary_cross_entropy_with_logits
         for name in spec["models"]:
             torch.manual_seed(seed)
-            net = _build(name, shapes, len(cols), spec["max_rank"]).fit_input_scale(p_tr)
+            net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
             if name == "ProcrustesMLP":
                 net.fit_template(_index(p_tr, [0]))
             curve = []

@@ -16,7 +16,8 @@ from ._data import CurvatureError
 from ._estimators import (EigenResult, SpectralDensity, hutchinson_diagonal, hutchinson_trace, hutchpp_trace,
                           lanczos, slq, top_eigenvalues)
 from ._learned import (LEARNED_MODELS, FisherDataset, LearnedFisherEstimator, evaluate_fisher_estimator,
-                       make_fisher_dataset, relative_error, standard_fisher, train_fisher_estimator)
+                       make_fisher_dataset, quadrature_fisher, relative_error, standard_fisher,
+                       train_fisher_estimator)
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
 from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
 from ._operators import GGNOperator, HessianOperator
@@ -29,5 +30,5 @@ __all__ = [
     "hutchinson_trace", "hutchpp_trace", "hutchinson_diagonal", "lanczos", "top_eigenvalues", "slq",
     "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS", "curvature_report", "format_table",
     "LearnedFisherEstimator", "FisherDataset", "make_fisher_dataset", "standard_fisher", "relative_error",
-    "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS",
+    "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS", "quadrature_fisher",
 ]

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from ..grads import GradientSet, collect_gradients
 from ..inr import Siren, siren_spec
-from ..nn import AveragedGradientNet, FlatFactorMLP, GradMetaNet
+from ..nn import AveragedGradientNet, FlatFactorMLP, GradMetaNet, NeuronLayout
 
 __all__ = ["FisherDataset", "make_fisher_dataset", "output_loss", "standard_fisher", "relative_error",
-           "LearnedFisherEstimator", "LEARNED_MODELS", "train_fisher_estimator", "evaluate_fisher_estimator"]
+           "LearnedFisherEstimator", "LEARNED_MODELS",
+           "quadrature_fisher", "train_fisher_estimator", "evaluate_fisher_estimator"]
 
 LEARNED_MODELS = ("gradmetanet", "gradmetanet++", "flat_mlp", "averaged_grad")
 _EPS = 1e-12
@@ -47,6 +48,23 @@ def output_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 def standard_fisher(gs: GradientSet) -> dict[str, Tensor]:
     """The standard estimator ``(1/B) Σ_b g_b²`` from a gradient set, ``{param_name: param.shape}``."""
     return gs.fisher_diagonal()
+
+
+def quadrature_fisher(gs: GradientSet, low: float = -1.0, high: float = 1.0, layer: str = "layers.0") -> dict[str, Tensor]:
+    """Reference (not learned): the standard estimator reweighted by each datum's nearest-neighbour
+    cell on the 1-D input interval ``[low, high]``, ``Σ_b w_b g_b²`` with ``w_b = cell_b / (high − low)``.
+
+    The inputs are read from the gradient set itself (the activations of ``layer``, ``(B, 1, 1)``),
+    so this uses no information a GradMetaNet does not see; it shows how much of the standard
+    estimator's error is Monte-Carlo noise that a better quadrature removes.
+    """
+    x = gs[layer].activations.reshape(-1)
+    xs, order = x.sort()
+    mid = (xs[1:] + xs[:-1]) / 2
+    lo, hi = torch.cat([xs.new_tensor([low]), mid]), torch.cat([mid, xs.new_tensor([high])])
+    w = torch.empty_like(x)
+    w[order] = (hi - lo) / (high - low)
+    return {k: torch.einsum("b,b...->...", w, g.square()) for k, g in gs.per_example_grads().items()}
 
 
 @dataclass
@@ -130,21 +148,23 @@ class LearnedFisherEstimator(nn.Module):
             training set, see :meth:`fit_normalisation`).
     """
 
-    def __init__(self, kind: str, hidden: int = 32, channels: int = 32, layers: int = 3):
+    def __init__(self, kind: str, hidden: int = 32, channels: int = 32, layers: int = 3, squares: bool = True):
         super().__init__()
         if kind not in LEARNED_MODELS:
             raise ValueError(f"LearnedFisherEstimator: kind must be one of {LEARNED_MODELS}, got {kind!r}")
-        self.kind = kind
+        self.kind, self.squares = kind, squares and kind.startswith("gradmetanet")
         spec = siren_spec(1, hidden, 3, in_features=1)
         self.names = [p for p, _ in spec.params]
         if kind.startswith("gradmetanet"):
             variant = "plusplus" if kind.endswith("++") else "base"
             self.net = GradMetaNet(spec, "weight", 1, variant, channels=channels, set_layers=layers,
-                                   neuron_layers=2, edge_channels=1)
+                                   neuron_layers=2, edge_channels=1,
+                                   extra_channels=2 * int(self.squares))
         elif kind == "flat_mlp":
             self.net = FlatFactorMLP(spec, "weight", 1, hidden=4 * channels)
         else:
             self.net = AveragedGradientNet(spec, "weight", 1, channels=channels, layers=layers)
+        self._raw_layout = NeuronLayout(spec)
         self.gamma = nn.Parameter(torch.zeros(()))
         self.register_buffer("log_mean", torch.zeros(len(self.names)))
         self.register_buffer("log_std", torch.ones(len(self.names)))
@@ -161,6 +181,16 @@ class LearnedFisherEstimator(nn.Module):
         return {k: ((standard[k].clamp_min(_EPS).log() - self.log_mean[i]) / self.log_std[i]).unsqueeze(-1)
                 for i, k in enumerate(self.names)}
 
+    def _squares(self, gs: GradientSet) -> dict[str, Tensor]:
+        """Extra neuron channels ``(a², δ²)`` of every space, each divided by its mean over the set
+        (data and neurons of that space), so the per-datum contributions to the Fisher diagonal
+        ``δ_i² a_j²`` are one product away for the readout."""
+        out = {}
+        for name, f in self._raw_layout.features(gs).items():  # (B, T, n, [a, δ, has_a, has_δ])
+            sq = f[..., :2].square()
+            out[name] = sq / sq.mean((0, 1, 2), keepdim=True).clamp_min(_EPS)
+        return out
+
     def forward(self, sets: list[GradientSet], standard: dict[str, Tensor]) -> dict[str, Tensor]:
         """``sets``: ``G`` gradient sets; ``standard``: ``{param_name: (G, *shape)}`` their standard
         estimates. Returns ``{param_name: (G, *shape)}`` the corrected Fisher diagonals."""
@@ -168,7 +198,9 @@ class LearnedFisherEstimator(nn.Module):
         standard = {k: standard[k].to(dtype) for k in self.names}
         edges = self._edges(standard)
         if self.kind.startswith("gradmetanet"):
-            c = self.net(list(sets), edges=[{k: e[g] for k, e in edges.items()} for g in range(len(sets))])
+            extra = [self._squares(s) for s in sets] if self.squares else None
+            c = self.net(list(sets), edges=[{k: e[g] for k, e in edges.items()} for g in range(len(sets))],
+                         extra=extra)
         elif self.kind == "flat_mlp":
             c = self.net(list(sets))
         else:
@@ -205,10 +237,15 @@ def train_fisher_estimator(model: LearnedFisherEstimator, data: FisherDataset, *
 
 
 @torch.no_grad()
-def evaluate_fisher_estimator(model: LearnedFisherEstimator | None, data: FisherDataset,
+def evaluate_fisher_estimator(model: LearnedFisherEstimator | str | None, data: FisherDataset,
                               batch_size: int = 64) -> dict[str, float]:
-    """Mean relative error of ``model`` (``None``: the standard estimator) and of the standard
-    estimator on ``data``; ``reduction = 1 − model / standard``."""
+    """Mean relative error of ``model`` (``None``: the standard estimator; ``"quadrature"``:
+    :func:`quadrature_fisher`) and of the standard estimator on ``data``; ``reduction = 1 − model / standard``."""
+    if model == "quadrature":
+        preds = [quadrature_fisher(gs) for gs in data.sets]
+        err = float(relative_error({k: torch.stack([p[k] for p in preds]) for k in preds[0]}, data.target).mean())
+        std = float(relative_error(data.standard, data.target).mean())
+        return {"error": err, "standard_error": std, "reduction": 1.0 - err / std}
     errs = []
     for s in range(0, len(data), batch_size):
         b = data.subset(range(s, min(s + batch_size, len(data))))

@@ -73,8 +73,9 @@ def curvature_learned(run: Run) -> dict:
     bar.close()
     std_err = evaluate_fisher_estimator(None, test)["standard_error"]
     summary = _summary(state, spec, std_err)
+    summary["reduction/quadrature"] = evaluate_fisher_estimator("quadrature", test)["reduction"]
     summary["data_seconds"] = data_seconds
-    plots = [_plot(run, spec, state)] if state["results"] else []
+    plots = [_plot(run, spec, state, summary["reduction/quadrature"])] if state["results"] else []
     (run.out / "table.md").write_text(results_table(summary, spec) + "\n")
     return {"summary": summary, "history": {"train_loss": state["losses"]}, "plots": plots,
             "step": len(state["results"]), "total_steps": len(jobs)}
@@ -119,13 +120,16 @@ def results_table(summary: dict, spec: dict) -> str:
             else:
                 cells.append("—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "reduction/quadrature" in summary:
+        q = f"{100 * summary['reduction/quadrature']:+.1f}% (not learned)"
+        lines.append("| quadrature reference | " + " | ".join([q] * len(sizes)) + " |")
     lines.append(f"\nError reduction = 1 − error(model) / error(standard estimator) on {summary['test_size']} held-out "
                  f"SIRENs; standard-estimator error {summary['standard_error']:.4g} (mean over parameter tensors of "
                  "‖F̂−F‖²/‖F‖²). Positive = better than the standard estimator.")
     return "\n".join(lines)
 
 
-def _plot(run: Run, spec: dict, state: dict) -> str:
+def _plot(run: Run, spec: dict, state: dict, quadrature: float | None = None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,6 +145,8 @@ def _plot(run: Run, spec: dict, state: dict) -> str:
         if xs:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="standard estimator")
+    if quadrature is not None:
+        ax.axhline(1 - quadrature, color="tab:olive", lw=0.8, ls="-.", label="quadrature reference")
     ax.axhline(0.7, color="gray", lw=0.8, ls=":", label="target (−30%)")
     ax.set_xscale("log")
     ax.set_xlabel("training SIRENs")

@@ -1,4 +1,6 @@
 """Learned Fisher-diagonal estimator (issue #5 part 4): data, standard estimator, symmetry, training, task."""
+import math
+
 import pytest
 import torch
 
@@ -52,6 +54,26 @@ def test_standard_estimator_is_mean_of_squared_output_gradients(ds):
     # the standard estimator has zero error on itself, and relative_error is ≥ 0
     assert relative_error(ds.standard, ds.standard).abs().max() == 0
     assert (relative_error(ds.standard, ds.target) >= 0).all()
+
+
+def test_quadrature_reference_weights(ds):
+    from gradmeta.curvature import quadrature_fisher
+    params = {k: v[0] for k, v in ds.params.items()}
+    x = ((torch.arange(8, dtype=torch.float64) + 0.5) / 8 * 2 - 1)[torch.randperm(8)].unsqueeze(-1)
+    gs = gm.collect_gradients(Siren.from_params(params), output_loss, x, x.new_zeros(8))
+    q, std = quadrature_fisher(gs), gs.fisher_diagonal()  # equally spaced cell centres: equal weights
+    for k in std:
+        torch.testing.assert_close(q[k], std[k], rtol=1e-12, atol=1e-15)
+    x2 = x.clone()
+    x2[0] = 0.99  # uneven points: weights = half-distances to neighbours (ends at ±1), naive sum
+    gs2 = gm.collect_gradients(Siren.from_params(params), output_loss, x2, x2.new_zeros(8))
+    xs = x2[:, 0].sort().values
+    edges = torch.cat([xs.new_tensor([-1.0]), (xs[1:] + xs[:-1]) / 2, xs.new_tensor([1.0])])
+    w = {float(xs[i]): float(edges[i + 1] - edges[i]) / 2 for i in range(8)}
+    pe = gs2.per_example_grads()
+    for k, g in pe.items():
+        want = sum(w[float(x2[b, 0])] * g[b].square() for b in range(8))
+        torch.testing.assert_close(quadrature_fisher(gs2)[k], want, rtol=1e-12, atol=1e-15)
 
 
 def _permuted(params, perms):
@@ -112,4 +134,5 @@ def test_task_runs_tiny_spec(tmp_path):
     assert m["status"] == "complete"
     for kind in ("gradmetanet", "gradmetanet++", "flat_mlp", "averaged_grad"):
         assert f"reduction/{kind}/n4" in m["summary"]
+    assert math.isfinite(m["summary"]["reduction/quadrature"])
     assert (out / "curvature_learned.png").exists() and "N=4" in (out / "table.md").read_text()

@@ -7,7 +7,8 @@
   ``torchrun`` sharding, corrupt shards named);
 * :data:`EDITS` / :func:`register_edit`: image → image edits (dilation, erosion, contrast);
 * :func:`inr_gradient_set`: the gradient set of an INR at fixed random coordinates;
-* :class:`INREditor` and :func:`edit`: equivariant editors predicting ``Δθ``.
+* :class:`INREditor` and :func:`edit`: equivariant editors predicting ``Δθ``;
+  :func:`train_editor` (rendered-image loss) and :func:`evaluate_editor` (held-out pixel MSE).
 """
 from ._editors import FEATURES, INREditor, edit
 from ._edits import EDITS, apply_edit, contrast, dilate, erode, get_edit, register_edit
@@ -16,6 +17,7 @@ from ._features import (FactorSet, factor_rms, gradient_factor_sets, inr_gradien
 from ._fit import FitResult, fit_inrs, psnr, render
 from ._siren import (DEFAULT_OMEGA0, Siren, pixel_grid, siren_apply, siren_init, siren_spec, stack_params,
                      unstack_params)
+from ._train import evaluate_editor, train_editor
 from ._zoo import INRZoo, ZooError, build_zoo, distributed_context, load_zoo, write_shard, zoo_images
 
 __all__ = [
@@ -24,5 +26,5 @@ __all__ = [
     "INRZoo", "ZooError", "build_zoo", "load_zoo", "write_shard", "zoo_images", "distributed_context",
     "EDITS", "register_edit", "get_edit", "apply_edit", "dilate", "erode", "contrast",
     "probe_coordinates", "inr_gradient_set", "FactorSet", "gradient_factor_sets", "probe_factor_sets", "factor_rms",
-    "INREditor", "FEATURES", "edit",
+    "INREditor", "FEATURES", "edit", "train_editor", "evaluate_editor",
 ]

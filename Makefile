@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/gradmeta run tasks/gradients_digits.toml --out runs/demo --overwrite
 	$(VENV)/bin/gradmeta report runs/demo
+	$(VENV)/bin/gradmeta run tasks/lopt_eval_digits.toml --out runs/demo_lopt --overwrite
+	$(VENV)/bin/gradmeta report runs/demo_lopt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -74,6 +75,8 @@ def _cmd_run(args) -> int:
         print(f"\ninterrupted; continue from the last checkpoint with: gradmeta run {args.spec} --out {out} --resume",
               file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) > 0:
+        return 0  # under torchrun, rank 0 reports
     m = json.loads((run_dir / METRICS_FILE).read_text())
     if m["status"] == "stopped":
         print(f"stopped at step {m['step']} of {m['total_steps']}; continue with: "

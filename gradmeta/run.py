@@ -317,6 +317,11 @@ class Run:
         self.out, self.spec, self.spec_path = Path(out), spec, str(spec_path)
         self.max_steps, self.stopped, self.start_step = max_steps, False, 0
         self._progress = progress
+        # Under torchrun only rank 0 owns the folder; other ranks read checkpoints, write nothing.
+        self.writer = int(os.environ.get("RANK", "0")) == 0
+        if not self.writer:
+            self.resumed = resume and (self.out / CHECKPOINT_FILE).exists()
+            return
         existing = [n for n in (SPEC_FILE, CHECKPOINT_FILE, METRICS_FILE) if (self.out / n).exists()]
         if existing and resume:
             if (self.out / SPEC_FILE).exists():
@@ -365,7 +370,8 @@ class Run:
 
     def checkpoint(self, state: dict, step: int) -> None:
         """Atomically save ``state`` (tensors, numbers, strings, lists, dicts) as of global ``step``."""
-        atomic_write(self.out / CHECKPOINT_FILE, lambda f: torch.save({"step": step, "state": state}, f))
+        if self.writer:
+            atomic_write(self.out / CHECKPOINT_FILE, lambda f: torch.save({"step": step, "state": state}, f))
 
     def should_stop(self, step: int) -> bool:
         """True once ``step`` reaches ``max_steps``; the task then checkpoints and returns early."""
@@ -384,13 +390,16 @@ class Run:
         """Write a matplotlib figure as PNG ``name`` in the run folder (atomically) and close it."""
         import matplotlib.pyplot as plt
 
-        atomic_write(self.out / name, lambda f: fig.savefig(f, format="png", dpi=100))
+        if self.writer:
+            atomic_write(self.out / name, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         return name
 
     def write_metrics(self, metrics: dict) -> Path:
         """Atomically write ``metrics.json`` (NaN/inf are written as ``null``)."""
         text = json.dumps(_jsonable(metrics), indent=1, allow_nan=False)
+        if not self.writer:
+            return self.out / METRICS_FILE
         return atomic_write(self.out / METRICS_FILE, lambda f: f.write(text + "\n"), mode="w")
 
 
@@ -426,6 +435,8 @@ def run_spec(spec_path: str | os.PathLike, out: str | os.PathLike | None = None,
         raise RuntimeError(f"task {spec['task']!r} returned no {sorted(missing)} (see gradmeta.run docs)")
     status = "stopped" if result["step"] < result["total_steps"] else "complete"
     run.write_metrics({"task": spec["task"], "status": status, **result})
+    if not run.writer:
+        return out
     record = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
     record.setdefault("spec_source", str(spec_path))
     record["environment"] = environment()

@@ -1,0 +1,6 @@
+"""``python -m gradmeta ...`` (and ``torchrun -m gradmeta ...``): the ``gradmeta`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

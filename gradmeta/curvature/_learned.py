@@ -58,13 +58,22 @@ def quadrature_fisher(gs: GradientSet, low: float = -1.0, high: float = 1.0, lay
     so this uses no information a GradMetaNet does not see; it shows how much of the standard
     estimator's error is Monte-Carlo noise that a better quadrature removes.
     """
+    w = _cells(gs, low, high, layer)
+    return {k: torch.einsum("b,b...->...", w, g.square()) for k, g in gs.per_example_grads().items()}
+
+
+def _cells(gs: GradientSet, low: float = -1.0, high: float = 1.0, layer: str = "layers.0") -> Tensor:
+    """``(B,)`` nearest-neighbour cell of every datum's 1-D input on ``[low, high]``, summing to 1."""
     x = gs[layer].activations.reshape(-1)
+    if x.numel() != gs.batch_size:
+        raise ValueError(f"quadrature weights need 1-D inputs; {layer!r} activations have shape "
+                         f"{tuple(gs[layer].activations.shape)}")
     xs, order = x.sort()
     mid = (xs[1:] + xs[:-1]) / 2
     lo, hi = torch.cat([xs.new_tensor([low]), mid]), torch.cat([mid, xs.new_tensor([high])])
     w = torch.empty_like(x)
     w[order] = (hi - lo) / (high - low)
-    return {k: torch.einsum("b,b...->...", w, g.square()) for k, g in gs.per_example_grads().items()}
+    return w
 
 
 @dataclass
@@ -148,18 +157,21 @@ class LearnedFisherEstimator(nn.Module):
             training set, see :meth:`fit_normalisation`).
     """
 
-    def __init__(self, kind: str, hidden: int = 32, channels: int = 32, layers: int = 3, squares: bool = True):
+    def __init__(self, kind: str, hidden: int = 32, channels: int = 32, layers: int = 3, squares: bool = True,
+                 cells: bool = False):
         super().__init__()
         if kind not in LEARNED_MODELS:
             raise ValueError(f"LearnedFisherEstimator: kind must be one of {LEARNED_MODELS}, got {kind!r}")
-        self.kind, self.squares = kind, squares and kind.startswith("gradmetanet")
+        gmn = kind.startswith("gradmetanet")
+        self.squares, self.cells = squares and gmn, cells and gmn
+        self.kind = kind
         spec = siren_spec(1, hidden, 3, in_features=1)
         self.names = [p for p, _ in spec.params]
         if kind.startswith("gradmetanet"):
             variant = "plusplus" if kind.endswith("++") else "base"
             self.net = GradMetaNet(spec, "weight", 1, variant, channels=channels, set_layers=layers,
                                    neuron_layers=2, edge_channels=1,
-                                   extra_channels=2 * int(self.squares))
+                                   extra_channels=2 * int(self.squares) + int(self.cells))
         elif kind == "flat_mlp":
             self.net = FlatFactorMLP(spec, "weight", 1, hidden=4 * channels)
         else:
@@ -181,14 +193,24 @@ class LearnedFisherEstimator(nn.Module):
         return {k: ((standard[k].clamp_min(_EPS).log() - self.log_mean[i]) / self.log_std[i]).unsqueeze(-1)
                 for i, k in enumerate(self.names)}
 
-    def _squares(self, gs: GradientSet) -> dict[str, Tensor]:
-        """Extra neuron channels ``(a², δ²)`` of every space, each divided by its mean over the set
-        (data and neurons of that space), so the per-datum contributions to the Fisher diagonal
-        ``δ_i² a_j²`` are one product away for the readout."""
+    def _extra(self, gs: GradientSet) -> dict[str, Tensor]:
+        """Extra neuron channels. ``squares``: ``(a², δ²)`` of every space, each divided by its mean
+        over the set (data and neurons of that space), so the per-datum contributions ``δ_i² a_j²``
+        to the Fisher diagonal are one product away for the readout. ``cells``: every datum's
+        nearest-neighbour cell ``B · w_b`` of :func:`quadrature_fisher` (a hand-made per-datum
+        feature, the same for all neurons), so the readout can reweight data by it."""
         out = {}
-        for name, f in self._raw_layout.features(gs).items():  # (B, T, n, [a, δ, has_a, has_δ])
-            sq = f[..., :2].square()
-            out[name] = sq / sq.mean((0, 1, 2), keepdim=True).clamp_min(_EPS)
+        feats = self._raw_layout.features(gs)  # {space: (B, T, n, [a, δ, has_a, has_δ])}
+        if self.cells:
+            w = _cells(gs) * gs.batch_size
+        for name, f in feats.items():
+            chans = []
+            if self.squares:
+                sq = f[..., :2].square()
+                chans.append(sq / sq.mean((0, 1, 2), keepdim=True).clamp_min(_EPS))
+            if self.cells:
+                chans.append(w.to(f).view(-1, 1, 1, 1).expand(*f.shape[:3], 1))
+            out[name] = torch.cat(chans, -1)
         return out
 
     def forward(self, sets: list[GradientSet], standard: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -198,7 +220,7 @@ class LearnedFisherEstimator(nn.Module):
         standard = {k: standard[k].to(dtype) for k in self.names}
         edges = self._edges(standard)
         if self.kind.startswith("gradmetanet"):
-            extra = [self._squares(s) for s in sets] if self.squares else None
+            extra = [self._extra(s) for s in sets] if (self.squares or self.cells) else None
             c = self.net(list(sets), edges=[{k: e[g] for k, e in edges.items()} for g in range(len(sets))],
                          extra=extra)
         elif self.kind == "flat_mlp":

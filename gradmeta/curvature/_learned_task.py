@@ -29,7 +29,7 @@ DEFAULTS = {
     "model": {"channels": 16, "layers": 2},
     "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
     # GradMetaNet++ costs ~10x a GradMetaNet step on CPU; its own step count (0: train.steps)
-    "plusplus_steps": 0,
+    "plusplus_steps": 20,
 }
 
 

@@ -86,10 +86,11 @@ def _permuted(params, perms):
     return q
 
 
-@pytest.mark.parametrize("kind", ["gradmetanet", "gradmetanet++", "averaged_grad"])
-def test_equivariant_to_hidden_neuron_permutations(ds, kind):
+@pytest.mark.parametrize("kind,cells", [("gradmetanet", False), ("gradmetanet++", False), ("gradmetanet++", True),
+                                        ("averaged_grad", False)])
+def test_equivariant_to_hidden_neuron_permutations(ds, kind, cells):
     torch.manual_seed(0)
-    est = LearnedFisherEstimator(kind, hidden=5, channels=8, layers=1).double()
+    est = LearnedFisherEstimator(kind, hidden=5, channels=8, layers=1, cells=cells).double()
     est.fit_normalisation(ds.standard)
     with torch.no_grad():
         est.gamma.fill_(0.7)
@@ -105,6 +106,11 @@ def test_equivariant_to_hidden_neuron_permutations(ds, kind):
     for k in want:
         torch.testing.assert_close(outs[1][k], want[k], rtol=1e-10, atol=1e-12)
     assert any((outs[0][k] - std[k][0]).abs().max() > 1e-6 for k in std)  # not the identity
+    xp = x[torch.randperm(8)]  # and invariant to the order of the data
+    gs = gm.collect_gradients(Siren.from_params(params), output_loss, xp, xp.new_zeros(8))
+    out = est([gs], {k: v[None] for k, v in gs.fisher_diagonal().items()})
+    for k in out:
+        torch.testing.assert_close(out[k][0], outs[0][k], rtol=1e-10, atol=1e-12)
 
 
 def test_tiny_training_reduces_loss():

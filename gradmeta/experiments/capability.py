@@ -33,11 +33,12 @@ from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
 from gradmeta.run import OneOf, Run, register_task
 
-__all__ = ["nn_capability", "make_sets", "targets_of", "normalise_layers", "capability_models",
+__all__ = ["nn_capability", "make_sets", "targets_of", "normalise_layers", "kfac_fisher", "capability_models",
            "rel_err", "render_capability", "TARGETS", "MODELS", "DEFAULTS"]
 
 TARGETS = ("mean_grad", "fisher_diag", "adam_direction", "natural_grad_last_layer")
 MODELS = ("GradMetaNet", "GradMetaNet++", "per-param DeepSets", "flat-factor MLP", "averaged-gradient net")
+_EXTRA = {"none": 0, "square": 2, "square_log": 4}
 _DEGREE = {"mean_grad": 1, "fisher_diag": 2, "adam_direction": 0, "natural_grad_last_layer": -1}
 
 DEFAULTS = {
@@ -48,10 +49,15 @@ DEFAULTS = {
     "targets": list(TARGETS),
     "models": list(MODELS),
     "natural_grad": {"damping": 0.1},
-    "model": {"channels": 16, "set_layers": 2, "neuron_layers": 2, "heads": 4, "flat_hidden": 256,
-              "deepsets_hidden": 16},
+    "model": {"channels": 16, "set_layers": 2, "neuron_layers": 2, "heads": 1, "flat_hidden": 256,
+              "deepsets_hidden": 16,
+              # extra input channels of GradMetaNet(++) per (datum, neuron): "square": a², δ²;
+              # "square_log": also log(a² + 1e-4), log(δ² + 1e-4) (as in Andrychowicz et al.'s
+              # learned-optimizer preprocessing); elementwise, so every symmetry is kept
+              "features": OneOf("square", ("none", "square", "square_log")),
+},
     "train": {"steps": 300, "batch_sets": 4, "lr": 3e-3, "warmup": 30, "clip": 1.0,
-              "normalise": OneOf("layer", ("layer", "set")), "log_every": 10},
+              "normalise": OneOf("neuron", ("neuron", "layer", "set")), "log_every": 10},
 }
 
 
@@ -74,20 +80,27 @@ def normalised_set(model, x, y) -> GradientSet:
     return _rescaled(gs, {n: (sa, sd) for n in gs.layer_names})
 
 
-def normalise_layers(gs: GradientSet) -> tuple[GradientSet, dict[str, torch.Tensor]]:
+def normalise_layers(gs: GradientSet, per_neuron: bool = False) -> tuple[GradientSet, dict[str, torch.Tensor]]:
     """Divide each layer's ``A`` and ``Δ`` by their RMS; return the set and the per-parameter gradient scale.
 
+    With ``per_neuron`` the RMS is taken over the data (and tokens) of every column separately
+    (equivariant: permuting the neurons permutes the scales); otherwise over the whole factor.
     Returns ``(gs', s)`` with ``g'_b = g_b / s[param]`` for every per-example gradient entry
-    (``s = r_A r_Δ`` for weights, ``r_Δ`` for biases, scalars). Only Linear layers are handled.
+    (``s = r_Δ r_Aᵀ`` for weights, ``r_Δ`` for biases; scalars unless ``per_neuron``). Only Linear
+    layers are handled; an all-zero column keeps scale ``1e-6`` of its layer's RMS.
     """
+    def rms(t):
+        r = t.pow(2).mean((0, 1)).sqrt() if per_neuron else _rms([t])
+        return r.clamp_min(1e-6 * _rms([t]))
+
     scale, s = {}, {}
     for n in gs.layer_names:
         f = gs[n]
         if f.module_type != "Linear":
             raise ValueError(f"normalise_layers handles Linear layers; layer {n!r} is {f.module_type}")
-        ra, rd = _rms([f.activations]), _rms([f.backprops])
+        ra, rd = rms(f.activations), rms(f.backprops)
         scale[n] = (ra, rd)
-        s.update({f.param_names["weight"]: ra * rd})
+        s[f.param_names["weight"]] = torch.outer(rd, ra) if per_neuron else ra * rd
         if "bias" in f.param_names:
             s[f.param_names["bias"]] = rd
     return _rescaled(gs, scale), s
@@ -139,6 +152,19 @@ def make_sets(n: int, widths: list[int], set_size: int, seed: int, damping: floa
     return sets
 
 
+def kfac_fisher(gs: GradientSet) -> dict[str, torch.Tensor]:
+    """Rank-one (K-FAC-like) estimate of the Fisher diagonal, no learning: ``mean_b δ_i² · mean_b a_j²``
+    for a weight ``[i, j]``, ``mean_b δ_i²`` for a bias (exact for biases)."""
+    out = {}
+    for n in gs.layer_names:
+        f = gs[n]
+        d2, a2 = f.backprops.pow(2).sum(1).mean(0), f.activations.pow(2).sum(1).mean(0)
+        out[f.param_names["weight"]] = torch.outer(d2, a2)
+        if "bias" in f.param_names:
+            out[f.param_names["bias"]] = d2
+    return out
+
+
 # ---------------------------------------------------------------------------------- models
 def capability_models(model: torch.nn.Module, m: dict, names=MODELS, seed: int = 0) -> dict[str, torch.nn.Module]:
     """The contestants for ``model``'s architecture (``m``: the spec's ``[model]`` table), each
@@ -148,7 +174,7 @@ def capability_models(model: torch.nn.Module, m: dict, names=MODELS, seed: int =
         return make[name]()
 
     kw = dict(readout="weight", channels=m["channels"], set_layers=m["set_layers"],
-              neuron_layers=m["neuron_layers"], heads=m["heads"])
+              neuron_layers=m["neuron_layers"], heads=m["heads"], extra_channels=_EXTRA[m["features"]])
     make = {"GradMetaNet": lambda: gnn.GradMetaNet.for_model(model, variant="base", **kw),
             "GradMetaNet++": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus", **kw),
             "per-param DeepSets": lambda: gnn.PerParamDeepSets(hidden=m["deepsets_hidden"]),
@@ -165,23 +191,45 @@ def rel_err(pred: dict, tgt: dict, sq: bool = False) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- training
-def _prepare(sets, target: str, normalise: str):
-    """``[(input set, {param: scale^degree}, target dict)]``."""
+def _extra(f: torch.Tensor, features: str) -> torch.Tensor:
+    sq = f[..., :2] ** 2                                            # a², δ² of (B, T, n, 4) channels
+    return sq if features == "square" else torch.cat([sq, (sq + 1e-4).log()], -1)
+
+
+def _prepare(sets, target: str, normalise: str, spec=None, features: str = "none", mean_only: bool = False):
+    """``[(input, {param: scale^degree}, target dict, extra)]`` for one target.
+
+    ``input`` is the gradient set normalised as ``normalise`` says, or with ``mean_only`` (the
+    averaged-gradient net) ``{param: ḡ / RMS(ḡ)}`` (one scalar per parameter tensor, from ``ḡ``
+    alone, unless ``normalise = "set"``). ``extra`` (when ``spec`` is a ``SymmetrySpec`` and
+    ``features != "none"``): ``{space: (B, T, n, k)}`` elementwise functions of each neuron's ``a``
+    and ``δ`` input channels (see ``model.features``).
+    """
     k = _DEGREE[target]
+    layout = gnn.NeuronLayout(spec) if spec is not None and features != "none" else None
     out = []
     for gs, t in sets:
-        if normalise == "layer":
-            gs_in, s = normalise_layers(gs)
-            mult = {p: v ** k for p, v in s.items()}
+        if mean_only:
+            gs_in = gs.mean_grad()
+            s = {p: _rms([v]) if normalise != "set" else torch.ones(()) for p, v in gs_in.items()}
+            gs_in = {p: v / s[p] for p, v in gs_in.items()}
+        elif normalise == "set":
+            gs_in, s = gs, {p: torch.ones(()) for p in gs.param_names}
         else:
-            gs_in, mult = gs, {p: torch.ones(()) for p in gs.param_names}
-        out.append((gs_in, mult, t[target]))
+            gs_in, s = normalise_layers(gs, per_neuron=normalise == "neuron")
+        mult = {p: s[p] ** k for p in t[target]}
+        extra = None if layout is None else {n: _extra(f, features) for n, f in layout.features(gs_in).items()}
+        out.append((gs_in, mult, t[target], extra))
     return out
 
 
 def _predict(net, items):
-    pred = net([gs for gs, _, _ in items])                          # one stacked pass over the sets
-    return [{p: v[j] * items[j][1][p] for p, v in pred.items() if p in items[j][2]} for j in range(len(items))]
+    sets = [it[0] for it in items]
+    if getattr(getattr(net, "layout", None), "extra_channels", 0):
+        pred = net(sets, extra=[it[3] for it in items])             # one stacked pass over the sets
+    else:
+        pred = net(sets)
+    return [{p: pred[p][j] * items[j][1][p] for p in items[j][2]} for j in range(len(items))]
 
 
 def _evaluate(net, items, chunk: int = 8) -> float:
@@ -260,6 +308,11 @@ def _run(run: Run) -> dict:
     train = make_sets(d["train_sets"], widths, d["set_size"], d["train_seed"], damping)
     test = make_sets(d["test_sets"], widths, d["set_size"], d["test_seed"], damping)
     pairs = [(t, m) for t in s["targets"] for m in s["models"]]
+    if "fisher_diag" in s["targets"]:
+        ref = [rel_err(kfac_fisher(gs), t["fisher_diag"]).item() for gs, t in test]
+        reference = {"reference/kfac_fisher_diag": statistics.mean(ref)}
+    else:
+        reference = {}
     total = len(pairs) * tr["steps"]
     state = run.restore() or {"summary": {}, "history": {}, "done": 0}
     summary, history, done = state["summary"], state["history"], state["done"]
@@ -269,8 +322,11 @@ def _run(run: Run) -> dict:
             continue
         if run.should_stop(i * tr["steps"]):
             break
-        tr_items, te_items = _prepare(train, target, tr["normalise"]), _prepare(test, target, tr["normalise"])
         net = capability_models(mlp(widths), s["model"], [name], s["seed"])[name]
+        spec = net.spec if isinstance(net, gnn.GradMetaNet) else None
+        mean_only = isinstance(net, gnn.AveragedGradientNet)
+        tr_items, te_items = (_prepare(x, target, tr["normalise"], spec, s["model"]["features"], mean_only)
+                              for x in (train, test))
         res = train_eval(net, tr_items, te_items, tr, s["seed"] + 1,
                          log=lambda step, loss: (bar.update(tr["log_every"]), bar.set_postfix(loss=f"{loss:.3g}")))
         key = f"{target}/{name}"
@@ -281,7 +337,7 @@ def _run(run: Run) -> dict:
         run.checkpoint({"summary": summary, "history": history, "done": done}, done * tr["steps"])
     bar.close()
     plots = [run.save_figure(_plot(history, s["targets"], s["models"]), "capability.png")] if history else []
-    return {"step": done * tr["steps"], "total_steps": total, "summary": summary, "history": history,
+    return {"step": done * tr["steps"], "total_steps": total, "summary": {**reference, **summary}, "history": history,
             "plots": plots}
 
 
@@ -319,4 +375,7 @@ def render_capability(spec: dict, summary: dict, environment: dict | None = None
             cells.append(f"{summary[f'rel_error/{k}']:.3f} ({summary[f'train_rel_error/{k}']:.3f})"
                          if f"rel_error/{k}" in summary else "–")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if "reference/kfac_fisher_diag" in summary:
+        lines += ["", "Reference without learning: the rank-one (K-FAC-like) Fisher diagonal `mean_b δ_i² · "
+                  f"mean_b a_j²` has relative test error {summary['reference/kfac_fisher_diag']:.3f}."]
     return "\n".join(lines) + "\n"

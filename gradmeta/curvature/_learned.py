@@ -36,7 +36,7 @@ __all__ = ["FisherDataset", "make_fisher_dataset", "output_loss", "standard_fish
            "LearnedFisherEstimator", "LEARNED_MODELS",
            "quadrature_fisher", "train_fisher_estimator", "evaluate_fisher_estimator"]
 
-LEARNED_MODELS = ("gradmetanet", "gradmetanet++", "flat_mlp", "averaged_grad")
+LEARNED_MODELS = ("gradmetanet", "gradmetanet++", "gradmetanet+cells", "flat_mlp", "averaged_grad")
 _EPS = 1e-12
 
 
@@ -149,7 +149,8 @@ class LearnedFisherEstimator(nn.Module):
     Args:
         kind: ``"gradmetanet"``, ``"gradmetanet++"`` (``GradMetaNet`` per-weight readout, edge input
             = standardised ``log F̂_std``), ``"flat_mlp"`` (``FlatFactorMLP`` on the concatenated
-            per-example factors, no symmetry), ``"averaged_grad"`` (``AveragedGradientNet``: a
+            per-example factors, no symmetry), ``"gradmetanet+cells"`` (``"gradmetanet"`` with
+            ``cells=True``), ``"averaged_grad"`` (``AveragedGradientNet``: a
             weight-space net fed one averaged statistic per weight, the standardised
             ``log F̂_std`` — exactly what the standard estimator sees, without the per-datum set).
         hidden: SIREN width; ``channels``, ``layers``: backbone sizes.
@@ -163,7 +164,7 @@ class LearnedFisherEstimator(nn.Module):
         if kind not in LEARNED_MODELS:
             raise ValueError(f"LearnedFisherEstimator: kind must be one of {LEARNED_MODELS}, got {kind!r}")
         gmn = kind.startswith("gradmetanet")
-        self.squares, self.cells = squares and gmn, cells and gmn
+        self.squares, self.cells = squares and gmn, (cells or kind.endswith("+cells")) and gmn
         self.kind = kind
         spec = siren_spec(1, hidden, 3, in_features=1)
         self.names = [p for p, _ in spec.params]

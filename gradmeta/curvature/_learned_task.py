@@ -19,7 +19,7 @@ from ..run import Run, register_task
 from ._learned import (LEARNED_MODELS, LearnedFisherEstimator, evaluate_fisher_estimator, make_fisher_dataset,
                        train_fisher_estimator)
 
-__all__ = ["curvature_learned", "DEFAULTS", "results_table"]
+__all__ = ["curvature_learned", "DEFAULTS", "results_table", "merge_runs"]
 
 DEFAULTS = {
     "seeds": [0, 1],
@@ -99,6 +99,7 @@ def _summary(state: dict, spec: dict, std_err: float) -> dict:
             out[f"reduction/{m}/n{n}"], out[f"reduction_std/{m}/n{n}"] = mean, std
             out[f"error/{m}/n{n}"] = _stats([r["error"] for r in rs])[0]
             out[f"seeds/{m}/n{n}"] = len(rs)
+            out[f"steps/{m}"] = rs[0]["steps"]
             out[f"train_seconds/{m}/n{n}"] = _stats([r["train_seconds"] for r in rs])[0]
             best = max(best, (mean, f"{m}/n{n}"))
     if best[1]:
@@ -109,7 +110,7 @@ def _summary(state: dict, spec: dict, std_err: float) -> dict:
 def results_table(summary: dict, spec: dict) -> str:
     """Markdown table: error reduction vs the standard estimator (mean ± std over seeds) per model and size."""
     sizes = spec["train_sizes"]
-    lines = ["| model | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    lines = ["| model | steps | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
     for m in spec["models"]:
         cells = []
         for n in sizes:
@@ -119,17 +120,51 @@ def results_table(summary: dict, spec: dict) -> str:
                              f"({summary[f'seeds/{k}']} seeds)")
             else:
                 cells.append("—")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {summary.get(f'steps/{m}', '—')} | " + " | ".join(cells) + " |")
     if "reduction/quadrature" in summary:
         q = f"{100 * summary['reduction/quadrature']:+.1f}% (not learned)"
-        lines.append("| quadrature reference | " + " | ".join([q] * len(sizes)) + " |")
+        lines.append("| quadrature reference | — | " + " | ".join([q] * len(sizes)) + " |")
     lines.append(f"\nError reduction = 1 − error(model) / error(standard estimator) on {summary['test_size']} held-out "
                  f"SIRENs; standard-estimator error {summary['standard_error']:.4g} (mean over parameter tensors of "
                  "‖F̂−F‖²/‖F‖²). Positive = better than the standard estimator.")
     return "\n".join(lines)
 
 
+def merge_runs(folders: list, spec_path, out_prefix) -> dict:
+    """Union the finished jobs of several run folders of the same spec split by ``models`` (jobs
+    are independent and seeded, so this equals one run) and write ``<out_prefix>.json|.md|.png``."""
+    import json
+    from pathlib import Path
+
+    from ..run import load_spec, resolve_spec
+
+    spec = resolve_spec(load_spec(spec_path), spec_path)
+    results, quad, std = {}, None, None
+    for f in folders:
+        state = torch.load(Path(f) / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
+        results.update(state["results"])
+        m = json.loads((Path(f) / "metrics.json").read_text())["summary"]
+        quad, std = m["reduction/quadrature"], m["standard_error"]
+    state = {"results": results}
+    summary = {**_summary(state, spec, std), "reduction/quadrature": quad}
+    out = Path(out_prefix)
+    out.with_suffix(".json").write_text(json.dumps({"spec": spec, "summary": summary, "results": results},
+                                                   indent=1) + "\n")
+    out.with_suffix(".md").write_text(results_table(summary, spec) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = _figure(spec, state, quad)
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+    return summary
+
+
 def _plot(run: Run, spec: dict, state: dict, quadrature: float | None = None) -> str:
+    return run.save_figure(_figure(spec, state, quadrature), "curvature_learned.png")
+
+
+def _figure(spec: dict, state: dict, quadrature: float | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,4 +189,4 @@ def _plot(run: Run, spec: dict, state: dict, quadrature: float | None = None) ->
     ax.set_title("Fisher diagonal from 128 output gradients")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return run.save_figure(fig, "curvature_learned.png")
+    return fig

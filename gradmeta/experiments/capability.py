@@ -10,14 +10,18 @@ inputs), every model is trained to output, per parameter entry, one of
   ``F = mean_b g_b g_bᵀ`` and ``λ = natural_grad.damping · mean diag F``.
 
 A set is first divided by the RMS of all its activations and all its backprops (two scalars per
-set), and targets are computed from that set, so the task is scale-free. With
-``train.normalise = "layer"`` every model then sees each layer's ``A`` and ``Δ`` divided by their
-own RMS ``r_A, r_Δ`` and predicts the target in that space; the prediction is mapped back with
-``s^k`` (``s = r_A r_Δ`` for a weight, ``r_Δ`` for a bias; ``k`` = 1, 2, 0, −1 for the four
-targets, their degree in the gradient scale). The per-layer scalars are invariant to data order
-and to every neuron permutation, so each model keeps its symmetry. The loss and the reported
-error are the relative error ``‖pred − target‖ / ‖target‖`` over all parameters of a set, in
-the original space, mean over the test sets.
+set), and targets are computed from that set, so the task is scale-free. Then (``train.normalise``)
+every gradient-set model sees each layer's ``A`` and ``Δ`` with every column divided by its RMS
+over the data (``"neuron"``; ``"layer"``: one RMS per factor) and predicts the target in that
+space; the prediction is mapped back with ``s^k`` (``s = r_Δ r_Aᵀ`` for a weight, ``r_Δ`` for a
+bias; ``k`` = 1, 2, 0, −1 for the four targets, their degree in the gradient scale). Those scales
+are equivariant to every neuron permutation and invariant to data order, so each model keeps its
+symmetry. The averaged-gradient net sees ``ḡ`` divided by its RMS per parameter tensor and is
+rescaled by that alone (it must not see anything but ``ḡ``). With ``model.features = "square"``
+GradMetaNet(++) also get ``a²`` and ``δ²`` of every (datum, neuron) as input channels. The loss and
+the reported error are the relative error ``‖pred − target‖ / ‖target‖`` over all parameters of a
+set, in the original space, mean over the test sets; :func:`kfac_fisher` gives a no-learning
+reference for the Fisher diagonal.
 """
 from __future__ import annotations
 

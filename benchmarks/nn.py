@@ -156,7 +156,7 @@ def plot(data, path):
 # --------------------------------------------------------------------------------------------
 # Capability experiment (issue #4): the task ``nn_capability`` (gradmeta/experiments/capability.py)
 def capability(a):
-    """Run the spec into ``runs/<stem>`` and write ``<out>/<stem>.{json,md}`` from its metrics."""
+    """Run the spec into ``runs/<stem>`` and write ``<out>/<stem>.{json,md,png}`` from its metrics."""
     from gradmeta.experiments.capability import render_capability
     from gradmeta.run import load_spec, run_spec
 
@@ -170,6 +170,8 @@ def capability(a):
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     (a.out / f"{stem}.md").write_text(render_capability(spec, metrics["summary"], env))
+    for plot in metrics["plots"]:  # training curves
+        (a.out / f"{stem}.png").write_bytes((folder / plot).read_bytes())
     print(render_capability(spec, metrics["summary"], env))
 
 

@@ -319,7 +319,8 @@ class Run:
         self._progress = progress
         # Under torchrun only rank 0 owns the folder; other ranks read checkpoints, write nothing.
         self.writer = int(os.environ.get("RANK", "0")) == 0
-        if not self.writer:
+        if not self.writer:   # tasks that shard work may still write their own files here
+            self.out.mkdir(parents=True, exist_ok=True)
             self.resumed = resume and (self.out / CHECKPOINT_FILE).exists()
             return
         existing = [n for n in (SPEC_FILE, CHECKPOINT_FILE, METRICS_FILE) if (self.out / n).exists()]

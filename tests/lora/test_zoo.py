@@ -49,5 +49,4 @@ def test_zoo_sharding_by_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = run_spec(tmp_path / "zoo.toml", tmp_path / "run", progress=False)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["00001", "00003"]
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["status"] == "stopped" and m["summary"]["adapters_done"] == 2
+    assert not (out / "metrics.json").exists()   # under torchrun only rank 0 writes the run's metrics

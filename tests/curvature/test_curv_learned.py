@@ -142,3 +142,15 @@ def test_task_runs_tiny_spec(tmp_path):
         assert f"reduction/{kind}/n4" in m["summary"]
     assert math.isfinite(m["summary"]["reduction/quadrature"])
     assert (out / "curvature_learned.png").exists() and "N=4" in (out / "table.md").read_text()
+
+
+def test_shipped_spec_resolves():
+    from pathlib import Path
+
+    import gradmeta.curvature._learned_task  # noqa: F401
+    from gradmeta.run import load_spec, resolve_spec
+
+    path = Path(__file__).resolve().parents[2] / "tasks" / "curvature_learned_fisher.toml"
+    spec = resolve_spec(load_spec(path), path)
+    assert spec["task"] == "curvature_learned" and spec["data"]["set_size"] == 128
+    assert spec["data"]["num_points"] == 1024 and spec["data"]["hidden"] == 32

@@ -56,7 +56,8 @@ def standard_fisher(gs: GradientSet) -> dict[str, Tensor]:
     return gs.fisher_diagonal()
 
 
-def quadrature_fisher(gs: GradientSet, low: float = -1.0, high: float = 1.0, layer: str = "layers.0") -> dict[str, Tensor]:
+def quadrature_fisher(gs: GradientSet, low: float = -1.0, high: float = 1.0,
+                      layer: str = "layers.0") -> dict[str, Tensor]:
     """Reference (not learned): the standard estimator reweighted by each datum's nearest-neighbour
     cell on the 1-D input interval ``[low, high]``, ``Σ_b w_b g_b²`` with ``w_b = cell_b / (high − low)``.
 
@@ -136,7 +137,7 @@ def make_fisher_dataset(num: int, *, set_size: int = 128, num_points: int = 1024
 
 
 def relative_error(pred: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-    """``(N,)`` mean over parameter tensors of ``‖pred_p − target_p‖² / ‖target_p‖²`` (leading axis ``N``)."""
+    """``(N,)`` mean over parameter tensors of ``‖pred_p − target_p‖² / ‖target_p‖²`` (leading axis N)."""
     errs = []
     for k, t in target.items():
         if k not in pred:

@@ -124,7 +124,8 @@ def results_table(summary: dict, spec: dict) -> str:
     if "reduction/quadrature" in summary:
         q = f"{100 * summary['reduction/quadrature']:+.1f}% (not learned)"
         lines.append("| quadrature reference | — | " + " | ".join([q] * len(sizes)) + " |")
-    lines.append(f"\nError reduction = 1 − error(model) / error(standard estimator) on {summary['test_size']} held-out "
+    lines.append("\nError reduction = 1 − error(model) / error(standard estimator) on "
+                 f"{summary['test_size']} held-out "
                  f"SIRENs; standard-estimator error {summary['standard_error']:.4g} (mean over parameter tensors of "
                  "‖F̂−F‖²/‖F‖²). Positive = better than the standard estimator.")
     return "\n".join(lines)

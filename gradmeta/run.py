@@ -46,7 +46,8 @@ __all__ = [
 #: Modules imported (lazily, on first lookup) so that their tasks register themselves.
 #: A module that does not exist yet is skipped; any other import error surfaces.
 TASK_MODULES: list[str] = ["gradmeta.experiments", "gradmeta.experiments.capability", "gradmeta.lopt._experiments", "gradmeta.lora._zoo",
-                            "gradmeta.lora._tasks", "gradmeta.inr._experiments"]
+                            "gradmeta.lora._tasks", "gradmeta.inr._experiments",
+                            "gradmeta.curvature._learned_task"]
 
 SPEC_FILE, RUN_FILE, METRICS_FILE, CHECKPOINT_FILE = (
     "spec.resolved.toml", "run.json", "metrics.json", "checkpoint.pt")

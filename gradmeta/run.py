@@ -18,6 +18,7 @@ Tasks are functions ``fn(run: Run) -> dict`` registered with :func:`register_tas
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import importlib
@@ -39,7 +40,7 @@ import torch
 
 __all__ = [
     "SpecError", "ResumeError", "Required", "OneOf", "TaskInfo", "TASKS", "TASK_MODULES",
-    "register_task", "get_task", "load_spec", "resolve_spec", "dump_toml", "atomic_write",
+    "register_task", "get_task", "load_spec", "resolve_spec", "dump_toml", "atomic_write", "torch_threads",
     "Run", "run_spec", "default_out_dir", "environment",
 ]
 
@@ -239,6 +240,17 @@ def dump_toml(spec: dict, _prefix: str = "") -> str:
             name = _prefix + _toml_key(k)
             lines += ["", f"[{name}]", dump_toml(v, name + ".").strip("\n")]
     return "\n".join(lines).strip("\n") + "\n"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:

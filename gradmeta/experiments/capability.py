@@ -35,7 +35,7 @@ import torch
 import gradmeta.nn as gnn
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
-from gradmeta.run import OneOf, Run, register_task
+from gradmeta.run import OneOf, Run, register_task, torch_threads
 
 __all__ = ["nn_capability", "make_sets", "targets_of", "normalise_layers", "kfac_fisher", "capability_models",
            "rel_err", "render_capability", "TARGETS", "MODELS", "DEFAULTS"]
@@ -298,12 +298,8 @@ def _check(run: Run) -> None:
 def nn_capability(run: Run) -> dict:
     """Regress mean gradient, Fisher diagonal, Adam direction and a natural gradient from gradient sets."""
     _check(run)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(run.spec["threads"])
-    try:
+    with torch_threads(run.spec["threads"]):
         return _run(run)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(run: Run) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
-from gradmeta.run import OneOf, Required, Run, register_task
+from gradmeta.run import OneOf, Required, Run, register_task, torch_threads
 
 __all__ = ["gradients_digits", "gradient_statistics", "DEFAULTS"]
 
@@ -117,12 +117,8 @@ def gradients_digits(run: Run) -> dict:
     """MLP on the scikit-learn digits; gradient norms, noise scale and Fisher spectrum over training."""
     if run.spec["threads"] < 1:
         raise run.spec_error("threads", f"must be at least 1, got {run.spec['threads']}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(run.spec["threads"])
-    try:
+    with torch_threads(run.spec["threads"]):
         return _train(run)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _train(run: Run) -> dict:

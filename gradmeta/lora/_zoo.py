@@ -63,10 +63,16 @@ def _digits(seed: int):
 def train_base(widths: list[int], steps: int, lr: float, batch_size: int, seed: int) -> torch.nn.Module:
     """The base classifier: ``mlp(widths)`` trained with Adam on the digits training split."""
     X, y, _, _ = _digits(seed)
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = mlp(widths)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return _train_adam(mlp(widths), X, y, lr=lr, steps=steps, batch_size=batch_size, seed=seed)
+
+
+def _train_adam(model: torch.nn.Module, X, y, *, lr: float, steps: int, batch_size: int,
+                seed: int) -> torch.nn.Module:
+    """Adam on the trainable parameters, cross-entropy on minibatches drawn with ``seed``; eval mode after."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=False)
+    model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
         loss = F.cross_entropy(model(X[idx]), y[idx])
@@ -125,16 +131,7 @@ def finetune_adapter(base: torch.nn.Module, hp: dict, X: torch.Tensor, y: torch.
                                                             lora_dropout=hp["dropout"], target_modules=targets))
     mask = torch.isin(y, torch.tensor(hp["classes"]))
     Xs, ys = X[mask], y[mask]
-    g = torch.Generator().manual_seed(hp["seed"])
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=hp["lr"], foreach=False)
-    pm.train()
-    for _ in range(hp["steps"]):
-        idx = torch.randint(0, len(ys), (batch_size,), generator=g)
-        loss = F.cross_entropy(pm(Xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return pm.eval()
+    return _train_adam(pm, Xs, ys, lr=hp["lr"], steps=hp["steps"], batch_size=batch_size, seed=hp["seed"])
 
 
 def write_labels_csv(adapters_dir: Path, out: Path, num_classes: int) -> int:

@@ -21,6 +21,7 @@ All operations are pure and work under ``vmap`` and ``torch.func.grad``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ._baselines import Optimizer
 
-__all__ = ["PerParamMLP", "LOState", "DECAYS", "TIMESCALES"]
+__all__ = ["PerParamMLP", "LOState", "Segments", "DECAYS", "TIMESCALES"]
 
 DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIMESCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
@@ -54,9 +55,53 @@ class LOState(NamedTuple):
     skipped: Tensor
 
 
-def _rms_normalise(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """``x / RMS(x)`` over the first axis (the elements of one tensor), per feature column."""
-    return x * torch.rsqrt(x.square().mean(0, keepdim=True) + eps)
+@functools.lru_cache(maxsize=None)
+def _constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(1 − β)`` as ``(6, 1)`` (the momentum EMA weights) and the step-count time scales ``(9,)``."""
+    weights = 1 - torch.tensor(DECAYS, dtype=dtype, device=device).unsqueeze(1)
+    return weights, torch.tensor(TIMESCALES, dtype=dtype, device=device)
+
+
+class Segments(NamedTuple):
+    """Where each parameter tensor lies in the flat vector of all parameters (``N`` entries).
+
+    Attributes:
+        names: parameter names, in flat order.
+        shapes: their shapes.
+        sizes: their numbers of elements.
+        ids: ``(N,)`` index of the tensor each flat entry belongs to.
+        counts: ``(S,)`` ``sizes`` as floats (for per-tensor means).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+    ids: Tensor
+    counts: Tensor
+
+    @classmethod
+    def of(cls, params: Params) -> "Segments":
+        """The segments of ``params`` (shapes read from the tensors)."""
+        first = next(iter(params.values()))
+        sizes = tuple(v.numel() for v in params.values())
+        counts = torch.tensor(sizes, dtype=first.dtype, device=first.device)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=first.device),
+                                      torch.tensor(sizes, device=first.device))
+        return cls(tuple(params), tuple(v.shape for v in params.values()), sizes, ids, counts)
+
+    def flatten(self, tensors: Params, lead: int = 0) -> Tensor:
+        """``(*lead_shape, N)`` from ``{name: (*lead_shape, *shape)}`` (``lead`` leading axes kept)."""
+        return torch.cat([tensors[k].flatten(lead) for k in self.names], -1)
+
+    def unflatten(self, flat: Tensor) -> Params:
+        """Inverse of :meth:`flatten`: views of ``flat`` ``(*lead, N)`` shaped ``(*lead, *shape)``."""
+        lead = flat.shape[:-1]
+        return {k: v.view(*lead, *s) for k, v, s in zip(self.names, flat.split(self.sizes, -1), self.shapes)}
+
+    def rms_normalise(self, x: Tensor, eps: float = 1e-12) -> Tensor:
+        """``x / RMS`` per row of ``x (F, N)`` and per tensor (segment)."""
+        ms = torch.stack([c.sum(-1) for c in x.square().split(self.sizes, -1)], -1) / self.counts
+        return x * torch.rsqrt(ms + eps).index_select(-1, self.ids)
 
 
 class PerParamMLP:
@@ -102,24 +147,6 @@ class PerParamMLP:
                               for k, v in params.items()},
                        {k: torch.zeros_like(v) for k, v in params.items()}, zero)
 
-    def _features(self, params: Params, grads: Params, momenta: Params, second: Params, t: Tensor,
-                  extra: Params | None) -> Tensor:
-        """Per-element features of all parameters, concatenated: ``(total_numel, n_features)``."""
-        decays = torch.tensor(TIMESCALES, dtype=t.dtype, device=t.device)
-        time = torch.tanh(t / decays)
-        bc2 = 1 - 0.999 ** t
-        rows = []
-        for k in params:
-            n = params[k].numel()
-            m = momenta[k].reshape(len(DECAYS), n).T
-            rs = torch.rsqrt(second[k].reshape(n, 1) / bc2 + 1e-8)
-            cols = [params[k].reshape(n, 1), grads[k].reshape(n, 1), m, m * rs]
-            if self.extra_features:
-                cols.append(extra[k].reshape(n, self.extra_features))
-            f = _rms_normalise(torch.cat(cols, 1))
-            rows.append(torch.cat([f, time.expand(n, len(TIMESCALES))], 1))
-        return torch.cat(rows, 0)
-
     def update(self, meta: Params, grads: Params, state: LOState, params: Params,
                extra: Params | None = None) -> tuple[Params, LOState]:
         """One step: ``(new_params, new_state)``; skipped (inputs returned) if anything is not finite.
@@ -133,36 +160,52 @@ class PerParamMLP:
         """
         if self.extra_features and extra is None:
             raise ValueError(f"PerParamMLP(extra_features={self.extra_features}).update needs extra features")
-        t = state.step + 1
-        first = next(iter(grads.values()))
-        weights = 1 - torch.tensor(DECAYS, dtype=first.dtype, device=first.device)
-        momenta = {k: torch.lerp(state.momenta[k], grads[k].unsqueeze(0), weights.view(-1, *[1] * grads[k].dim()))
-                   for k in params}
-        second = {k: torch.lerp(state.second[k], grads[k].square(), 0.001) for k in params}
-        x = self._features(params, grads, momenta, second, t, extra)
-        x = torch.relu(x @ meta["w0"] + meta["b0"])
-        x = torch.relu(x @ meta["w1"] + meta["b1"])
-        out = x @ meta["w2"] + meta["b2"]  # (total, 2)
+        seg = Segments.of(params)
+        flat_extra = None
+        if self.extra_features:
+            flat_extra = torch.cat([extra[k].reshape(-1, self.extra_features).T for k in seg.names], 1)
+        new, momenta, second, step, skipped = self.flat_update(
+            meta, seg, seg.flatten(params), seg.flatten(grads), seg.flatten(state.momenta, 1),
+            seg.flatten(state.second), state.step, state.skipped, flat_extra)
+        return seg.unflatten(new), LOState(step, seg.unflatten(momenta), seg.unflatten(second), skipped)
+
+    def flat_update(self, meta: Params, seg: Segments, params: Tensor, grads: Tensor, momenta: Tensor,
+                    second: Tensor, step: Tensor, skipped: Tensor, extra: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`update` on all parameters flattened into one vector (``seg`` says where each lies).
+
+        Args:
+            params, grads, second: ``(N,)``; momenta: ``(6, N)``; extra: ``(extra_features, N)``.
+            step, skipped: ``()`` counters of the state.
+
+        Returns:
+            ``(params, momenta, second, step, skipped)`` after the step (the inputs if it is skipped).
+        """
+        t = step + 1
+        weights, timescales = _constants(grads.dtype, grads.device)
+        m = torch.lerp(momenta, grads.unsqueeze(0), weights)
+        v = torch.lerp(second, grads.square(), 0.001)
+        rs = torch.rsqrt(v / (1 - 0.999 ** t) + 1e-8)
+        rows = [params.unsqueeze(0), grads.unsqueeze(0), m, m * rs]
+        if extra is not None:
+            rows.append(extra)
+        x = seg.rms_normalise(torch.cat(rows, 0))  # (F, N)
+        # the step-count encoding is the same for every parameter: it enters as a bias
+        time = torch.tanh(t / timescales)
+        w0 = meta["w0"]
+        h = torch.addmm(meta["b0"] + time @ w0[x.shape[0]:], x.T, w0[:x.shape[0]]).relu_()
+        h = torch.addmm(meta["b1"], h, meta["w1"]).relu_()
+        out = torch.addmm(meta["b2"], h, meta["w2"])  # (N, 2)
         # Small output multipliers (as Metz et al.'s λ₁, λ₂) keep early meta-training stable.
         direction, log_scale = out[:, 0].clamp(-10, 10), (0.1 * out[:, 1]).clamp(-3, 3)
-        lr = meta["log_lr"].exp()
-        new, offset = {}, 0
-        for k, p in params.items():
-            n = p.numel()
-            m_sgd = momenta[k][_SGD_INDEX] / (1 - DECAYS[_SGD_INDEX])
-            d = direction[offset:offset + n].view_as(p)
-            s = log_scale[offset:offset + n].view_as(p)
-            step = lr * (s.exp() * m_sgd + self.step_mult * d)
-            new[k] = p - step.clamp(-self.max_update, self.max_update)
-            offset += n
+        m_sgd = m[_SGD_INDEX] / (1 - DECAYS[_SGD_INDEX])
+        delta = meta["log_lr"].exp() * (log_scale.exp() * m_sgd + self.step_mult * direction)
+        new = params - delta.clamp(-self.max_update, self.max_update)
         # One reduction: a NaN or ±inf anywhere makes the sum non-finite (finite sums of this size do not overflow).
-        ok = torch.isfinite(sum(v.sum() for v in (*new.values(), *momenta.values(), *second.values())))
+        ok = torch.isfinite(new.sum() + m.sum() + v.sum())
         keep = lambda a, b: torch.where(ok, a, b)  # noqa: E731
-        new = {k: keep(new[k], params[k]) for k in params}
-        state = LOState(keep(t, state.step), {k: keep(momenta[k], state.momenta[k]) for k in params},
-                        {k: keep(second[k], state.second[k]) for k in params},
-                        state.skipped + (~ok).to(state.skipped.dtype))
-        return new, state
+        return (keep(new, params), keep(m, momenta), keep(v, second), keep(t, step),
+                skipped + (~ok).to(skipped.dtype))
 
     def bind(self, meta: Params) -> Optimizer:
         """This optimizer with fixed ``meta`` as an ``init``/``update`` pair like the baselines."""

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._learned import LOState, PerParamMLP
+from ._learned import DECAYS, PerParamMLP, Segments
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT", "CHECKPOINT_FORMAT"]
 
@@ -74,6 +74,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta = {k: v.to(next(model.parameters()).device) for k, v in meta.items()}
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {p: n for n, p in named}
+        self._seg, self._seg_key = None, None
         super().__init__([p for _, p in named], {})
 
     @property
@@ -81,16 +82,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Number of skipped steps (non-finite updates) so far."""
         return max((int(s["skipped"]) for s in self.state.values() if "skipped" in s), default=0)
 
-    def _lo_state(self, params: list[nn.Parameter]) -> LOState:
+    def _segments(self, params: list[nn.Parameter]) -> Segments:
+        key = tuple((self._names[p], p.shape) for p in params)
+        if self._seg_key != key:
+            self._seg = Segments.of({self._names[p]: p.detach() for p in params})
+            self._seg_key = key
+        return self._seg
+
+    def _init_state(self, params: list[nn.Parameter]) -> None:
         empty = [p for p in params if not self.state[p]]
-        fresh = self.lo.init({self._names[p]: p.detach() for p in empty}) if empty else None
+        if not empty:
+            return
+        fresh = self.lo.init({self._names[p]: p.detach() for p in empty})
+        counters = next((self.state[p] for p in params if self.state[p]), None)
         for p in empty:
             n = self._names[p]
-            self.state[p].update(step=fresh.step.clone(), skipped=fresh.skipped.clone(),
-                                 momenta=fresh.momenta[n], second=fresh.second[n])
-        s0 = self.state[params[0]]
-        return LOState(s0["step"], {self._names[p]: self.state[p]["momenta"] for p in params},
-                       {self._names[p]: self.state[p]["second"] for p in params}, s0["skipped"])
+            step = fresh.step if counters is None else counters["step"]
+            skipped = fresh.skipped if counters is None else counters["skipped"]
+            self.state[p].update(step=step.clone(), skipped=skipped.clone(), momenta=fresh.momenta[n],
+                                 second=fresh.second[n])
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
         """One learned update; ``closure() -> (B,)`` per-example losses; returns their mean."""
@@ -109,14 +119,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not params:
             return loss.detach()
         with torch.no_grad():
-            state = self._lo_state(params)
-            named = {self._names[p]: p.detach() for p in params}
-            new, state = self.lo.update(self.meta, {self._names[p]: p.grad for p in params}, state, named)
-            for p in params:
-                n = self._names[p]
-                p.copy_(new[n])
-                self.state[p].update(step=state.step, skipped=state.skipped, momenta=state.momenta[n],
-                                     second=state.second[n])
+            # all parameters as one flat vector: a few large ops instead of many per tensor
+            self._init_state(params)
+            seg, states = self._segments(params), [self.state[p] for p in params]
+            new, momenta, second, step, skipped = self.lo.flat_update(
+                self.meta, seg, torch.cat([p.reshape(-1) for p in params]),
+                torch.cat([p.grad.reshape(-1) for p in params]),
+                torch.cat([s["momenta"].reshape(len(DECAYS), -1) for s in states], 1),
+                torch.cat([s["second"].reshape(-1) for s in states]), states[0]["step"], states[0]["skipped"])
+            torch._foreach_copy_(params, list(seg.unflatten(new).values()))
+            for s, m, v in zip(states, seg.unflatten(momenta).values(), seg.unflatten(second).values()):
+                s.update(step=step, skipped=skipped, momenta=m, second=v)
         return loss.detach()
 
     def state_dict(self) -> dict:

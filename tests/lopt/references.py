@@ -25,3 +25,33 @@ def torch_trajectory(model, opt, batches, loss_fn, steps):
         opt.step()
         out.append({k: v.detach().clone() for k, v in model.named_parameters()})
     return out
+
+
+def per_param_mlp_update(lo, meta, grads, state, params, extra=None):
+    """``PerParamMLP.update`` written tensor by tensor, features as an explicit ``(n, F)`` matrix."""
+    from gradmeta.lopt._learned import _SGD_INDEX, DECAYS, TIMESCALES
+
+    t = state.step + 1
+    time = torch.tanh(t / torch.tensor(TIMESCALES, dtype=t.dtype))
+    momenta = {k: torch.stack([b * state.momenta[k][i] + (1 - b) * grads[k] for i, b in enumerate(DECAYS)])
+               for k in params}
+    second = {k: 0.999 * state.second[k] + 0.001 * grads[k] ** 2 for k in params}
+    new = {}
+    for k, p in params.items():
+        n = p.numel()
+        m = momenta[k].reshape(len(DECAYS), n).T
+        rs = 1 / torch.sqrt(second[k].reshape(n, 1) / (1 - 0.999 ** t) + 1e-8)
+        cols = [p.reshape(n, 1), grads[k].reshape(n, 1), m, m * rs]
+        if extra is not None:
+            cols.append(extra[k].reshape(n, -1))
+        f = torch.cat(cols, 1)
+        f = f / torch.sqrt((f ** 2).mean(0, keepdim=True) + 1e-12)
+        x = torch.cat([f, time.expand(n, len(TIMESCALES))], 1)
+        x = torch.relu(x @ meta["w0"] + meta["b0"])
+        x = torch.relu(x @ meta["w1"] + meta["b1"])
+        out = x @ meta["w2"] + meta["b2"]
+        d, s = out[:, 0].clamp(-10, 10), (0.1 * out[:, 1]).clamp(-3, 3)
+        m_sgd = momenta[k][_SGD_INDEX].reshape(n) / (1 - DECAYS[_SGD_INDEX])
+        step = meta["log_lr"].exp() * (s.exp() * m_sgd + lo.step_mult * d)
+        new[k] = p - step.clamp(-lo.max_update, lo.max_update).view_as(p)
+    return new, momenta, second

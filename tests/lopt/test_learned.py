@@ -7,7 +7,7 @@ from torch.func import grad, vmap
 
 from gradmeta.lopt import DECAYS, PerParamMLP
 from gradmeta.models import classification_loss
-from tests.lopt.references import torch_trajectory
+from tests.lopt.references import per_param_mlp_update, torch_trajectory
 
 
 def test_untrained_learned_optimizer_is_sgd_with_momentum(small_digits):
@@ -96,3 +96,25 @@ def test_learned_update_changes_steps_and_vmap_matches_loop(small_digits):
     plain = untrained.update(untrained.init_meta(0), g0, untrained.init(p0), p0)[0]
     assert any(not torch.allclose(plain[k], batched[k][0]) for k in plain)
     assert math.isclose(float(meta["log_lr"].exp()), lo.lr, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("extra_features", [0, 3])
+def test_update_equals_the_tensor_by_tensor_reference(extra_features):
+    g = torch.Generator().manual_seed(0)
+    lo = PerParamMLP(hidden=8, extra_features=extra_features)
+    meta = {k: v.double() for k, v in lo.init_meta(0).items()}
+    meta["w2"] = 0.3 * torch.randn(8, 2, generator=g, dtype=torch.float64)
+    params = {"a.weight": torch.randn(5, 4, generator=g, dtype=torch.float64),
+              "a.bias": torch.randn(5, generator=g, dtype=torch.float64),
+              "b.weight": torch.randn(3, 5, generator=g, dtype=torch.float64)}
+    state = lo.init(params)
+    extra = {k: torch.randn(*v.shape, extra_features, generator=g, dtype=torch.float64)
+             for k, v in params.items()} if extra_features else None
+    for _ in range(3):  # a few steps, so that momenta and the step count are non-trivial
+        grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+        want, want_m, want_v = per_param_mlp_update(lo, meta, grads, state, params, extra)
+        params, state = lo.update(meta, grads, state, params, extra)
+        for k in params:
+            torch.testing.assert_close(params[k], want[k], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(state.momenta[k], want_m[k], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(state.second[k], want_v[k], rtol=1e-12, atol=1e-12)

@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ._spec import SymmetrySpec
 
+PRODUCTS = ("gelu", "bilinear")
+
 
 class SetNeuronLayer(nn.Module):
     """Exchangeable layer: ``M₁g + M₂ mean_t g + M₃ mean_{b,t} g + M₄ mean_n g + M₅ mean_{b,t,n} g + bias``."""
@@ -115,15 +117,31 @@ class ProductReadout(nn.Module):
     gradient net), ``p`` an optional learned per-parameter vector (needed when several parameters
     share the same spaces, as ``q`` and ``k`` do). ``h`` may carry a data axis ``S``: the MLP is
     applied per element and the result averaged over ``S`` (GradMetaNet++'s per-datum readout).
+
+    ``product="bilinear"``: a multiplicative readout. For a weight,
+    ``z[i, j] = mean_s (U h_s[X_i] + u) ⊙ (V h_s[Y_j] + v)`` (``K = hidden`` channels; one batched
+    matmul over the data axis, ``O(S·P·K)``, never an ``(S, P, K)`` tensor); for a bias,
+    ``z[i] = mean_s (U' h_s[X_i] + u') ⊙ (V' h_s[X_i] + v')``. Then ``Ŵ[i, j] = MLP([z, slog z],
+    e[i, j], p)`` pointwise, with ``slog z = sign(z)·log(1 + |z|)`` (elementwise, so every symmetry
+    is kept; it gives the MLP ratios of products as differences). Since the biases ``u, v`` let a
+    channel be constant, ``z`` holds ``mean_s f(h_s[X_i])·g(h_s[Y_j])`` and the plain means of
+    each side for linear ``f, g``: with neuron channels ``δ``, ``a`` the mean gradient
+    ``mean_b δ_b[i] a_b[j]`` is one channel (see ``products``). ``h`` without a data axis is
+    read as ``S = 1``.
     """
 
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
-                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False):
+                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str = "gelu"):
         super().__init__()
         for p, axes in spec.params:
             if len(axes) > 2:
                 raise ValueError(f"product readout handles parameters with 1 or 2 axes; {p!r} has {len(axes)}")
-        self.spec, self.offsets, self.out_dim = spec, offsets, out_dim
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+        self.spec, self.offsets, self.out_dim, self.product = spec, offsets, out_dim, product
+        if product == "bilinear":
+            self._init_bilinear(c, hidden, edge_channels, param_ids)
+            return
         self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
         self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
         self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
@@ -135,6 +153,8 @@ class ProductReadout(nn.Module):
 
     def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``h``: ``(G, N, c)`` or ``(G, S, N, c)``; ``edges``: ``{param_name: (G, *param.shape, e)}``."""
+        if self.product == "bilinear":
+            return self._forward_bilinear(h, edges)
         per_datum = h.dim() == 4
         out = {}
         for k, (name, axes) in enumerate(self.spec.params):
@@ -152,6 +172,51 @@ class ProductReadout(nn.Module):
             else:
                 z = F.gelu(_outer(hx, hy) + bias)
             y = lin(z)
+            out[name] = y.squeeze(-1) if self.out_dim == 1 else y
+        return out
+
+    # ------------------------------------------------------------------ bilinear product readout
+    def _init_bilinear(self, c, hidden, edge_channels, param_ids):
+        self.u2, self.v2 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # weights: U, V
+        self.u1, self.v1 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # biases: U', V'
+        self.in2, self.in1 = nn.Linear(2 * hidden, hidden), nn.Linear(2 * hidden, hidden)  # [z, slog z]
+        self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.w2, self.w1 = nn.Linear(hidden, self.out_dim), nn.Linear(hidden, self.out_dim)
+        self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
+
+    def products(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Bilinear readout only: ``{param_name: z}``, ``z`` of shape ``(G, *param.shape, K)``.
+
+        ``z[..., i, j, k] = mean_s (U h_s[X_i] + u)_k (V h_s[Y_j] + v)_k`` for a weight and
+        ``mean_s (U' h_s[X_i] + u')_k (V' h_s[X_i] + v')_k`` for a bias; ``h``: ``(G, N, c)`` or
+        ``(G, S, N, c)``. Equivariant to the neuron permutations, invariant to the order of ``s``.
+        """
+        if self.product != "bilinear":
+            raise ValueError("products() belongs to the bilinear readout (product='bilinear')")
+        h = h if h.dim() == 4 else h.unsqueeze(1)                          # (G, S, N, c)
+        S, out = h.shape[1], {}
+        for name, axes in self.spec.params:
+            if len(axes) == 2:
+                ux, vy = self.u2(self._rows(h, axes[0])), self.v2(self._rows(h, axes[1]))  # (G, S, n, K)
+                z = ux.permute(0, 3, 2, 1) @ vy.permute(0, 3, 1, 2)        # (G, K, nx, ny): sum over s
+                out[name] = z.permute(0, 2, 3, 1) / S
+            else:
+                hx = self._rows(h, axes[0])
+                ux, vx = self.u1(hx), self.v1(hx)
+                out[name] = (ux * vx).mean(1)                               # (G, n, K)
+        return out
+
+    def _forward_bilinear(self, h, edges):
+        out = {}
+        for k, (name, z) in enumerate(self.products(h).items()):
+            lin_in, el, lin = (self.in2, self.e2, self.w2) if z.dim() == 4 else (self.in1, self.e1, self.w1)
+            x = lin_in(torch.cat([z, z.sign() * z.abs().log1p()], -1))
+            if edges is not None:
+                x = x + el(edges[name])
+            if self.pid is not None:
+                x = x + self.pid[k]
+            y = lin(F.gelu(x))
             out[name] = y.squeeze(-1) if self.out_dim == 1 else y
         return out
 

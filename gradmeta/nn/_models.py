@@ -64,19 +64,29 @@ class GradMetaNet(nn.Module):
             then ``forward`` needs ``params``.
         channels, set_layers, neuron_layers, heads: sizes.
         extra_channels: extra per-neuron input channels passed as ``forward(extra=...)``.
+        edge_channels: extra per-entry readout channels passed as ``forward(edges=...)``.
+        product: the per-weight readout (``readout="weight"`` only). ``"gelu"`` (default):
+            ``w₂·gelu(U h[X_i] + V h[Y_j] + ...)``, on the data-pooled features for ``"base"``,
+            per datum then averaged for ``"plusplus"``. ``"bilinear"``: ``MLP(mean_s (U h_s[X_i]) ⊙
+            (V h_s[Y_j]))`` (see ``ProductReadout``), so means of per-datum products such as
+            ``mean_b δ_b[i] a_b[j]`` are read exactly; for ``"base"`` it reads the per-datum
+            features *before* data pooling: ``h_s = g⁰_s + g_s + h_pool`` (the embedding, the last
+            set×neuron layer and the pooled neuron-DeepSets features, broadcast over the data).
     """
 
     def __init__(self, spec: SymmetrySpec, readout: str = "invariant", out_dim: int = 1,
                  variant: str = "base", weight_aware: bool = False, channels: int = 32,
                  set_layers: int = 4, neuron_layers: int = 2, heads: int = 4, extra_channels: int = 0,
-                 edge_channels: int = 0):
+                 edge_channels: int = 0, product: str = "gelu"):
         super().__init__()
         if readout not in _READOUTS:
             raise ValueError(f"readout must be one of {_READOUTS}, got {readout!r}")
         if variant not in ("base", "plusplus"):
             raise ValueError(f"variant must be 'base' or 'plusplus', got {variant!r}")
+        if product != "gelu" and readout != "weight":
+            raise ValueError(f"product={product!r} is a per-weight readout; it needs readout='weight'")
         self.spec, self.readout, self.variant, self.out_dim = spec, readout, variant, out_dim
-        self.weight_aware = weight_aware
+        self.weight_aware, self.product = weight_aware, product
         self.layout = NeuronLayout(spec, weight_aware, extra_channels)
         c = channels
         self.encoder = NeuronEncoder(self.layout, c)
@@ -90,7 +100,8 @@ class GradMetaNet(nn.Module):
             self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
         if readout == "weight":
             self.head = ProductReadout(spec, self.layout.offsets, c, c, out_dim,
-                                       edge_channels + int(weight_aware), param_ids=spec.arch != "mlp")
+                                       edge_channels + int(weight_aware), param_ids=spec.arch != "mlp",
+                                       product=product)
         else:
             self.head = nn.Linear(c, out_dim)
 
@@ -128,13 +139,16 @@ class GradMetaNet(nn.Module):
 
     def _forward(self, sets, params_l, extra_l, edges_l):
         feats = [self.layout.features(s, p, x) for s, p, x in zip(sets, params_l, extra_l)]
-        g = self.encoder(feats)  # (G, B, T, N, c)
+        g0 = g = self.encoder(feats)  # (G, B, T, N, c)
         if self.variant == "base":
             for k, layer in enumerate(self.set_layers):
                 g = layer(g) if k == 0 else layer(F.gelu(g))
             h = self.pool(F.gelu(g))
             for layer in self.neuron_layers:
                 h = layer(F.gelu(h))
+            if self.readout == "weight" and self.product == "bilinear":  # per datum, before pooling
+                G, B, T, N, c = g.shape
+                h = (g0 + g).reshape(G, B * T, N, c) + h.unsqueeze(1)
         else:
             G, B, T, N, c = g.shape
             h = g.reshape(G, B * T, N, c)

@@ -12,11 +12,11 @@ CONFIGS = [(ro, v, wa) for v in ("base", "plusplus") for ro, wa in
            (("invariant", False), ("neuron", False), ("weight", False), ("weight", True))]
 
 
-def make_net(model, readout, variant, weight_aware, seed=0):
+def make_net(model, readout, variant, weight_aware, seed=0, product="gelu"):
     torch.manual_seed(seed)
     return GradMetaNet.for_model(model, readout=readout, out_dim=2 if readout != "weight" else 1,
                                  variant=variant, weight_aware=weight_aware, channels=8,
-                                 set_layers=2, neuron_layers=1, heads=2).double()
+                                 set_layers=2, neuron_layers=1, heads=2, product=product).double()
 
 
 def run(net, model, gs):
@@ -27,11 +27,11 @@ def as_dict(out):
     return out if isinstance(out, dict) else {"out": out}
 
 
-def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed):
+def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed, product="gelu"):
     rng = torch.Generator().manual_seed(seed)
     model, x, y = refs.mlp_case(widths, batch, seed)
     spec = symmetry_spec(model)
-    net = make_net(model, readout, variant, weight_aware, seed)
+    net = make_net(model, readout, variant, weight_aware, seed, product)
     out = run(net, model, refs.collect(model, x, y))
     perms = refs.nontrivial_perms(spec, rng)
     pmodel = refs.permuted_model(model, spec, perms)
@@ -48,6 +48,65 @@ def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed
 @pytest.mark.parametrize("readout,variant,weight_aware", CONFIGS)
 def test_equivariance_real_mlp(refs, readout, variant, weight_aware):
     check_equivariance(refs, [5, 7, 6, 3], 9, readout, variant, weight_aware, seed=3)
+
+
+@pytest.mark.parametrize("variant", ["base", "plusplus"])
+@pytest.mark.parametrize("weight_aware", [False, True])
+def test_bilinear_readout_equivariance_real_mlp(refs, variant, weight_aware):
+    """The bilinear per-weight readout: permuting hidden neurons and recomputing the gradient set
+    permutes the output like the parameters; shuffling the data leaves it unchanged."""
+    for widths, batch, seed in (([5, 7, 6, 3], 9, 3), ([4, 3, 5, 2, 3], 4, 7)):
+        check_equivariance(refs, widths, batch, "weight", variant, weight_aware, seed, product="bilinear")
+
+
+def test_bilinear_products_are_means_of_per_example_products(refs):
+    """With U picking δ and V picking a (channels 1 and 0 of an MLP's raw neuron features), the
+    bilinear channel is mean_b δ_b[i] a_b[j], the mean gradient (and, for a bias, with V the
+    constant 1, mean_b δ_b[i]); checked against per-example gradients from a loop over the data."""
+    import gradmeta as gm
+    from gradmeta.models import classification_loss
+    from gradmeta.nn import NeuronLayout
+    from gradmeta.nn._layers import ProductReadout
+    model, x, y = refs.mlp_case([5, 7, 6, 3], 9, 1)
+    spec = symmetry_spec(model)
+    layout = NeuronLayout(spec)
+    feats = layout.features(refs.collect(model, x, y))            # {space: (B, 1, n, 4)}: a, δ, has_a, has_δ
+    h = torch.cat([feats[s.name] for s in spec.spaces], -2).flatten(0, 1).unsqueeze(0)  # (1, B, N, 4)
+    ro = ProductReadout(spec, layout.offsets, 4, 3, product="bilinear").double()
+    with torch.no_grad():
+        for lin in (ro.u2, ro.v2, ro.u1, ro.v1):
+            lin.weight.zero_(), lin.bias.zero_()
+        ro.u2.weight[0, 1] = ro.v2.weight[0, 0] = 1.0             # channel 0: δ_i · a_j
+        ro.u1.weight[0, 1] = ro.v1.bias[0] = 1.0                  # channel 0: δ_i · 1
+    z = ro.products(h)
+    naive = {}
+    for b in range(len(x)):                                      # slow reference: one example at a time
+        model.zero_grad()
+        classification_loss(model(x[b:b + 1]), y[b:b + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            naive[n] = naive.get(n, 0) + p.grad / len(x)
+    for n, _ in spec.params:
+        assert z[n].shape == (1, *naive[n].shape, 3)
+        torch.testing.assert_close(z[n][0, ..., 0], naive[n], atol=1e-12, rtol=0)
+        assert z[n][0, ..., 1:].abs().max() == 0
+    torch.testing.assert_close(z["2.weight"][0, ..., 0], gm.collect_gradients(
+        model, classification_loss, x, y).mean_grad()["2.weight"], atol=1e-12, rtol=0)
+    # without a data axis: S = 1, the plain product of the two sides
+    z1 = ro.products(h[:, 0])
+    torch.testing.assert_close(z1["0.weight"][0, ..., 0], torch.outer(h[0, 0, 5:12, 1], h[0, 0, :5, 0]))
+
+
+def test_bilinear_readout_trains_and_rejects_bad_options(refs):
+    model, x, y = refs.mlp_case([4, 6, 3], 5, 0)
+    gs = refs.collect(model, x, y)
+    for variant in ("base", "plusplus"):
+        net = make_net(model, "weight", variant, False, product="bilinear")
+        sum((v ** 2).sum() for v in net(gs).values()).backward()
+        assert all(p.grad is not None for n, p in net.named_parameters() if n.startswith("head."))
+    with pytest.raises(ValueError, match="product"):
+        make_net(model, "weight", "base", False, product="bogus")
+    with pytest.raises(ValueError, match="readout='weight'"):
+        make_net(model, "invariant", "base", False, product="bilinear")
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -41,7 +41,8 @@ __all__ = ["nn_capability", "make_sets", "targets_of", "normalise_layers", "kfac
            "rel_err", "render_capability", "TARGETS", "MODELS", "DEFAULTS"]
 
 TARGETS = ("mean_grad", "fisher_diag", "adam_direction", "natural_grad_last_layer")
-MODELS = ("GradMetaNet", "GradMetaNet++", "per-param DeepSets", "flat-factor MLP", "averaged-gradient net")
+MODELS = ("GradMetaNet", "GradMetaNet++", "GradMetaNet (bilinear)", "GradMetaNet++ (bilinear)",
+          "per-param DeepSets", "flat-factor MLP", "averaged-gradient net")
 _EXTRA = {"none": 0, "square": 2, "square_log": 4}
 _DEGREE = {"mean_grad": 1, "fisher_diag": 2, "adam_direction": 0, "natural_grad_last_layer": -1}
 
@@ -181,6 +182,9 @@ def capability_models(model: torch.nn.Module, m: dict, names=MODELS, seed: int =
               neuron_layers=m["neuron_layers"], heads=m["heads"], extra_channels=_EXTRA[m["features"]])
     make = {"GradMetaNet": lambda: gnn.GradMetaNet.for_model(model, variant="base", **kw),
             "GradMetaNet++": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus", **kw),
+            "GradMetaNet (bilinear)": lambda: gnn.GradMetaNet.for_model(model, variant="base", product="bilinear", **kw),
+            "GradMetaNet++ (bilinear)": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus",
+                                                                          product="bilinear", **kw),
             "per-param DeepSets": lambda: gnn.PerParamDeepSets(hidden=m["deepsets_hidden"]),
             "flat-factor MLP": lambda: gnn.FlatFactorMLP.for_model(model, readout="weight", hidden=m["flat_hidden"]),
             "averaged-gradient net": lambda: gnn.AveragedGradientNet.for_model(model, channels=m["channels"])}

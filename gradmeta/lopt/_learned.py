@@ -170,16 +170,20 @@ class PerParamMLP:
         return seg.unflatten(new), LOState(step, seg.unflatten(momenta), seg.unflatten(second), skipped)
 
     def flat_update(self, meta: Params, seg: Segments, params: Tensor, grads: Tensor, momenta: Tensor,
-                    second: Tensor, step: Tensor, skipped: Tensor, extra: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    second: Tensor, step: Tensor, skipped: Tensor, extra: Tensor | None = None,
+                    keep_if_not_finite: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:meth:`update` on all parameters flattened into one vector (``seg`` says where each lies).
 
         Args:
             params, grads, second: ``(N,)``; momenta: ``(6, N)``; extra: ``(extra_features, N)``.
             step, skipped: ``()`` counters of the state.
+            keep_if_not_finite: select the inputs when the step is not finite (``torch.where``, as
+                vmap needs); ``False`` returns the new values and lets the caller branch on
+                ``skipped`` (eager callers, where a Python branch is cheaper).
 
         Returns:
-            ``(params, momenta, second, step, skipped)`` after the step (the inputs if it is skipped).
+            ``(params, momenta, second, step, skipped)`` after the step (the inputs if it is skipped
+            and ``keep_if_not_finite``).
         """
         t = step + 1
         weights, timescales = _constants(grads.dtype, grads.device)
@@ -203,6 +207,8 @@ class PerParamMLP:
         new = params - delta.clamp(-self.max_update, self.max_update)
         # One reduction: a NaN or ±inf anywhere makes the sum non-finite (finite sums of this size do not overflow).
         ok = torch.isfinite(new.sum() + m.sum() + v.sum())
+        if not keep_if_not_finite:
+            return new, m, v, t, skipped + (~ok).to(skipped.dtype)
         keep = lambda a, b: torch.where(ok, a, b)  # noqa: E731
         return (keep(new, params), keep(m, momenta), keep(v, second), keep(t, step),
                 skipped + (~ok).to(skipped.dtype))

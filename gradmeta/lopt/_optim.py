@@ -106,7 +106,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """One learned update; ``closure() -> (B,)`` per-example losses; returns their mean."""
         if closure is None:
             raise ValueError("LearnedOptimizer.step needs a closure returning per-example losses (B,)")
-        self.zero_grad(set_to_none=True)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
         with torch.enable_grad():
             losses = closure()
             if not isinstance(losses, Tensor) or losses.dim() != 1:
@@ -126,7 +128,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self.meta, seg, torch.cat([p.reshape(-1) for p in params]),
                 torch.cat([p.grad.reshape(-1) for p in params]),
                 torch.cat([s["momenta"].reshape(len(DECAYS), -1) for s in states], 1),
-                torch.cat([s["second"].reshape(-1) for s in states]), states[0]["step"], states[0]["skipped"])
+                torch.cat([s["second"].reshape(-1) for s in states]), states[0]["step"], states[0]["skipped"],
+                keep_if_not_finite=False)
+            if skipped > states[0]["skipped"]:  # not finite: parameters and state stay as they were
+                for s in states:
+                    s["skipped"] = skipped
+                return loss.detach()
             torch._foreach_copy_(params, list(seg.unflatten(new).values()))
             for s, m, v in zip(states, seg.unflatten(momenta).values(), seg.unflatten(second).values()):
                 s.update(step=step, skipped=skipped, momenta=m, second=v)

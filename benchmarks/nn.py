@@ -5,7 +5,9 @@ Times, in one process and interleaved round-robin (median of ``--repeats`` after
 * ``collect``: ``gm.collect_gradients`` of that batch (the input every gradient-set model needs);
 * ``gmn_base`` / ``gmn_plusplus``: forward+backward of GradMetaNet (4 layers, 32 channels,
   per-weight readout) on that gradient set (loss: sum of squares of the readout);
-* ``per_param_deepsets``: forward+backward of the per-parameter DeepSets baseline (32 hidden).
+* ``per_param_deepsets``: forward+backward of the per-parameter DeepSets baseline (32 hidden);
+* ``gmn_base_bilinear`` / ``gmn_plusplus_bilinear``: the same GradMetaNets with the bilinear
+  per-weight readout (``product="bilinear"``, read per datum before pooling).
 Memory: bytes of the tensors autograd saves for backward during one forward (a deterministic
 measure of training memory; CPU resident-set peaks are too noisy on a shared machine), for a grid
 of batch sizes and MLP widths, plotted against ``B · N`` (N = number of neurons).
@@ -14,6 +16,7 @@ Usage::
 
     python benchmarks/nn.py                   # -> benchmarks/results/nn.{json,md,png}
     python benchmarks/nn.py --quick --out DIR # tiny sizes (smoke test)
+    python benchmarks/nn.py --contestants mlp_step,gmn_base_bilinear --stem nn_bilinear  # a subset
     python benchmarks/nn.py capability        # runs tasks/nn_capability.toml -> results/nn_capability.{json,md}
 """
 from __future__ import annotations
@@ -35,6 +38,10 @@ import gradmeta.nn as gnn  # noqa: E402
 from gradmeta.models import classification_loss, mlp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+PRODUCTS = ("gelu", "bilinear")
+# contestant -> (variant, product) of its saved-for-backward memory grid
+_MEMORY = {"gmn_base": ("base", "gelu"), "gmn_plusplus": ("plusplus", "gelu"),
+           "gmn_base_bilinear": ("base", "bilinear"), "gmn_plusplus_bilinear": ("plusplus", "bilinear")}
 
 
 def saved_bytes(fn) -> int:
@@ -65,8 +72,9 @@ def contestants(widths, B, channels, layers):
     model, x, y = case(widths, B)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gs = gm.collect_gradients(model, classification_loss, x, y)
-    nets = {v: gnn.GradMetaNet.for_model(model, readout="weight", variant=v, channels=channels,
-                                         set_layers=layers, neuron_layers=2) for v in ("base", "plusplus")}
+    nets = {(v, pr): gnn.GradMetaNet.for_model(model, readout="weight", variant=v, channels=channels,
+                                               set_layers=layers, neuron_layers=2, product=pr)
+            for v in ("base", "plusplus") for pr in PRODUCTS}
     pp = gnn.PerParamDeepSets(hidden=channels)
 
     def mlp_step():
@@ -83,8 +91,10 @@ def contestants(widths, B, channels, layers):
 
     return {"mlp_step": mlp_step,
             "collect": lambda: gm.collect_gradients(model, classification_loss, x, y),
-            "gmn_base": fwd_bwd(nets["base"]), "gmn_plusplus": fwd_bwd(nets["plusplus"]),
-            "per_param_deepsets": fwd_bwd(pp)}, nets, gs
+            "gmn_base": fwd_bwd(nets["base", "gelu"]), "gmn_plusplus": fwd_bwd(nets["plusplus", "gelu"]),
+            "per_param_deepsets": fwd_bwd(pp),
+            "gmn_base_bilinear": fwd_bwd(nets["base", "bilinear"]),
+            "gmn_plusplus_bilinear": fwd_bwd(nets["plusplus", "bilinear"])}, nets, gs
 
 
 def time_all(fns, repeats, warmup):
@@ -100,7 +110,7 @@ def time_all(fns, repeats, warmup):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def memory_grid(widths_list, batches, channels, layers, variant):
+def memory_grid(widths_list, batches, channels, layers, variant, product="gelu"):
     rows = []
     for widths in widths_list:
         for B in batches:
@@ -109,9 +119,9 @@ def memory_grid(widths_list, batches, channels, layers, variant):
             for v in (variant,):
                 torch.manual_seed(0)
                 net = gnn.GradMetaNet.for_model(model, readout="weight", variant=v, channels=channels,
-                                                set_layers=layers, neuron_layers=2)
+                                                set_layers=layers, neuron_layers=2, product=product)
                 P = sum(p.numel() for p in model.parameters())
-                rows.append({"variant": v, "widths": widths, "B": B, "N": sum(widths), "P": P,
+                rows.append({"variant": v + ("" if product == "gelu" else f" ({product})"), "widths": widths, "B": B, "N": sum(widths), "P": P,
                              "saved_bytes": saved_bytes(lambda: net(gs))})
     return rows
 
@@ -140,7 +150,7 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for v, m in (("base", "o"), ("plusplus", "s")):
+    for v, m in (("base", "o"), ("plusplus", "s"), ("base (bilinear)", "^"), ("plusplus (bilinear)", "v")):
         rows = [r for r in data["memory"] if r["variant"] == v]
         for widths in sorted({tuple(r["widths"]) for r in rows}):
             rr = sorted((r for r in rows if tuple(r["widths"]) == widths), key=lambda r: r["B"])
@@ -181,10 +191,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--spec", default=str(HERE.parent / "tasks" / "nn_capability.toml"),
                     help="capability: the task spec to run (default: tasks/nn_capability.toml)")
-    ap.add_argument("--stem", help="capability: run folder runs/<stem> and result file stem (default: spec stem)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--contestants", help="perf: comma-separated subset to time and measure (default: all)")
+    ap.add_argument("--stem", help="perf: result files <out>/<stem>.{json,md}, <stem>_memory.png (default: nn); "
+                    "capability: run folder runs/<stem> and result file stem (default: spec stem)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.mode == "capability":
@@ -196,18 +208,26 @@ def main(argv=None):
         widths, B, channels, layers, repeats = [784, 256, 128, 10], 128, 32, 4, a.repeats
         grid_w, grid_b, pp_b = [[784, 256, 128, 10], [392, 128, 64, 10]], [16, 32, 64, 128, 256], [8, 16, 32]
     fns, _, _ = contestants(widths, B, channels, layers)
+    chosen = a.contestants.split(",") if a.contestants else list(fns)
+    bad = [k for k in chosen if k not in fns]
+    if bad or "mlp_step" not in chosen:
+        ap.error(f"--contestants: unknown {bad} or no mlp_step (the unit); choose from {', '.join(fns)}")
     data = {"environment": environment("cpu"),
             "settings": {"widths": widths, "B": B, "channels": channels, "layers": layers, "repeats": repeats},
-            "times": time_all({k: f for k, f in fns.items() if k != "gmn_plusplus"}, repeats, warmup=1),
-            "memory": memory_grid(grid_w, grid_b, channels, layers, "base")
-            + memory_grid(grid_w[-1:], pp_b, channels, layers, "plusplus")}
-    # GradMetaNet++ costs O(B·P·c) in its per-datum readout: timed once, after one warm-up call
-    data["times"]["gmn_plusplus"] = time_all({"gmn_plusplus": fns["gmn_plusplus"]}, 1, warmup=1)["gmn_plusplus"]
-    data["settings"]["plusplus_repeats"] = 1
+            "times": time_all({k: fns[k] for k in chosen if k != "gmn_plusplus"}, repeats, warmup=1), "memory": []}
+    for name, (variant, product) in _MEMORY.items():
+        if name in chosen:
+            data["memory"] += (memory_grid(grid_w, grid_b, channels, layers, variant, product) if variant == "base"
+                               else memory_grid(grid_w[-1:], pp_b, channels, layers, variant, product))
+    if "gmn_plusplus" in chosen:
+        # GradMetaNet++ costs O(B·P·c) in its per-datum gelu readout: timed once, after one warm-up call
+        data["times"]["gmn_plusplus"] = time_all({"gmn_plusplus": fns["gmn_plusplus"]}, 1, warmup=1)["gmn_plusplus"]
+        data["settings"]["plusplus_repeats"] = 1
+    stem = a.stem or "nn"
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "nn.json").write_text(json.dumps(data, indent=1) + "\n")
-    (a.out / "nn.md").write_text(render(data))
-    plot(data, a.out / "nn_memory.png")
+    (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (a.out / f"{stem}.md").write_text(render(data))
+    plot(data, a.out / f"{stem}_memory.png")
     print(render(data))
 
 

@@ -12,7 +12,20 @@ def test_quick_perf_benchmark(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((tmp_path / "nn.json").read_text())
-    assert set(data["times"]) == {"mlp_step", "collect", "gmn_base", "gmn_plusplus", "per_param_deepsets"}
+    assert set(data["times"]) == {"mlp_step", "collect", "gmn_base", "gmn_plusplus", "per_param_deepsets",
+                                  "gmn_base_bilinear", "gmn_plusplus_bilinear"}
     assert data["environment"]["device"] == "cpu"
-    assert {r["variant"] for r in data["memory"]} == {"base", "plusplus"}
+    assert {r["variant"] for r in data["memory"]} == {"base", "plusplus", "base (bilinear)", "plusplus (bilinear)"}
     assert (tmp_path / "nn_memory.png").exists() and "× MLP training step" in (tmp_path / "nn.md").read_text()
+
+
+def test_quick_perf_benchmark_subset(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path), "--stem", "sub",
+                        "--contestants", "mlp_step,gmn_base_bilinear"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "sub.json").read_text())
+    assert set(data["times"]) == {"mlp_step", "gmn_base_bilinear"}
+    assert {r["variant"] for r in data["memory"]} == {"base (bilinear)"}
+    bad = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path), "--contestants", "gmn_bogus"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "contestants" in bad.stderr

@@ -83,6 +83,18 @@ def _cells(gs: GradientSet, low: float = -1.0, high: float = 1.0, layer: str = "
     return w
 
 
+def square_channels(layout: NeuronLayout, gs: GradientSet) -> dict[str, Tensor]:
+    """``{space_name: (B, T, n, 2)}``: ``(a², δ²)`` of every space of ``layout``, each divided by its
+    mean over the set (data, tokens and neurons of that space), so per-datum contributions
+    ``δ_i² a_j²`` to squared gradient entries are one product away. Scale free; equivariant to
+    the spaces' neuron permutations and to the data order."""
+    out = {}
+    for name, f in layout.features(gs).items():  # (B, T, n, [a, δ, has_a, has_δ])
+        sq = f[..., :2].square()
+        out[name] = sq / sq.mean((0, 1, 2), keepdim=True).clamp_min(_EPS)
+    return out
+
+
 @dataclass
 class FisherDataset:
     """``N`` SIRENs with their gradient sets, standard estimates and Fisher-diagonal targets.
@@ -202,23 +214,15 @@ class LearnedFisherEstimator(nn.Module):
                 for i, k in enumerate(self.names)}
 
     def _extra(self, gs: GradientSet) -> dict[str, Tensor]:
-        """Extra neuron channels. ``squares``: ``(a², δ²)`` of every space, each divided by its mean
-        over the set (data and neurons of that space), so the per-datum contributions ``δ_i² a_j²``
-        to the Fisher diagonal are one product away for the readout. ``cells``: every datum's
-        nearest-neighbour cell ``B · w_b`` of :func:`quadrature_fisher` (a hand-made per-datum
+        """Extra neuron channels: :func:`square_channels` (``squares``) and, with ``cells``, every
+        datum's nearest-neighbour cell ``B · w_b`` of :func:`quadrature_fisher` (a hand-made per-datum
         feature, the same for all neurons), so the readout can reweight data by it."""
-        out = {}
-        feats = self._raw_layout.features(gs)  # {space: (B, T, n, [a, δ, has_a, has_δ])}
+        out = square_channels(self._raw_layout, gs) if self.squares else {}
         if self.cells:
             w = _cells(gs) * gs.batch_size
-        for name, f in feats.items():
-            chans = []
-            if self.squares:
-                sq = f[..., :2].square()
-                chans.append(sq / sq.mean((0, 1, 2), keepdim=True).clamp_min(_EPS))
-            if self.cells:
-                chans.append(w.to(f).view(-1, 1, 1, 1).expand(*f.shape[:3], 1))
-            out[name] = torch.cat(chans, -1)
+            feats = out or self._raw_layout.features(gs)
+            cells = {name: w.to(f).view(-1, 1, 1, 1).expand(*f.shape[:3], 1) for name, f in feats.items()}
+            out = {name: torch.cat([out[name], c], -1) if out else c for name, c in cells.items()}
         return out
 
     def forward(self, sets: list[GradientSet], standard: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -246,6 +250,19 @@ def train_fisher_estimator(model: LearnedFisherEstimator, data: FisherDataset, *
     Returns ``{"step": [...], "loss": [...]}`` (every ``log_every`` steps; 0: only the last).
     """
     model.fit_normalisation(data.standard)
+    return fit_minibatches(model, data, lambda b: relative_error(model(b.sets, b.standard), b.target),
+                           steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=log_every)
+
+
+def fit_minibatches(model: nn.Module, data, batch_loss, *, steps: int, batch_size: int, lr: float,
+                    seed: int = 0, log_every: int = 0) -> dict[str, list]:
+    """The training loop shared by the learned curvature estimators.
+
+    ``steps`` Adam steps with a cosine learning rate and gradient clipping at norm 1; each step
+    draws ``batch_size`` examples without replacement (``seed``) via ``data.subset(idx)`` and
+    minimises ``batch_loss(batch) -> (G,)`` averaged. Returns ``{"step": [...], "loss": [...]}``
+    (every ``log_every`` steps; 0: only the last).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     gen = torch.Generator().manual_seed(seed)
@@ -253,8 +270,7 @@ def train_fisher_estimator(model: LearnedFisherEstimator, data: FisherDataset, *
     n = len(data)
     for step in range(1, steps + 1):
         idx = torch.randperm(n, generator=gen)[:min(batch_size, n)]
-        batch = data.subset(idx)
-        loss = relative_error(model(batch.sets, batch.standard), batch.target).mean()
+        loss = batch_loss(data.subset(idx)).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

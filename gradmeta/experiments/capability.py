@@ -18,7 +18,10 @@ bias; ``k`` = 1, 2, 0, −1 for the four targets, their degree in the gradient s
 are equivariant to every neuron permutation and invariant to data order, so each model keeps its
 symmetry. The averaged-gradient net sees ``ḡ`` divided by its RMS per parameter tensor and is
 rescaled by that alone (it must not see anything but ``ḡ``). With ``model.features = "square"``
-GradMetaNet(++) also get ``a²`` and ``δ²`` of every (datum, neuron) as input channels. The loss and
+GradMetaNet(++) also get ``a²`` and ``δ²`` of every (datum, neuron) as input channels. Models
+``"GradMetaNet (bilinear)"`` / ``"GradMetaNet++ (bilinear)"`` are the same networks with the
+multiplicative per-weight readout (``product="bilinear"``: ``MLP(mean_b (U h_b[i]) ⊙ (V h_b[j]))``,
+read per datum before any pooling), which represents means of per-example products. The loss and
 the reported error are the relative error ``‖pred − target‖ / ‖target‖`` over all parameters of a
 set, in the original space, mean over the test sets; :func:`kfac_fisher` gives a no-learning
 reference for the Fisher diagonal.

@@ -18,6 +18,8 @@ from ._estimators import (EigenResult, SpectralDensity, hutchinson_diagonal, hut
 from ._learned import (LEARNED_MODELS, FisherDataset, LearnedFisherEstimator, evaluate_fisher_estimator,
                        make_fisher_dataset, quadrature_fisher, relative_error, standard_fisher,
                        train_fisher_estimator)
+from ._learned_trace import (LearnedTraceEstimator, TraceDataset, evaluate_trace_estimator, make_trace_dataset,
+                             train_trace_estimator)
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
 from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
 from ._operators import GGNOperator, HessianOperator
@@ -31,4 +33,5 @@ __all__ = [
     "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS", "curvature_report", "format_table",
     "LearnedFisherEstimator", "FisherDataset", "make_fisher_dataset", "standard_fisher", "relative_error",
     "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS", "quadrature_fisher",
+    "LearnedTraceEstimator", "TraceDataset", "make_trace_dataset", "train_trace_estimator", "evaluate_trace_estimator",
 ]

@@ -49,20 +49,32 @@ def train_curves(task, make_opt: Callable, hparams: Tensor, seeds: list[int], st
 
     vstep, vtest = vmap(step), vmap(task.test_loss)
     gen = torch.Generator().manual_seed(data_seed)
+
+    def advance():
+        nonlocal params, state
+        batch = tuple(x.repeat(H, *[1] * (x.dim() - 1)) for x in task.batches(gen, S))
+        params, state, loss = vstep(hp, params, state, batch)
+        return loss
+
+    eval_steps, tests, trains = _record(steps, eval_every, lambda: vtest(params), advance)
+    skipped = getattr(state, "skipped", torch.zeros(H * S))
+    return {"eval_steps": eval_steps, "test_loss": tests.view(H, S, -1), "train_loss": trains.view(H, S, -1),
+            "skipped": skipped.view(H, S)}
+
+
+def _record(steps: int, eval_every: int, test: Callable[[], Tensor], advance: Callable[[], Tensor]):
+    """Call ``advance()`` (one step, returns the train losses) ``steps`` times and ``test()`` every
+    ``eval_every`` steps and at the end: ``(eval_steps (E,), tests (..., E), trains (..., steps))``."""
     eval_steps, tests, trains = [], [], []
     with torch.no_grad():
         for t in range(steps + 1):
             if t % eval_every == 0 or t == steps:
                 eval_steps.append(t)
-                tests.append(vtest(params))
+                tests.append(test())
             if t == steps:
                 break
-            batch = tuple(x.repeat(H, *[1] * (x.dim() - 1)) for x in task.batches(gen, S))
-            params, state, loss = vstep(hp, params, state, batch)
-            trains.append(loss)
-    skipped = getattr(state, "skipped", torch.zeros(H * S))
-    return {"eval_steps": torch.tensor(eval_steps), "test_loss": torch.stack(tests, -1).view(H, S, -1),
-            "train_loss": torch.stack(trains, -1).view(H, S, -1), "skipped": skipped.view(H, S)}
+            trains.append(advance())
+    return torch.tensor(eval_steps), torch.stack(tests, -1), torch.stack(trains, -1)
 
 
 def train_curves_loop(task, lo, meta: dict[str, Tensor], seeds: list[int], steps: int, eval_every: int,
@@ -73,23 +85,19 @@ def train_curves_loop(task, lo, meta: dict[str, Tensor], seeds: list[int], steps
     params = [{k: v[i] for k, v in params.items()} for i in range(len(seeds))]
     states = [lo.init(p) for p in params]
     gen = torch.Generator().manual_seed(data_seed)
-    eval_steps, tests, trains = [], [], []
-    with torch.no_grad():
-        for t in range(steps + 1):
-            if t % eval_every == 0 or t == steps:
-                eval_steps.append(t)
-                tests.append(torch.stack([task.test_loss(p) for p in params]))
-            if t == steps:
-                break
-            batch = task.batches(gen, len(seeds))
-            losses = []
-            for i in range(len(seeds)):
-                params[i], states[i], loss = lo.step(meta, params[i], states[i], tuple(b[i] for b in batch))
-                losses.append(loss)
-            trains.append(torch.stack(losses))
+
+    def advance():
+        batch, losses = task.batches(gen, len(seeds)), []
+        for i in range(len(seeds)):
+            params[i], states[i], loss = lo.step(meta, params[i], states[i], tuple(b[i] for b in batch))
+            losses.append(loss)
+        return torch.stack(losses)
+
+    eval_steps, tests, trains = _record(steps, eval_every, lambda: torch.stack([task.test_loss(p) for p in params]),
+                                        advance)
     skipped = torch.stack([s.base.skipped if hasattr(s, "base") else s.skipped for s in states])
-    return {"eval_steps": torch.tensor(eval_steps), "test_loss": torch.stack(tests, -1).unsqueeze(0),
-            "train_loss": torch.stack(trains, -1).unsqueeze(0), "skipped": skipped.unsqueeze(0)}
+    return {"eval_steps": eval_steps, "test_loss": tests.unsqueeze(0), "train_loss": trains.unsqueeze(0),
+            "skipped": skipped.unsqueeze(0)}
 
 
 def step_reduction(reference: Tensor, other: Tensor, eval_steps: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from ._learned import _EPS, fit_minibatches, square_channels
 __all__ = ["TraceDataset", "make_trace_dataset", "fisher_trace", "standard_trace", "normalised_abs_error",
            "LearnedTraceEstimator", "TRACE_MODELS", "train_trace_estimator", "evaluate_trace_estimator"]
 
-TRACE_MODELS = ("gradmetanet", "gradmetanet++", "flat_mlp", "averaged_grad")
+TRACE_MODELS = ("gradmetanet", "gradmetanet++", "gradmetanet-no-norms", "flat_mlp", "averaged_grad")
 NUM_CLASSES = 10
 IN_FEATURES = 64
 
@@ -176,7 +176,8 @@ class LearnedTraceEstimator(nn.Module):
             plusplus variant) on the factors ``(a, δ)`` of every datum plus 4 extra neuron
             channels: :func:`square_channels` ``(a², δ²)``; the datum's log relative squared norm
             ``log(‖g_b‖² / T̂_std)``; and the standardised ``log T̂_std`` (the same on every
-            neuron and datum). ``"flat_mlp"``: ``FlatFactorMLP`` on each datum's concatenated
+            neuron and datum). ``"gradmetanet-no-norms"``: ``"gradmetanet"`` without the last two
+            (an ablation: only ``(a, δ, a², δ²)`` per datum and neuron). ``"flat_mlp"``: ``FlatFactorMLP`` on each datum's concatenated
             factors, mean over data (no neuron symmetry). ``"averaged_grad"``: the weight-space
             ``AveragedGradientNet`` fed one averaged statistic per weight, the standardised
             ``log F̂_std`` (Fisher diagonal of the same set; its sum is ``T̂_std``), without the
@@ -195,9 +196,11 @@ class LearnedTraceEstimator(nn.Module):
         self.kind, self.hidden = kind, hidden
         spec = symmetry_spec(mlp([IN_FEATURES, hidden, hidden, NUM_CLASSES]))
         self.names = [p for p, _ in spec.params]
+        self.norms = kind in ("gradmetanet", "gradmetanet++")
         if kind.startswith("gradmetanet"):
             self.net = GradMetaNet(spec, "invariant", 1, "plusplus" if kind.endswith("++") else "base",
-                                   channels=channels, set_layers=layers, neuron_layers=2, extra_channels=4)
+                                   channels=channels, set_layers=layers, neuron_layers=2,
+                                   extra_channels=2 + 2 * self.norms)
             self._raw_layout = NeuronLayout(spec)
         elif kind == "flat_mlp":
             self.net = FlatFactorMLP(spec, "invariant", 1, hidden=4 * channels)
@@ -218,6 +221,8 @@ class LearnedTraceEstimator(nn.Module):
             self.log_std[i] = v.std().clamp_min(1e-3) if v.numel() > 1 else 1.0
 
     def _extra(self, gs: GradientSet, z: Tensor) -> dict[str, Tensor]:
+        if not self.norms:
+            return square_channels(self._raw_layout, gs)
         sq = gs.grad_norms().square()
         rel = (sq / sq.mean().clamp_min(_EPS)).clamp_min(1e-4).log()  # (B,) per datum
         out = {}

@@ -60,7 +60,7 @@ def test_standard_estimator_is_naive_mean_squared_norm(ds, digits):
 
 
 def test_starts_at_the_standard_estimator(ds):
-    for kind in ("gradmetanet", "flat_mlp", "averaged_grad"):
+    for kind in ("gradmetanet", "gradmetanet-no-norms", "flat_mlp", "averaged_grad"):
         est = LearnedTraceEstimator(kind, hidden=H, channels=4, layers=1).double()
         est.fit_normalisation(ds.sets)
         torch.testing.assert_close(est(ds.sets), ds.standard, rtol=0, atol=0)
@@ -74,7 +74,7 @@ def _permute_hidden(params, p1, p2):
     return q
 
 
-@pytest.mark.parametrize("kind", ["gradmetanet", "gradmetanet++", "averaged_grad"])
+@pytest.mark.parametrize("kind", ["gradmetanet", "gradmetanet++", "gradmetanet-no-norms", "averaged_grad"])
 def test_invariant_to_hidden_permutations_and_data_order(ds, digits, kind):
     torch.manual_seed(0)
     est = LearnedTraceEstimator(kind, hidden=H, channels=8, layers=1).double()

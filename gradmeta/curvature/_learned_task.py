@@ -276,6 +276,8 @@ def _trace_summary(state: dict, spec: dict, tests: dict) -> dict:
     for h, test in tests.items():
         out[f"standard_nmae/h{h}"] = evaluate_trace_estimator(None, test)["standard_nmae"]
         out[f"target_range/h{h}"] = [float(test.target.min()), float(test.target.max())]
+        rb = evaluate_trace_estimator("rao_blackwell", test)
+        out[f"nmae/rao_blackwell/h{h}"], out[f"ratio/rao_blackwell/h{h}"] = rb["nmae"], rb["ratio"]
         for m in spec["models"]:
             rs = [r for k, r in state["results"].items() if k.startswith(f"{m}/h{h}/")]
             if not rs:
@@ -302,6 +304,9 @@ def trace_table(summary: dict, spec: dict) -> str:
                          f"(×{summary[f'ratio/{k}']:.3f} ± {summary[f'ratio_std/{k}']:.3f}; "
                          f"{summary[f'seeds/{k}']} seeds)" if f"nmae/{k}" in summary else "—")
         lines.append(f"| {m} | {summary.get(f'steps/{m}', '—')} | " + " | ".join(cells) + " |")
+    if all(f"nmae/rao_blackwell/h{h}" in summary for h in hs):
+        lines.append("| last-layer Rao–Blackwell reference (not learned) | — | " + " | ".join(
+            f"{summary[f'nmae/rao_blackwell/h{h}']:.4f} (×{summary[f'ratio/rao_blackwell/h{h}']:.3f})" for h in hs) + " |")
     lines.append(f"\nNormalised MAE = mean over {summary['test_size']} held-out MLPs 64-h-h-10 of |T̂ − T| / T, "
                  f"T the exact true-Fisher trace over the digits, T̂ from {spec['data']['set_size']} gradients with model-sampled "
                  "labels; "
@@ -315,14 +320,15 @@ def _trace_figure(spec: dict, summary: dict):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    hs, ms = spec["widths"], spec["models"]
-    w = 0.8 / max(len(ms), 1)
+    hs, ms = spec["widths"], [*spec["models"], "rao_blackwell"]
+    w = 0.8 / len(ms)
     for i, m in enumerate(ms):
         xs = [j + (i - (len(ms) - 1) / 2) * w for j, h in enumerate(hs) if f"ratio/{m}/h{h}" in summary]
         ys = [summary[f"ratio/{m}/h{h}"] for h in hs if f"ratio/{m}/h{h}" in summary]
-        es = [summary[f"ratio_std/{m}/h{h}"] for h in hs if f"ratio/{m}/h{h}" in summary]
+        es = [summary.get(f"ratio_std/{m}/h{h}", 0.0) for h in hs if f"ratio/{m}/h{h}" in summary]
         if xs:
-            ax.bar(xs, ys, w, yerr=es, capsize=3, label=m)
+            ax.bar(xs, ys, w, yerr=es, capsize=3, hatch="//" if m == "rao_blackwell" else None,
+                   label="last-layer Rao–Blackwell (not learned)" if m == "rao_blackwell" else m)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="standard estimator")
     ax.set_xticks(range(len(hs)), [f"MLP 64-{h}-{h}-10" for h in hs])
     ax.set_ylabel("normalised MAE / standard estimator's")

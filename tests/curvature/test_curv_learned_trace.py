@@ -59,6 +59,22 @@ def test_standard_estimator_is_naive_mean_squared_norm(ds, digits):
     torch.testing.assert_close(torch.tensor(ev["standard_nmae"], dtype=torch.float64), want)
 
 
+def test_rao_blackwell_reference_is_naive(ds, digits):
+    from gradmeta.curvature._learned_trace import rao_blackwell_trace
+    x_all = digits[0]
+    for i in range(len(ds)):
+        model, x = _model({k: v[i] for k, v in ds.params.items()}), x_all[ds.points[i, :6]]
+        params, last = list(model.parameters()), list(model[4].parameters())
+        want = 0.0
+        for b in range(6):  # the sampled label in the other layers, summed out under p in the last
+            p = model(x[b:b + 1]).softmax(-1)[0].detach()
+            for y in range(NUM_CLASSES):
+                g = torch.autograd.grad(classification_loss(model(x[b:b + 1]), torch.tensor([y])).sum(), params)
+                sq_last = sum(t.square().sum() for t in g[-len(last):])
+                want += p[y] * sq_last + (sum(t.square().sum() for t in g[:-len(last)]) if y == ds.labels[i, b] else 0)
+        torch.testing.assert_close(rao_blackwell_trace(ds.sets[i]), want / 6, rtol=1e-10, atol=0)
+
+
 def test_starts_at_the_standard_estimator(ds):
     for kind in ("gradmetanet", "gradmetanet-no-norms", "flat_mlp", "averaged_grad"):
         est = LearnedTraceEstimator(kind, hidden=H, channels=4, layers=1).double()
@@ -126,4 +142,5 @@ def test_training_runs_and_task_tiny_spec(tmp_path):
     for kind in ("gradmetanet", "flat_mlp", "averaged_grad"):
         assert f"ratio/{kind}/h4" in m["summary"]
     assert (out / "curvature_learned_trace.png").exists() and "h=4" in (out / "table.md").read_text()
+    assert "Rao–Blackwell" in (out / "table.md").read_text()
     assert json.loads((out / "results.json").read_text())["environment"]["torch_threads"] == 1

@@ -6,7 +6,8 @@
 * **optimizers** -- hand-designed baselines as ``init``/``update`` pairs with named state:
   :func:`sgdm`, :func:`adam`, the Adam learning-rate sweep :data:`ADAM_LRS`;
 * **learned optimizers** -- :class:`PerParamMLP` (residual form: untrained = SGD with momentum) and
-  :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set);
+  :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
+  :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient);
 * **outer trainers** -- :class:`PES`, :func:`es_grad`, :class:`TruncatedBackprop` (``torch.func``
   or ``higher``), split over ``torchrun`` ranks with :func:`comm_from_env`;
 * **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
@@ -19,7 +20,7 @@ Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
-from ._gmn import GMNState, GradMetaNetLO
+from ._gmn import GMNState, GradMetaNetLO, WeightSpaceLO
 from ._evaluate import step_reduction, step_times, train_curves, train_curves_loop
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP
 from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
@@ -31,7 +32,7 @@ __all__ = [
     "Task", "ModuleTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
     "digits_mlp", "image_mlp", "char_lm", "make_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
-    "PerParamMLP", "LOState", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState",
+    "PerParamMLP", "LOState", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
     "unroll", "meta_loss", "PES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",

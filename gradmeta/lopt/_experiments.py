@@ -15,6 +15,7 @@ the step-time ratio against Adam (``evaluation.png``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ from gradmeta.run import OneOf, Required, Run, register_task
 from ._baselines import ADAM_LRS, SGDM_LRS, adam, sgdm
 from ._distributed import comm_from_env
 from ._evaluate import step_reduction, step_times, train_curves, train_curves_loop
-from ._gmn import GradMetaNetLO
+from ._gmn import GradMetaNetLO, WeightSpaceLO
 from ._learned import PerParamMLP
 from ._optim import load_checkpoint, save_checkpoint
 from ._outer import PES, TruncatedBackprop
@@ -36,7 +37,7 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "threads": 1,
     "inner": _TASK,
-    "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++")),
+    "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace")),
                   "hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1, "gmn_channels": 4,
                   "weight_aware": False},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
@@ -48,6 +49,7 @@ TRAIN_DEFAULTS = {
 }
 EVAL_DEFAULTS = {
     "checkpoint": "",
+    "run": "",  # a lopt_meta_train run folder: evaluate its optimizer (any kind) instead of `checkpoint`
     "threads": 1,
     "inner": _TASK,
     "seeds": [1, 2, 3, 4, 5],
@@ -84,9 +86,29 @@ def _make_lo(task, cfg: dict):
     base = {k: cfg[k] for k in ("hidden", "lr", "step_mult", "max_update")}
     if cfg["kind"] == "per_param_mlp":
         return PerParamMLP(**base)
+    if cfg["kind"] == "weightspace":
+        return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], **base)
     variant = "plusplus" if cfg["kind"] == "gradmetanet++" else "base"
     return GradMetaNetLO(task, gmn_channels=cfg["gmn_channels"], variant=variant, weight_aware=cfg["weight_aware"],
                          **base)
+
+
+def _from_run(folder: str, task):
+    """``(optimizer, meta)`` of a ``lopt_meta_train`` run folder (its resolved spec and latest
+    checkpoint, read with ``weights_only``), for optimizers of any kind on ``task``."""
+    from gradmeta.run import load_spec, resolve_spec
+
+    folder = Path(folder)
+    spec_path, ckpt_path = folder / "spec.resolved.toml", folder / "checkpoint.pt"
+    for p in (spec_path, ckpt_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"gradmeta.lopt: {folder} is not a lopt_meta_train run folder (no {p.name})")
+    spec = resolve_spec(load_spec(spec_path), spec_path)
+    if spec.get("task") != "lopt_meta_train":
+        raise ValueError(f"gradmeta.lopt: {spec_path} is a {spec.get('task')!r} run, not lopt_meta_train")
+    lo = _make_lo(task, spec["optimizer"])
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state"]["meta"]
+    return lo, {k: v.detach() for k, v in meta.items()}
 
 
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
@@ -190,7 +212,7 @@ def lopt_eval(run: Run) -> dict:
     s = run.spec
     _set_threads(run)
     task = _task(run)
-    lo, meta = load_checkpoint(s["checkpoint"] or None)
+    lo, meta = _from_run(s["run"], task) if s["run"] else load_checkpoint(s["checkpoint"] or None)
     seeds, steps, every = s["seeds"], s["steps"], s["eval_every"]
     if not seeds or steps < 1 or every < 1:
         raise run.spec_error("seeds/steps/eval_every", "need at least one seed and positive steps")
@@ -218,6 +240,9 @@ def lopt_eval(run: Run) -> dict:
         history["per_seed"][f"{name}_step_reduction"] = red.tolist()
         history["per_seed"][f"{name}_best_test_loss"] = best.tolist()
     summary["learned_skipped_steps"] = runs["learned"]["skipped"]
+    if not isinstance(lo, PerParamMLP):  # step time: LearnedOptimizer runs PerParamMLP checkpoints only
+        bar.close()
+        return _eval_result(run, task, seeds, steps, summary, history, runs)
     tb = s["timing"]["batch_size"]
     gen = torch.Generator().manual_seed(s["data_seed"])
     timing_task = make_task(s["inner"]["name"], hidden=s["inner"]["hidden"], batch_size=tb,
@@ -231,8 +256,13 @@ def lopt_eval(run: Run) -> dict:
                     "timing_batch_size": tb})
     bar.update(1)
     bar.close()
+    return _eval_result(run, task, seeds, steps, summary, history, runs)
+
+
+def _eval_result(run: Run, task, seeds, steps: int, summary: dict, history: dict, runs: dict) -> dict:
     from ._plots import plot_curves
 
+    steps_t = runs["adam"]["eval_steps"]
     curves = {f"learned ({summary['learned_step_reduction_mean']:.2f}× vs Adam)": (steps_t, runs["learned"]["test"]),
               f"Adam lr={runs['adam']['lr']:g} (tuned)": (steps_t, runs["adam"]["test"]),
               f"SGDM lr={runs['sgdm']['lr']:g} (tuned)": (steps_t, runs["sgdm"]["test"])}

@@ -12,6 +12,10 @@ and the GradMetaNet's (``"gmn.*"``).
 The gradient set is collected with hooks on a real module, so inner runs are stepped one at a
 time (outer trainers loop over particles instead of using ``vmap``) and there is no
 backpropagation through the unroll: use it with :class:`PES` or :func:`es_grad`.
+
+:class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant of DESIGN §7: the branch is an
+equivariant network on the parameters and the mean gradient only (no gradient set), so its update
+is a pure function that runs under ``vmap`` like :class:`PerParamMLP`.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from ._baselines import Optimizer
 from ._learned import LOState, PerParamMLP
 
-__all__ = ["GradMetaNetLO", "GMNState"]
+__all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO"]
 
 Params = dict[str, Tensor]
 
@@ -35,7 +40,29 @@ class GMNState(NamedTuple):
     avg: Params
 
 
-class GradMetaNetLO:
+class _BranchLO:
+    """Shared by the learned optimizers made of a :class:`PerParamMLP` (``self.base``, meta-parameters
+    ``"mlp.*"``) and an equivariant network (``self.net``, meta-parameters ``"<prefix>.*"``)."""
+
+    prefix = "gmn"
+
+    def init_meta(self, seed: int = 0) -> Params:
+        """``{"mlp.<name>": ...}`` (last layer zero: untrained = SGDM) and ``{"<prefix>.<name>": ...}``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.net.modules():
+                if m is not self.net and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        meta = {f"mlp.{k}": v for k, v in self.base.init_meta(seed).items()}
+        meta.update({f"{self.prefix}.{k}": v.detach().clone() for k, v in self.net.named_parameters()})
+        return meta
+
+    def _part(self, meta: Params, prefix: str) -> Params:
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+
+
+class GradMetaNetLO(_BranchLO):
     """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
 
     Args:
@@ -62,17 +89,6 @@ class GradMetaNetLO:
                                          weight_aware=weight_aware, channels=channels)
         self.lr = self.base.lr
 
-    def init_meta(self, seed: int = 0) -> Params:
-        """``{"mlp.<name>": ...}`` (last layer zero: untrained = SGDM) and ``{"gmn.<name>": ...}``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for m in self.net.modules():
-                if m is not self.net and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-        meta = {f"mlp.{k}": v for k, v in self.base.init_meta(seed).items()}
-        meta.update({f"gmn.{k}": v.detach().clone() for k, v in self.net.named_parameters()})
-        return meta
-
     def init(self, params: Params) -> GMNState:
         """Fresh state; readout averages start at zero."""
         return GMNState(self.base.init(params), {k: torch.zeros(*v.shape, self.E) for k, v in params.items()})
@@ -97,7 +113,7 @@ class GradMetaNetLO:
             for p in model.parameters():
                 p.requires_grad_(False)
         grads = gs.mean_grad()
-        gmn_meta = {k[4:]: v for k, v in meta.items() if k.startswith("gmn.")}
+        gmn_meta = self._part(meta, "gmn")
         args = (gs, params) if self.weight_aware else (gs,)
         with torch.no_grad():
             out = functional_call(self.net, gmn_meta, args)
@@ -105,8 +121,54 @@ class GradMetaNetLO:
         t = state.base.step + 1
         avg = {k: torch.lerp(state.avg[k], out[k], 1 - self.avg_decay) for k in params}
         extra = {k: torch.cat([out[k], avg[k] / (1 - self.avg_decay ** t)], -1) for k in params}
-        mlp_meta = {k[4:]: v for k, v in meta.items() if k.startswith("mlp.")}
-        new, base = self.base.update(mlp_meta, grads, state.base, params, extra)
+        new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
         ok = base.skipped == state.base.skipped
         avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
         return new, GMNState(base, avg), gs.losses.mean()
+
+
+class WeightSpaceLO(_BranchLO):
+    """Per-parameter MLP learned optimizer with a weight-space (UNF/NFN-style) branch.
+
+    An :class:`gradmeta.nn.AveragedGradientNet` with a ``"weight"`` readout (exactly equivariant to
+    the inner model's neuron permutations) reads the mean gradient (neuron features: row and column
+    means / mean squares) and the parameters (per-entry features), each divided by its RMS per
+    tensor, and gives ``E`` features per parameter entry, concatenated to the per-parameter
+    features of :class:`PerParamMLP` (``extra_features = E``). Residual form: untrained = SGD with
+    momentum. Pure and ``vmap``-able (no gradient set), so outer trainers vectorise its particles.
+
+    Args:
+        task: a module-backed task (its ``model`` gives the symmetry spec).
+        out_channels: ``E``, branch outputs per parameter entry.
+        channels, layers: width and depth of the weight-space net.
+        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
+    """
+
+    prefix = "ws"
+
+    def __init__(self, task, out_channels: int = 4, channels: int = 8, layers: int = 2, **kwargs):
+        from gradmeta.nn import AveragedGradientNet, symmetry_spec
+
+        if not hasattr(task, "model"):
+            raise ValueError(f"WeightSpaceLO needs a module-backed task; {task.name} has no model")
+        self.E = out_channels
+        self.base = PerParamMLP(extra_features=out_channels, **kwargs)
+        self.net = AveragedGradientNet(symmetry_spec(task.model), readout="weight", out_dim=out_channels,
+                                       weight_aware=True, channels=channels, layers=layers)
+        self.lr = self.base.lr
+
+    def init(self, params: Params) -> LOState:
+        """The per-parameter optimizer's fresh state."""
+        return self.base.init(params)
+
+    def update(self, meta: Params, grads: Params, state: LOState, params: Params) -> tuple[Params, LOState]:
+        """One step, as :meth:`PerParamMLP.update`, with the branch's features as ``extra``."""
+        rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
+        out = functional_call(self.net, self._part(meta, self.prefix),
+                              ({k: rms(v) for k, v in grads.items()},), {"params": {k: rms(v) for k, v in params.items()}})
+        extra = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
+        return self.base.update(self._part(meta, "mlp"), grads, state, params, extra)
+
+    def bind(self, meta: Params) -> Optimizer:
+        """This optimizer with fixed ``meta`` as an ``init``/``update`` pair like the baselines."""
+        return Optimizer(self.init, lambda grads, state, params: self.update(meta, grads, state, params))

@@ -108,3 +108,22 @@ def test_meta_train_the_gradmetanet_branch_on_validation_loss(tmp_path):
     assert m["status"] == "complete" and len(m["history"]["meta"]["meta_loss"]) == 2
     meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
     assert any(k.startswith("gmn.") for k in meta) and not (out / "learned_optimizer.pt").exists()
+
+
+def test_meta_train_the_weight_space_lo_and_evaluate_its_run_folder(tmp_path):
+    spec = tmp_path / "ws.toml"
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8",
+                                                      '[optimizer]\nhidden = 8\nkind = "weightspace"\ngmn_channels = 2'))
+    out = gr.run_spec(spec, tmp_path / "ws", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert any(k.startswith("ws.") for k in meta)
+    ev = tmp_path / "eval.toml"
+    ev.write_text(f'task = "lopt_eval"\nrun = "{out}"\nseeds = [1, 2]\nsteps = 10\neval_every = 5\n'
+                  "adam_lrs = [0.01]\nsgdm_lrs = [0.1]\n[inner]\nhidden = [8]\nbatch_size = 16\n")
+    res = gr.run_spec(ev, tmp_path / "eval", progress=False)
+    s = json.loads((res / "metrics.json").read_text())["summary"]
+    assert s["seeds"] == 2 and s["learned_best_test_loss_mean"] > 0 and "step_time_ratio_vs_adam" not in s
+    bad = tmp_path / "bad.toml"
+    bad.write_text(ev.read_text().replace(str(out), str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match="not a lopt_meta_train run folder"):
+        gr.run_spec(bad, tmp_path / "bad", progress=False)

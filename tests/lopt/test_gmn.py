@@ -1,9 +1,9 @@
 """The GradMetaNet branch: untrained it is SGD with momentum; PES meta-trains it (particle loop)."""
 import pytest
 import torch
-from torch.func import grad
+from torch.func import grad, vmap
 
-from gradmeta.lopt import PES, GradMetaNetLO, PerParamMLP, TruncatedBackprop
+from gradmeta.lopt import PES, GradMetaNetLO, PerParamMLP, TruncatedBackprop, WeightSpaceLO
 
 
 @pytest.mark.parametrize("variant,weight_aware", [("base", False), ("plusplus", False), ("base", True)])
@@ -48,3 +48,45 @@ def test_pes_meta_gradient_for_the_gradmetanet_lo(small_digits):
     assert info["skipped"] == 0 and int(state["step"]) == 2
     with pytest.raises(ValueError, match="PES or es_grad"):
         TruncatedBackprop(small_digits, lo, particles=2, truncation=2, horizon=4)
+
+
+def _permute_hidden(p: dict, perm: torch.Tensor) -> dict:
+    """Permute the hidden neurons of a one-hidden-layer MLP's parameter-shaped dict (keys 0.*, 2.*)."""
+    return {"0.weight": p["0.weight"][perm], "0.bias": p["0.bias"][perm], "2.weight": p["2.weight"][:, perm],
+            "2.bias": p["2.bias"]}
+
+
+def test_weight_space_lo_untrained_is_sgdm_equivariant_and_vmappable(small_digits):
+    lo, ref = WeightSpaceLO(small_digits, out_channels=2, hidden=8), PerParamMLP(hidden=8)
+    meta, ref_meta = lo.init_meta(0), ref.init_meta(0)
+    assert any(k.startswith("ws.") for k in meta) and all(f"mlp.{k}" in meta for k in ref_meta)
+    params = small_digits.init(0)
+    batch = tuple(b[0] for b in small_digits.batches(torch.Generator().manual_seed(0), 1))
+    g = grad(lambda q: small_digits.loss(q, batch).mean())(params)
+    untrained, _ = lo.update(meta, g, lo.init(params), params)
+    want, _ = ref.update(ref_meta, g, ref.init(params), params)
+    for k in want:
+        torch.testing.assert_close(untrained[k], want[k], rtol=1e-6, atol=1e-7)
+    # a trained-looking optimizer (random last layer) uses the branch, and stays exactly equivariant
+    gen = torch.Generator().manual_seed(1)
+    meta = {k: v.double() for k, v in meta.items()}
+    meta["mlp.w2"] = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    lo.net.double()
+    p64, g64 = ({k: v.double() for k, v in d.items()} for d in (params, g))
+    out, _ = lo.update(meta, g64, lo.init(p64), p64)
+    perm = torch.randperm(8, generator=gen)
+    out_perm, _ = lo.update(meta, _permute_hidden(g64, perm), lo.init(p64), _permute_hidden(p64, perm))
+    for k, v in _permute_hidden(out, perm).items():
+        torch.testing.assert_close(out_perm[k], v, rtol=1e-10, atol=1e-12)
+    branch_off = dict(meta, **{k: torch.zeros_like(v) for k, v in meta.items() if k.startswith("ws.")})
+    off, _ = lo.update(branch_off, g64, lo.init(p64), p64)
+    assert any(not torch.allclose(off[k], out[k]) for k in out)
+    # vmap over particles equals a loop (what the outer trainers rely on)
+    stacked = {k: torch.stack([v, v.flip(-1)]) for k, v in p64.items()}
+    grads = {k: torch.stack([v, 2 * v]) for k, v in g64.items()}
+    batched, _ = vmap(lambda q, d: lo.update(meta, d, lo.init(q), q))(stacked, grads)
+    for i in range(2):
+        one, _ = lo.update(meta, {k: v[i] for k, v in grads.items()}, lo.init({k: v[i] for k, v in stacked.items()}),
+                           {k: v[i] for k, v in stacked.items()})
+        for k in one:
+            torch.testing.assert_close(batched[k][i], one[k], rtol=1e-10, atol=1e-12)

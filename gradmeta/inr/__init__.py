@@ -10,7 +10,7 @@
 * :class:`INREditor` and :func:`edit`: equivariant editors predicting ``Δθ``;
   :func:`train_editor` (rendered-image loss) and :func:`evaluate_editor` (held-out pixel MSE).
 """
-from ._editors import FEATURES, INREditor, edit
+from ._editors import FEATURES, PRODUCTS, INREditor, edit, parse_variant
 from ._edits import EDITS, apply_edit, contrast, dilate, erode, get_edit, register_edit
 from ._features import (FactorSet, factor_rms, gradient_factor_sets, inr_gradient_set, probe_coordinates,
                         probe_factor_sets)
@@ -26,5 +26,5 @@ __all__ = [
     "INRZoo", "ZooError", "build_zoo", "load_zoo", "write_shard", "zoo_images", "distributed_context",
     "EDITS", "register_edit", "get_edit", "apply_edit", "dilate", "erode", "contrast",
     "probe_coordinates", "inr_gradient_set", "FactorSet", "gradient_factor_sets", "probe_factor_sets", "factor_rms",
-    "INREditor", "FEATURES", "edit", "train_editor", "evaluate_editor",
+    "INREditor", "FEATURES", "PRODUCTS", "parse_variant", "edit", "train_editor", "evaluate_editor",
 ]

@@ -13,7 +13,11 @@ All variants share a weight-space trunk built from ``gradmeta.nn`` blocks:
 
 ``features`` picks the per-weight extras ``e``: none (``"weights"``), or the weight readout of a
 ``GradMetaNet`` applied to the INR's gradient set (``"gradients"``; ``"gradients++"`` uses the
-GradMetaNet++ variant) or to its probing activations at grid points (``"probing"``).
+GradMetaNet++ variant) or to its probing activations at grid points (``"probing"``). ``product``
+picks that GradMetaNet's per-weight readout: ``"gelu"`` (default) or ``"bilinear"``
+(``MLP(mean_b (U h_b[i]+u) ⊙ (V h_b[j]+v))``, which represents per-datum products such as the
+mean gradient ``mean_b δ_b[i] a_b[j]`` exactly). A variant name ``"gradients:bilinear"`` /
+``"gradients++:bilinear"`` (see :func:`parse_variant`) names both at once.
 """
 from __future__ import annotations
 
@@ -25,9 +29,27 @@ from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, Symm
 from ._features import FactorSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets
 from ._siren import DEFAULT_OMEGA0, Siren, siren_spec
 
-__all__ = ["INREditor", "FEATURES", "edit"]
+__all__ = ["INREditor", "FEATURES", "PRODUCTS", "edit", "parse_variant"]
 
 FEATURES = ("weights", "probing", "gradients", "gradients++")
+PRODUCTS = ("gelu", "bilinear")
+
+
+def parse_variant(name: str, product: str = "gelu") -> tuple[str, str]:
+    """``"features[:product]"`` -> ``(features, product)``; ``product`` is the default when no suffix.
+
+    Raises:
+        ValueError: unknown features or product, or a product suffix on ``"weights"`` (no readout).
+    """
+    feat, _, suffix = name.partition(":")
+    prod = suffix or product
+    if feat not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {feat!r} (in {name!r})")
+    if prod not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}, got {prod!r} (in {name!r})")
+    if suffix and feat == "weights":
+        raise ValueError(f"{name!r}: 'weights' has no GradMetaNet branch, so no product readout")
+    return feat, prod
 
 
 class _WeightMessage(nn.Module):
@@ -59,6 +81,7 @@ class INREditor(nn.Module):
         channels: width of the trunk (and of the GradMetaNet branch).
         layers: rounds of neuron DeepSets + weight messages.
         aux_channels: per-weight features from the GradMetaNet branch.
+        product: that branch's per-weight readout, one of :data:`PRODUCTS` (ignored for ``"weights"``).
         num_coords, coord_seed: the fixed random coordinates of the gradient set.
         probe_grid: the probing baseline uses a ``probe_grid × probe_grid`` pixel grid.
         zero_init: start as the identity edit (``Δθ = 0``).
@@ -70,10 +93,13 @@ class INREditor(nn.Module):
     def __init__(self, out_channels: int = 1, hidden: int = 32, num_layers: int = 3, *, features: str = "weights",
                  channels: int = 16, layers: int = 2, aux_channels: int = 4, set_layers: int = 2,
                  num_coords: int = 64, coord_seed: int = 0, probe_grid: int = 8,
-                 omega0: float = DEFAULT_OMEGA0, zero_init: bool = True):
+                 omega0: float = DEFAULT_OMEGA0, zero_init: bool = True, product: str = "gelu"):
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+        self.product = product
         self.spec = siren_spec(out_channels, hidden, num_layers)
         self.features, self.omega0, self.probe_grid = features, omega0, probe_grid
         self.names = [p for p, _ in self.spec.params]
@@ -90,7 +116,7 @@ class INREditor(nn.Module):
         if aux:
             self.aux = GradMetaNet(self.spec, readout="weight", out_dim=aux,
                                    variant="plusplus" if features == "gradients++" else "base",
-                                   channels=c, set_layers=set_layers, neuron_layers=1, heads=2)
+                                   channels=c, set_layers=set_layers, neuron_layers=1, heads=2, product=product)
         self.head = ProductReadout(self.spec, self.offsets, c, c, 1, edge_channels=1 + aux)
         if zero_init:
             for lin in (self.head.w1, self.head.w2):

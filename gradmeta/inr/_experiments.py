@@ -4,7 +4,9 @@
 ``<run>/zoo`` (or ``zoo.dir``), then for every seed and every editor variant in
 ``editor.features`` trains an :class:`~gradmeta.inr.INREditor` with the rendered-image loss and
 evaluates the pixel MSE of the edited INRs against the edited images of the test split. One
-checkpoint per finished (variant, seed), so ``--resume`` continues where it stopped. Plot:
+checkpoint per finished (variant, seed), so ``--resume`` continues where it stopped. A variant
+is ``"features[:product]"`` (e.g. ``"gradients++:bilinear"``); without a suffix the GradMetaNet
+branch uses ``editor.product`` (default ``"gelu"``). Plot:
 ``edits.png`` (original / target / edited per variant, test INRs).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..run import OneOf, Run, register_task
-from ._editors import FEATURES, INREditor
+from ._editors import INREditor, parse_variant
 from ._edits import EDITS, apply_edit
 from ._fit import render
 from ._train import evaluate_editor, train_editor
@@ -30,16 +32,17 @@ DEFAULTS = {
              "size": 12, "train_limit": 256, "test_limit": 128, "edit": "dilation"},
     "zoo": {"dir": "", "steps": 60, "lr": 3e-3, "shard_size": 128, "seed": 0},
     "editor": {"features": ["weights", "probing", "gradients"], "channels": 16, "layers": 2, "aux_channels": 4,
-               "set_layers": 2, "num_coords": 64, "probe_grid": 8},
+               "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu"},
     "train": {"steps": 300, "batch_size": 32, "lr": 3e-3},
 }
 
 
-def _editor(spec: dict, channels: int, features: str) -> INREditor:
+def _editor(spec: dict, channels: int, variant: str) -> INREditor:
     e = spec["editor"]
+    features, product = parse_variant(variant, e["product"])
     return INREditor(channels, features=features, channels=e["channels"], layers=e["layers"],
                      aux_channels=e["aux_channels"], set_layers=e["set_layers"], num_coords=e["num_coords"],
-                     probe_grid=e["probe_grid"])
+                     probe_grid=e["probe_grid"], product=product)
 
 
 def _zoo(run: Run, spec: dict) -> tuple[Path, dict]:
@@ -61,8 +64,11 @@ def inr_editing(run: Run) -> dict:
     if spec["data"]["edit"] not in EDITS:
         raise run.spec_error("data.edit", f"unknown edit {spec['data']['edit']!r}; registered: {sorted(EDITS)}")
     for f in spec["editor"]["features"]:
-        if f not in FEATURES:
-            raise run.spec_error("editor.features", f"unknown variant {f!r}; use {FEATURES}")
+        try:
+            parse_variant(f, spec["editor"]["product"])
+        except ValueError as err:
+            key = "editor.product" if ":" not in f and "product must" in str(err) else "editor.features"
+            raise run.spec_error(key, str(err)) from None
     torch.set_num_threads(max(1, torch.get_num_threads()))
     state = run.restore() or {"results": {}, "editors": {}, "losses": {}, "zoo": {}}
     folder, info = _zoo(run, spec)
@@ -84,7 +90,7 @@ def inr_editing(run: Run) -> dict:
             break
         torch.manual_seed(seed)
         ed = _editor(spec, C, feat).calibrate(train.params)
-        kind = {"gradients++": "gradients"}.get(feat, feat)
+        kind = {"gradients++": "gradients"}.get(ed.features, ed.features)
         if kind != "weights" and kind not in sets:
             t0 = time.perf_counter()
             with torch.no_grad():

@@ -10,10 +10,14 @@ def inrs():
     return inr.siren_init(2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("features", inr.FEATURES)
-def test_editor_is_exactly_equivariant(inrs, features):
+@pytest.mark.parametrize("features,product", [(f, "gelu") for f in inr.FEATURES]
+                         + [("gradients", "bilinear"), ("gradients++", "bilinear"), ("probing", "bilinear")])
+def test_editor_is_exactly_equivariant(inrs, features, product):
     torch.manual_seed(0)
-    ed = inr.INREditor(features=features, zero_init=False, num_coords=16, probe_grid=4).double().calibrate(inrs)
+    ed = inr.INREditor(features=features, zero_init=False, num_coords=16, probe_grid=4,
+                       product=product).double().calibrate(inrs)
+    if features != "weights":
+        assert ed.aux.product == product
     spec = ed.spec
     perms = spec.random_permutations(torch.Generator().manual_seed(3))
     permuted = spec.permute(inrs, perms, leading=1)
@@ -49,3 +53,16 @@ def test_zero_init_is_identity_and_edit_one_inr(inrs):
 def test_unknown_features():
     with pytest.raises(ValueError, match="features must be one of"):
         inr.INREditor(features="magic")
+    with pytest.raises(ValueError, match="product must be one of"):
+        inr.INREditor(features="gradients", product="outer")
+
+
+def test_parse_variant():
+    assert inr.parse_variant("gradients") == ("gradients", "gelu")
+    assert inr.parse_variant("gradients", "bilinear") == ("gradients", "bilinear")
+    assert inr.parse_variant("gradients++:bilinear") == ("gradients++", "bilinear")
+    assert inr.parse_variant("probing:gelu", "bilinear") == ("probing", "gelu")
+    for bad, msg in [("magic:gelu", "features must be"), ("gradients:outer", "product must be"),
+                     ("weights:bilinear", "no GradMetaNet branch")]:
+        with pytest.raises(ValueError, match=msg):
+            inr.parse_variant(bad)

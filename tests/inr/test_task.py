@@ -19,7 +19,7 @@ edit = "dilation"
 steps = 2
 shard_size = 4
 [editor]
-features = ["weights", "gradients"]
+features = ["weights", "gradients:bilinear"]
 channels = 8
 num_coords = 8
 probe_grid = 4
@@ -39,7 +39,7 @@ def test_inr_editing_task_runs_and_resumes(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and m["step"] == 2
     s = m["summary"]
-    for f in ("weights", "gradients"):
+    for f in ("weights", "gradients:bilinear"):
         assert s[f"mse/{f}"] >= 0 and s[f"seeds/{f}"] == 1
     assert s["zoo_size"] == 9 and s["identity_mse"] > 0 and "zoo_inrs_per_s" in s
     assert (out / "edits.png").exists() and (out / "zoo" / "index.json").exists()
@@ -50,9 +50,13 @@ def test_bad_spec_values_are_named(tmp_path):
     spec.write_text(TINY.replace('edit = "dilation"', 'edit = "blur"'))
     with pytest.raises(SpecError, match="data.edit"):
         run_spec(spec, tmp_path / "run", progress=False)
+    spec.write_text(TINY.replace('"gradients:bilinear"', '"gradients:outer"'))
+    with pytest.raises(SpecError, match="editor.features"):
+        run_spec(spec, tmp_path / "run2", progress=False)
 
 
-@pytest.mark.parametrize("name", ["inr_digits_dilation", "inr_mnist_dilation", "inr_cifar10_contrast"])
+@pytest.mark.parametrize("name", ["inr_digits_dilation", "inr_digits_dilation_products", "inr_mnist_dilation",
+                                  "inr_cifar10_contrast"])
 def test_shipped_specs_resolve(name):
     path = ROOT / "tasks" / f"{name}.toml"
     assert resolve_spec(load_spec(path), path)["task"] == "inr_editing"

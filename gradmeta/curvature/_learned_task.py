@@ -295,7 +295,8 @@ def trace_table(summary: dict, spec: dict) -> str:
     hs = spec["widths"]
     lines = ["| estimator | steps | " + " | ".join(f"h={h}: NMAE (÷ standard)" for h in hs) + " |",
              "|---|---|" + "---|" * len(hs),
-             "| standard estimator | — | " + " | ".join(f"{summary[f'standard_nmae/h{h}']:.4f} (1)" for h in hs) + " |"]
+             "| standard estimator | — | "
+             + " | ".join(f"{summary[f'standard_nmae/h{h}']:.4f} (1)" for h in hs) + " |"]
     for m in spec["models"]:
         cells = []
         for h in hs:
@@ -305,11 +306,11 @@ def trace_table(summary: dict, spec: dict) -> str:
                          f"{summary[f'seeds/{k}']} seeds)" if f"nmae/{k}" in summary else "—")
         lines.append(f"| {m} | {summary.get(f'steps/{m}', '—')} | " + " | ".join(cells) + " |")
     if all(f"nmae/rao_blackwell/h{h}" in summary for h in hs):
-        lines.append("| last-layer Rao–Blackwell reference (not learned) | — | " + " | ".join(
-            f"{summary[f'nmae/rao_blackwell/h{h}']:.4f} (×{summary[f'ratio/rao_blackwell/h{h}']:.3f})" for h in hs) + " |")
+        rb = [f"{summary[f'nmae/rao_blackwell/h{h}']:.4f} (×{summary[f'ratio/rao_blackwell/h{h}']:.3f})" for h in hs]
+        lines.append("| last-layer Rao–Blackwell reference (not learned) | — | " + " | ".join(rb) + " |")
     lines.append(f"\nNormalised MAE = mean over {summary['test_size']} held-out MLPs 64-h-h-10 of |T̂ − T| / T, "
-                 f"T the exact true-Fisher trace over the digits, T̂ from {spec['data']['set_size']} gradients with model-sampled "
-                 "labels; "
+                 "T the exact true-Fisher trace over the digits, "
+                 f"T̂ from {spec['data']['set_size']} gradients with model-sampled labels; "
                  f"{summary['train_size']} training MLPs. (×r) = NMAE / standard-estimator NMAE; < 1 is better.")
     return "\n".join(lines)
 

@@ -201,7 +201,8 @@ class LearnedTraceEstimator(nn.Module):
             channels: :func:`square_channels` ``(a², δ²)``; the datum's log relative squared norm
             ``log(‖g_b‖² / T̂_std)``; and the standardised ``log T̂_std`` (the same on every
             neuron and datum). ``"gradmetanet-no-norms"``: ``"gradmetanet"`` without the last two
-            (an ablation: only ``(a, δ, a², δ²)`` per datum and neuron). ``"flat_mlp"``: ``FlatFactorMLP`` on each datum's concatenated
+            (an ablation: only ``(a, δ, a², δ²)`` per datum and neuron). ``"flat_mlp"``:
+            ``FlatFactorMLP`` on each datum's concatenated
             factors, mean over data (no neuron symmetry). ``"averaged_grad"``: the weight-space
             ``AveragedGradientNet`` fed one averaged statistic per weight, the standardised
             ``log F̂_std`` (Fisher diagonal of the same set; its sum is ``T̂_std``), without the

@@ -334,6 +334,7 @@ def _trace_figure(spec: dict, summary: dict):
     ax.set_xticks(range(len(hs)), [f"MLP 64-{h}-{h}-10" for h in hs])
     ax.set_ylabel("normalised MAE / standard estimator's")
     ax.set_title(f"Fisher trace from {spec['data']['set_size']} gradients (held-out MLPs)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.6 * ax.get_ylim()[1])
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
     fig.tight_layout()
     return fig

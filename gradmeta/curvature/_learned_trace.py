@@ -38,7 +38,7 @@ __all__ = ["TraceDataset", "make_trace_dataset", "fisher_trace", "standard_trace
            "normalised_abs_error",
            "LearnedTraceEstimator", "TRACE_MODELS", "train_trace_estimator", "evaluate_trace_estimator"]
 
-TRACE_MODELS = ("gradmetanet", "gradmetanet++", "gradmetanet-no-norms", "flat_mlp", "averaged_grad")
+TRACE_MODELS = ("gradmetanet", "gradmetanet++", "gradmetanet-no-norms", "norms_deepsets", "flat_mlp", "averaged_grad")
 NUM_CLASSES = 10
 IN_FEATURES = 64
 
@@ -201,7 +201,9 @@ class LearnedTraceEstimator(nn.Module):
             channels: :func:`square_channels` ``(a², δ²)``; the datum's log relative squared norm
             ``log(‖g_b‖² / T̂_std)``; and the standardised ``log T̂_std`` (the same on every
             neuron and datum). ``"gradmetanet-no-norms"``: ``"gradmetanet"`` without the last two
-            (an ablation: only ``(a, δ, a², δ²)`` per datum and neuron). ``"flat_mlp"``:
+            (an ablation: only ``(a, δ, a², δ²)`` per datum and neuron). ``"norms_deepsets"``: the
+            other ablation, a DeepSets ``ρ(mean_b φ(log(‖g_b‖² / T̂_std), z))`` on those two channels
+            alone (no factors, no neurons). ``"flat_mlp"``:
             ``FlatFactorMLP`` on each datum's concatenated
             factors, mean over data (no neuron symmetry). ``"averaged_grad"``: the weight-space
             ``AveragedGradientNet`` fed one averaged statistic per weight, the standardised
@@ -229,6 +231,10 @@ class LearnedTraceEstimator(nn.Module):
             self._raw_layout = NeuronLayout(spec)
         elif kind == "flat_mlp":
             self.net = FlatFactorMLP(spec, "invariant", 1, hidden=4 * channels)
+        elif kind == "norms_deepsets":
+            w = 4 * channels
+            self.net = nn.ModuleDict({"phi": nn.Sequential(nn.Linear(2, w), nn.GELU(), nn.Linear(w, w)),
+                                      "rho": nn.Sequential(nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 1))})
         else:
             self.net = AveragedGradientNet(spec, "invariant", 1, channels=channels, layers=layers)
         self.gamma = nn.Parameter(torch.zeros(()))
@@ -245,11 +251,16 @@ class LearnedTraceEstimator(nn.Module):
             self.log_mean[i] = v.mean()
             self.log_std[i] = v.std().clamp_min(1e-3) if v.numel() > 1 else 1.0
 
+    @staticmethod
+    def _log_rel_norms(gs: GradientSet) -> Tensor:
+        """``(B,)`` ``log(‖g_b‖² / T̂_std)`` (floored at ``1e-4`` before the log)."""
+        sq = gs.grad_norms().square()
+        return (sq / sq.mean().clamp_min(_EPS)).clamp_min(1e-4).log()
+
     def _extra(self, gs: GradientSet, z: Tensor) -> dict[str, Tensor]:
         if not self.norms:
             return square_channels(self._raw_layout, gs)
-        sq = gs.grad_norms().square()
-        rel = (sq / sq.mean().clamp_min(_EPS)).clamp_min(1e-4).log()  # (B,) per datum
+        rel = self._log_rel_norms(gs)
         out = {}
         for name, f in square_channels(self._raw_layout, gs).items():
             B, T, n, _ = f.shape
@@ -266,6 +277,10 @@ class LearnedTraceEstimator(nn.Module):
             c = self.net(list(sets), extra=[self._extra(s, z[g]) for g, s in enumerate(sets)])
         elif self.kind == "flat_mlp":
             c = self.net(list(sets))
+        elif self.kind == "norms_deepsets":
+            c = torch.stack([self.net["rho"](self.net["phi"](torch.stack(
+                [self._log_rel_norms(s).to(dtype), z[g].expand(s.batch_size)], -1)).mean(0))
+                for g, s in enumerate(sets)])
         else:
             diags = [s.fisher_diagonal() for s in sets]
             c = self.net([{k: (d[k].to(dtype).clamp_min(_EPS).log() - self.log_mean[i + 1]) / self.log_std[i + 1]

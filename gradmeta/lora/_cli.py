@@ -11,7 +11,8 @@ def predict(model_path: str, adapter_dirs: list[str]) -> list[dict]:
     """Predictions of a saved model (``save_model`` checkpoint, e.g. ``glnet.pt``) for adapter folders.
 
     Returns one dict per adapter: ``{"adapter": path, <target>: value, ...}``; regression targets in
-    their own units, membership targets as probabilities.
+    their own units (clipped to the range of the model's training targets when the checkpoint
+    records it), membership targets as probabilities.
     """
     import torch
 
@@ -29,6 +30,8 @@ def predict(model_path: str, adapter_dirs: list[str]) -> list[dict]:
                 mu = torch.as_tensor(extra.get("target_mean", 0.0))
                 sd = torch.as_tensor(extra.get("target_std", 1.0))
                 out = out * sd + mu
+                if "target_min" in extra:
+                    out = torch.minimum(torch.maximum(out, extra["target_min"]), extra["target_max"])
             else:
                 out = torch.sigmoid(out)
             rows.append({"adapter": str(d), **{t: float(v) for t, v in zip(targets, out)}})

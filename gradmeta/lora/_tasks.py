@@ -5,7 +5,9 @@ every model in ``models`` for every seed, and reports on the held-out adapters:
 
 * ``target = "accuracy"`` / ``"loss"``: regression of ``test_acc`` / ``log(test_loss)`` (the loss
   spans orders of magnitude: diverged finetunes reach 10⁴), standardised MSE; metrics ``r2`` (on
-  that scale) and Kendall ``tau`` (tau-b);
+  that scale) and Kendall ``tau`` (tau-b). Every model's predictions are clipped to the range of
+  the training targets (a model should not extrapolate a bounded property such as an accuracy
+  beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
 * ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
   BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right).
 
@@ -213,6 +215,7 @@ def lora_predict(run: Run) -> dict:
         p_te = _index(pairs_all, te)
         y_tr, y_te = Y[tr], Y[te]
         mu, sd = (y_tr.mean(0), y_tr.std(0).clamp_min(1e-8)) if regression else (0.0, 1.0)
+        y_lo, y_hi = y_tr.min(0).values, y_tr.max(0).values  # predictions are clipped to this range
         loss_fn = F.mse_loss if regression else F.binary_cross_entropy_with_logits
         for name in spec["models"]:
             torch.manual_seed(seed)
@@ -226,13 +229,19 @@ def lora_predict(run: Run) -> dict:
             train_s = time.perf_counter() - t0
             with torch.no_grad():
                 out = net(p_te)
-            m = regression_metrics(out[:, 0] * sd + mu, y_te[:, 0]) if regression else membership_metrics(out, y_te)
+            if regression:
+                pred = out[:, 0] * sd + mu
+                m = regression_metrics(pred.clamp(y_lo, y_hi), y_te[:, 0])
+                m.update({f"{k}_raw": v for k, v in regression_metrics(pred, y_te[:, 0]).items() if k != "tau"})
+            else:
+                m = membership_metrics(out, y_te)
             m["train_s"] = train_s
             per_seed.setdefault(name, []).append(m)
             history[f"{name}/seed{seed}"] = {"epoch": list(range(len(curve))), "train_loss": curve}
             if seed == spec["seeds"][0] and name == "GLNet":
                 save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
-                           target_std=torch.as_tensor(sd).flatten(), regression=regression)
+                           target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
+                           target_max=y_hi.flatten(), regression=regression)
                 if spec["speed"]["enabled"]:
                     speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
                     summary.update({f"speed/{k}": v for k, v in speed.items()})

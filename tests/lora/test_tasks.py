@@ -36,6 +36,7 @@ def test_predict_accuracy_all_models(zoo_run, tmp_path):
     s = json.loads((out / "metrics.json").read_text())["summary"]
     for name in ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"]:
         assert f"{name}/r2_mean" in s and f"{name}/tau_mean" in s
+        assert f"{name}/r2_raw_mean" in s and f"{name}/mse_raw_mean" in s  # before clipping to the training range
     assert s["speed/predict_disk_s"] > 0 and s["speed/evaluate_disk_s"] > 0
     net, extra = lora.load_model(out / "glnet.pt")
     assert isinstance(net, lora.GLNet) and extra["targets"] == ["test_acc"] and extra["regression"]
@@ -69,6 +70,7 @@ def test_cli_lora_predict_and_info(zoo_run, tmp_path, monkeypatch, capsys):
     assert [r["adapter"] for r in rows] == dirs and all("test_loss" in r for r in rows)
     net, extra = lora.load_model(out / "glnet.pt")
     want = net(lora.load_adapter(dirs[1]))[0, 0] * extra["target_std"][0] + extra["target_mean"][0]
+    want = want.clamp(extra["target_min"][0], extra["target_max"][0])  # clipped to the training targets' range
     assert rows[1]["test_loss"] == pytest.approx(want.item(), rel=1e-5)
     assert cli.main(["lora", "info", dirs[0]]) == 0
     assert "linear" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
 from ._features import FactorSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets
-from ._siren import DEFAULT_OMEGA0, Siren, siren_spec
+from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid, siren_spec
 
 __all__ = ["INREditor", "FEATURES", "PRODUCTS", "edit", "parse_variant"]
 
@@ -83,6 +83,9 @@ class INREditor(nn.Module):
         aux_channels: per-weight features from the GradMetaNet branch.
         product: that branch's per-weight readout, one of :data:`PRODUCTS` (ignored for ``"weights"``).
         num_coords, coord_seed: the fixed random coordinates of the gradient set.
+        grad_grid: if > 0, the gradient set uses the ``grad_grid × grad_grid`` pixel-centre grid
+            instead of ``num_coords`` random coordinates.
+        grad_target: the constant target ``t`` of the gradient set's ``‖f(x) − t‖²`` (default 0).
         probe_grid: the probing baseline uses a ``probe_grid × probe_grid`` pixel grid.
         zero_init: start as the identity edit (``Δθ = 0``).
 
@@ -93,13 +96,16 @@ class INREditor(nn.Module):
     def __init__(self, out_channels: int = 1, hidden: int = 32, num_layers: int = 3, *, features: str = "weights",
                  channels: int = 16, layers: int = 2, aux_channels: int = 4, set_layers: int = 2,
                  num_coords: int = 64, coord_seed: int = 0, probe_grid: int = 8,
-                 omega0: float = DEFAULT_OMEGA0, zero_init: bool = True, product: str = "gelu"):
+                 omega0: float = DEFAULT_OMEGA0, zero_init: bool = True, product: str = "gelu",
+                 grad_grid: int = 0, grad_target: float = 0.0):
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         if product not in PRODUCTS:
             raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
-        self.product = product
+        if grad_grid < 0:
+            raise ValueError(f"grad_grid must be >= 0, got {grad_grid}")
+        self.product, self.grad_target = product, float(grad_target)
         self.spec = siren_spec(out_channels, hidden, num_layers)
         self.features, self.omega0, self.probe_grid = features, omega0, probe_grid
         self.names = [p for p, _ in self.spec.params]
@@ -122,7 +128,8 @@ class INREditor(nn.Module):
             for lin in (self.head.w1, self.head.w2):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
-        self.register_buffer("coords", probe_coordinates(num_coords, coord_seed))
+        coords = pixel_grid(grad_grid, grad_grid) if grad_grid else probe_coordinates(num_coords, coord_seed)
+        self.register_buffer("coords", coords)
         self.register_buffer("param_std", torch.ones(len(self.names)))
         self.register_buffer("feature_rms", torch.ones(num_layers, 2))
 
@@ -140,7 +147,7 @@ class INREditor(nn.Module):
     def _raw_sets(self, params: dict[str, Tensor]) -> list[FactorSet]:
         if self.features == "probing":
             return probe_factor_sets(params, self.probe_grid, self.omega0)
-        return gradient_factor_sets(params, self.coords.to(params["layers.0.weight"]), self.omega0)
+        return gradient_factor_sets(params, self.coords.to(params["layers.0.weight"]), self.omega0, self.grad_target)
 
     def aux_sets(self, params: dict[str, Tensor]) -> list[FactorSet] | None:
         """The (rescaled) factor sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""

@@ -32,7 +32,8 @@ DEFAULTS = {
              "size": 12, "train_limit": 256, "test_limit": 128, "edit": "dilation"},
     "zoo": {"dir": "", "steps": 60, "lr": 3e-3, "shard_size": 128, "seed": 0},
     "editor": {"features": ["weights", "probing", "gradients"], "channels": 16, "layers": 2, "aux_channels": 4,
-               "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu"},
+               "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu", "grad_grid": 0,
+               "grad_target": 0.0},
     "train": {"steps": 300, "batch_size": 32, "lr": 3e-3},
 }
 
@@ -42,7 +43,8 @@ def _editor(spec: dict, channels: int, variant: str) -> INREditor:
     features, product = parse_variant(variant, e["product"])
     return INREditor(channels, features=features, channels=e["channels"], layers=e["layers"],
                      aux_channels=e["aux_channels"], set_layers=e["set_layers"], num_coords=e["num_coords"],
-                     probe_grid=e["probe_grid"], product=product)
+                     probe_grid=e["probe_grid"], product=product, grad_grid=e["grad_grid"],
+                     grad_target=e["grad_target"])
 
 
 def _zoo(run: Run, spec: dict) -> tuple[Path, dict]:

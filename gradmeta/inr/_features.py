@@ -84,13 +84,20 @@ class FactorSet:
                           for k, f in self._layers.items()})
 
 
-def gradient_factor_sets(params: dict[str, Tensor], coords: Tensor, omega0: float = DEFAULT_OMEGA0) -> list[FactorSet]:
-    """Gradient sets (:func:`inr_gradient_set`, target 0) of a stack of INRs ``{name: (G, ...)}``."""
+def gradient_factor_sets(params: dict[str, Tensor], coords: Tensor, omega0: float = DEFAULT_OMEGA0,
+                         target: float = 0.0) -> list[FactorSet]:
+    """Gradient sets (:func:`inr_gradient_set`) of a stack of INRs ``{name: (G, ...)}``.
+
+    ``target``: the constant ``t`` of ``ℓ_p = ‖f(x_p) − t‖²``. With ``t = 0`` the backprops
+    ``2 f ∂f/∂z`` vanish wherever the image is black (``f ≈ 0``); a ``t`` outside the image's
+    range (e.g. ``-1`` for images in ``[0, 1]``) keeps ``∂f/∂z`` visible at every point.
+    """
     G = params["layers.0.weight"].shape[0]
     out = []
     for g in range(G):
         inr = Siren.from_params({k: v[g].detach() for k, v in params.items()}, omega0)
-        gs = inr_gradient_set(inr, coords)
+        C = inr.layers[-1].out_features
+        gs = inr_gradient_set(inr, coords, coords.new_full((coords.shape[0], C), target) if target else None)
         out.append(FactorSet({n: (gs[n].activations, gs[n].backprops) for n in gs.layer_names}))
     return out
 

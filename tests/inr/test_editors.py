@@ -11,11 +11,16 @@ def inrs():
 
 
 @pytest.mark.parametrize("features,product", [(f, "gelu") for f in inr.FEATURES]
-                         + [("gradients", "bilinear"), ("gradients++", "bilinear"), ("probing", "bilinear")])
+                         + [("gradients", "bilinear"), ("gradients++", "bilinear"), ("probing", "bilinear"),
+                            ("gradients", "bilinear-grid")])
 def test_editor_is_exactly_equivariant(inrs, features, product):
     torch.manual_seed(0)
-    ed = inr.INREditor(features=features, zero_init=False, num_coords=16, probe_grid=4,
-                       product=product).double().calibrate(inrs)
+    grid = product.endswith("-grid")  # pixel-grid coordinates and target -1 for the gradient set
+    product = product.removesuffix("-grid")
+    ed = inr.INREditor(features=features, zero_init=False, num_coords=16, probe_grid=4, product=product,
+                       grad_grid=4 if grid else 0, grad_target=-1.0 if grid else 0.0).double().calibrate(inrs)
+    if grid:
+        assert ed.coords.shape == (16, 2) and ed.grad_target == -1.0
     if features != "weights":
         assert ed.aux.product == product
     spec = ed.spec

@@ -62,3 +62,9 @@ def test_gradient_set_equals_naive_per_coordinate_gradients(channels):
     for k in gs.layer_names:
         torch.testing.assert_close(sets[1][k].backprops, gs[k].backprops)
         torch.testing.assert_close(sets[1][k].activations, gs[k].activations)
+    # a constant target t: the factors give the naive gradients of ‖f(x) − t‖²
+    sets = inr.gradient_factor_sets(stack, coords, target=-1.0)
+    want = naive_per_example_grads(m, loss, coords, torch.full((64, channels), -1.0, dtype=torch.float64))
+    got = {f"{k}.weight": torch.einsum("bto,bti->boi", sets[0][k].backprops, sets[0][k].activations)
+           for k in gs.layer_names}
+    assert_dicts_close(got, {k: v for k, v in want.items() if k.endswith("weight")}, atol=1e-9)

@@ -55,8 +55,12 @@ def test_bad_spec_values_are_named(tmp_path):
         run_spec(spec, tmp_path / "run2", progress=False)
 
 
-@pytest.mark.parametrize("name", ["inr_digits_dilation", "inr_digits_dilation_products", "inr_mnist_dilation",
-                                  "inr_cifar10_contrast"])
+SPECS = ["inr_digits_dilation", "inr_digits_dilation_long", "inr_digits_dilation_products",
+         "inr_digits_dilation_gradset_target", "inr_digits_dilation_gradset_grid", "inr_mnist_dilation",
+         "inr_cifar10_contrast"]
+
+
+@pytest.mark.parametrize("name", SPECS)
 def test_shipped_specs_resolve(name):
     path = ROOT / "tasks" / f"{name}.toml"
     assert resolve_spec(load_spec(path), path)["task"] == "inr_editing"

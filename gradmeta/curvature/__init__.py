@@ -19,7 +19,7 @@ from ._learned import (LEARNED_MODELS, FisherDataset, LearnedFisherEstimator, ev
                        make_fisher_dataset, quadrature_fisher, relative_error, standard_fisher,
                        train_fisher_estimator)
 from ._learned_trace import (LearnedTraceEstimator, TraceDataset, evaluate_trace_estimator, make_trace_dataset,
-                             train_trace_estimator)
+                             rao_blackwell_trace, train_trace_estimator)
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
 from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
 from ._operators import GGNOperator, HessianOperator
@@ -34,4 +34,5 @@ __all__ = [
     "LearnedFisherEstimator", "FisherDataset", "make_fisher_dataset", "standard_fisher", "relative_error",
     "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS", "quadrature_fisher",
     "LearnedTraceEstimator", "TraceDataset", "make_trace_dataset", "train_trace_estimator", "evaluate_trace_estimator",
+    "rao_blackwell_trace",
 ]

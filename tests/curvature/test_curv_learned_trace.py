@@ -60,7 +60,7 @@ def test_standard_estimator_is_naive_mean_squared_norm(ds, digits):
 
 
 def test_rao_blackwell_reference_is_naive(ds, digits):
-    from gradmeta.curvature._learned_trace import rao_blackwell_trace
+    from gradmeta.curvature import rao_blackwell_trace
     x_all = digits[0]
     for i in range(len(ds)):
         model, x = _model({k: v[i] for k, v in ds.params.items()}), x_all[ds.points[i, :6]]

@@ -40,7 +40,8 @@ from ..nn import AveragedGradientNet, FlatFactorMLP, GradMetaNet, NeuronLayout
 
 __all__ = ["FisherDataset", "make_fisher_dataset", "output_loss", "standard_fisher", "relative_error",
            "LearnedFisherEstimator", "LEARNED_MODELS",
-           "quadrature_fisher", "train_fisher_estimator", "evaluate_fisher_estimator"]
+           "quadrature_fisher", "train_fisher_estimator", "evaluate_fisher_estimator",
+           "square_channels", "fit_minibatches"]
 
 LEARNED_MODELS = ("gradmetanet", "gradmetanet++", "gradmetanet+cells", "flat_mlp", "averaged_grad")
 _EPS = 1e-12

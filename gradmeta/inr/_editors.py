@@ -88,6 +88,10 @@ class INREditor(nn.Module):
         grad_target: the constant target ``t`` of the gradient set's ``‖f(x) − t‖²`` (default 0).
         probe_grid: the probing baseline uses a ``probe_grid × probe_grid`` pixel grid.
         zero_init: start as the identity edit (``Δθ = 0``).
+        aux_zero_init: zero the readout's input weights from the GradMetaNet features, so that the
+            editor starts as the same function as a weight-only one and the features enter only
+            as far as training finds them useful (gradients still reach the GradMetaNet branch
+            once those weights move).
 
     Call :meth:`calibrate` on training INRs before training (sets the per-parameter and
     per-layer feature scales, stored as buffers).
@@ -97,7 +101,7 @@ class INREditor(nn.Module):
                  channels: int = 16, layers: int = 2, aux_channels: int = 4, set_layers: int = 2,
                  num_coords: int = 64, coord_seed: int = 0, probe_grid: int = 8,
                  omega0: float = DEFAULT_OMEGA0, zero_init: bool = True, product: str = "gelu",
-                 grad_grid: int = 0, grad_target: float = 0.0):
+                 grad_grid: int = 0, grad_target: float = 0.0, aux_zero_init: bool = False):
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
@@ -129,6 +133,10 @@ class INREditor(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
         coords = pixel_grid(grad_grid, grad_grid) if grad_grid else probe_coordinates(num_coords, coord_seed)
+        if aux and aux_zero_init:
+            with torch.no_grad():
+                for lin in (self.head.e2, self.head.e1):  # column 0 reads W[i,j] / b[i]; the rest, e
+                    lin.weight[:, 1:].zero_()
         self.register_buffer("coords", coords)
         self.register_buffer("param_std", torch.ones(len(self.names)))
         self.register_buffer("feature_rms", torch.ones(num_layers, 2))

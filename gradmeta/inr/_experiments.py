@@ -33,7 +33,7 @@ DEFAULTS = {
     "zoo": {"dir": "", "steps": 60, "lr": 3e-3, "shard_size": 128, "seed": 0},
     "editor": {"features": ["weights", "probing", "gradients"], "channels": 16, "layers": 2, "aux_channels": 4,
                "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu", "grad_grid": 0,
-               "grad_target": 0.0},
+               "grad_target": 0.0, "aux_zero_init": False},
     "train": {"steps": 300, "batch_size": 32, "lr": 3e-3},
 }
 
@@ -44,7 +44,7 @@ def _editor(spec: dict, channels: int, variant: str) -> INREditor:
     return INREditor(channels, features=features, channels=e["channels"], layers=e["layers"],
                      aux_channels=e["aux_channels"], set_layers=e["set_layers"], num_coords=e["num_coords"],
                      probe_grid=e["probe_grid"], product=product, grad_grid=e["grad_grid"],
-                     grad_target=e["grad_target"])
+                     grad_target=e["grad_target"], aux_zero_init=e["aux_zero_init"])
 
 
 def _zoo(run: Run, spec: dict) -> tuple[Path, dict]:

@@ -71,3 +71,23 @@ def test_parse_variant():
                      ("weights:bilinear", "no GradMetaNet branch")]:
         with pytest.raises(ValueError, match=msg):
             inr.parse_variant(bad)
+
+
+@pytest.mark.parametrize("product", inr.PRODUCTS)
+def test_aux_zero_init_starts_as_the_weight_only_function(inrs, product):
+    kw = dict(zero_init=False, num_coords=16, channels=8)
+    torch.manual_seed(0)
+    ed = inr.INREditor(features="gradients", product=product, aux_zero_init=True, **kw).double().calibrate(inrs)
+    ref = inr.INREditor(features="weights", **kw).double().calibrate(inrs)
+    shared = {k: v for k, v in ed.state_dict().items() if k in ref.state_dict() and not k.startswith("head.e")}
+    ref.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        for lin, lin_ref in ((ed.head.e2, ref.head.e2), (ed.head.e1, ref.head.e1)):
+            lin_ref.weight.copy_(lin.weight[:, :1])
+        got, want = ed(inrs), ref(inrs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-12, rtol=0)
+    # the feature weights do receive gradients once the output layer is non-zero
+    loss = sum(v.square().sum() for v in ed(inrs).values())
+    loss.backward()
+    assert ed.head.e2.weight.grad[:, 1:].abs().max() > 0

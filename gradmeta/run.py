@@ -393,6 +393,20 @@ class Run:
             self.stopped = True
         return self.stopped
 
+    def pending(self, keys: list, done: dict, desc: str | None = None):
+        """Yield the ``keys`` of independent jobs not yet in ``done`` (results restored on resume),
+        with a progress bar, until :meth:`should_stop`; the caller adds each result to ``done``
+        and checkpoints."""
+        bar = self.progress(len(keys), initial=len(done), desc=desc)
+        for key in keys:
+            if key in done:
+                continue
+            if self.should_stop(len(done)):
+                break
+            yield key
+            bar.update(1)
+        bar.close()
+
     def progress(self, total: int, initial: int = 0, desc: str | None = None):
         """A tqdm bar over ``total`` steps starting at ``initial``."""
         from tqdm.auto import tqdm

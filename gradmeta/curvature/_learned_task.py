@@ -62,14 +62,9 @@ def curvature_learned(run: Run) -> dict:
     test = make_fisher_dataset(d["test_size"], seed=d["seed"] + 1, **kw)
     data_seconds = time.perf_counter() - t0
     state = run.restore() or {"results": {}, "losses": {}}
-    jobs = [(m, n, s) for m in spec["models"] for n in spec["train_sizes"] for s in spec["seeds"]]
-    bar = run.progress(len(jobs), initial=len(state["results"]), desc="estimators")
-    for model_kind, n, seed in jobs:
-        key = f"{model_kind}/n{n}/seed{seed}"
-        if key in state["results"]:
-            continue
-        if run.should_stop(len(state["results"])):
-            break
+    jobs = {f"{m}/n{n}/seed{s}": (m, n, s) for m in spec["models"] for n in spec["train_sizes"] for s in spec["seeds"]}
+    for key in run.pending(list(jobs), state["results"], desc="estimators"):
+        model_kind, n, seed = jobs[key]
         gen = torch.Generator().manual_seed(seed)
         train = pool.subset(torch.randperm(len(pool), generator=gen)[:n])
         torch.manual_seed(seed)
@@ -82,8 +77,6 @@ def curvature_learned(run: Run) -> dict:
         state["results"][key] = {**ev, "train_seconds": time.perf_counter() - t1, "steps": steps}
         state["losses"][key] = hist["loss"]
         run.checkpoint(state, len(state["results"]))
-        bar.update(1)
-    bar.close()
     std_err = evaluate_fisher_estimator(None, test)["standard_error"]
     summary = _summary(state, spec, std_err)
     summary["reduction/quadrature"] = evaluate_fisher_estimator("quadrature", test)["reduction"]
@@ -241,14 +234,9 @@ def curvature_learned_trace(run: Run) -> dict:
                     make_trace_dataset(d["test_size"], hidden=h, seed=d["seed"] + 1, **kw)) for h in spec["widths"]}
         data_seconds = time.perf_counter() - t0
         state = run.restore() or {"results": {}, "losses": {}}
-        jobs = [(m, h, s) for m in spec["models"] for h in spec["widths"] for s in spec["seeds"]]
-        bar = run.progress(len(jobs), initial=len(state["results"]), desc="trace estimators")
-        for kind, h, seed in jobs:
-            key = f"{kind}/h{h}/seed{seed}"
-            if key in state["results"]:
-                continue
-            if run.should_stop(len(state["results"])):
-                break
+        jobs = {f"{m}/h{h}/seed{s}": (m, h, s) for m in spec["models"] for h in spec["widths"] for s in spec["seeds"]}
+        for key in run.pending(list(jobs), state["results"], desc="trace estimators"):
+            kind, h, seed = jobs[key]
             torch.manual_seed(seed)
             est = LearnedTraceEstimator(kind, h, spec["model"]["channels"], spec["model"]["layers"])
             steps = spec["plusplus_steps"] if kind == "gradmetanet++" and spec["plusplus_steps"] else t["steps"]
@@ -259,8 +247,6 @@ def curvature_learned_trace(run: Run) -> dict:
                                      "train_seconds": time.perf_counter() - t1, "steps": steps}
             state["losses"][key] = hist["loss"]
             run.checkpoint(state, len(state["results"]))
-            bar.update(1)
-        bar.close()
     summary = _trace_summary(state, spec, {h: test for h, (_, test) in data.items()})
     summary["data_seconds"] = data_seconds
     plots = [run.save_figure(_trace_figure(spec, summary), "curvature_learned_trace.png")] if state["results"] else []

@@ -137,9 +137,14 @@ def test_training_runs_and_task_tiny_spec(tmp_path):
                     'models = ["gradmetanet", "flat_mlp", "averaged_grad"]\n'
                     '[data]\nset_size = 6\nnum_points = 12\ntest_size = 3\ntrain_steps = 1\n'
                     '[model]\nchannels = 4\nlayers = 1\n[train]\nsteps = 2\nbatch_size = 2\n')
-    out = run_spec(spec, tmp_path / "run", progress=False)
+    out = run_spec(spec, tmp_path / "run", max_steps=1, progress=False)  # one job, then resume the rest
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["results"]
+    assert list(done) == ["gradmetanet/h4/seed0"]
+    out = run_spec(spec, tmp_path / "run", resume=True, progress=False)
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete"
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["gradmetanet/h4/seed0"] == done["gradmetanet/h4/seed0"]  # not recomputed on resume
     for kind in ("gradmetanet", "flat_mlp", "averaged_grad"):
         assert f"ratio/{kind}/h4" in m["summary"]
     assert (out / "curvature_learned_trace.png").exists() and "h=4" in (out / "table.md").read_text()

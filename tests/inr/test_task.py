@@ -57,7 +57,8 @@ def test_bad_spec_values_are_named(tmp_path):
 
 SPECS = ["inr_digits_dilation", "inr_digits_dilation_long", "inr_digits_dilation_products",
          "inr_digits_dilation_gradset_target", "inr_digits_dilation_gradset_grid", "inr_digits_dilation_auxzero",
-         "inr_digits_dilation_budget", "inr_digits_dilation_zoo512", "inr_mnist_dilation", "inr_cifar10_contrast"]
+         "inr_digits_dilation_budget", "inr_digits_dilation_zoo512",
+         "inr_digits_dilation_zoo1024", "inr_mnist_dilation", "inr_cifar10_contrast"]
 
 
 @pytest.mark.parametrize("name", SPECS)

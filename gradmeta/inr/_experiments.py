@@ -81,15 +81,10 @@ def inr_editing(run: Run) -> dict:
     edit = spec["data"]["edit"]
     y_train, y_test = apply_edit(edit, train.images), apply_edit(edit, test.images)
     C = zoo.images.shape[1]
-    jobs = [(f, s) for s in spec["seeds"] for f in spec["editor"]["features"]]
+    jobs = {f"{f}/seed{s}": (f, s) for s in spec["seeds"] for f in spec["editor"]["features"]}
     sets: dict[str, tuple] = {}
-    bar = run.progress(len(jobs), initial=len(state["results"]), desc="editors")
-    for feat, seed in jobs:
-        key = f"{feat}/seed{seed}"
-        if key in state["results"]:
-            continue
-        if run.should_stop(len(state["results"])):
-            break
+    for key in run.pending(list(jobs), state["results"], desc="editors"):
+        feat, seed = jobs[key]
         torch.manual_seed(seed)
         ed = _editor(spec, C, feat).calibrate(train.params)
         kind = {"gradients++": "gradients"}.get(ed.features, ed.features)
@@ -106,8 +101,6 @@ def inr_editing(run: Run) -> dict:
         state["losses"][key] = hist["loss"]
         state["editors"][key] = {k: v.clone() for k, v in ed.state_dict().items()}
         run.checkpoint(state, len(state["results"]))
-        bar.update(1)
-    bar.close()
     summary = _summary(state, spec, zoo, evaluate_editor(None, test.params, y_test).mean().item())
     plots = [_plot(run, spec, state, test, y_test)] if state["editors"] else []
     history = {"train_loss": {k: v[:: max(1, len(v) // 100)] for k, v in state["losses"].items()}}

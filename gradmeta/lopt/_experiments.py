@@ -1,16 +1,18 @@
 """Tasks ``lopt_meta_train`` and ``lopt_eval`` for ``gradmeta run`` (specs ``tasks/lopt_*.toml``).
 
-``lopt_meta_train`` meta-trains a :class:`~gradmeta.lopt.PerParamMLP` with PES, full-unroll ES or
-truncated backprop and the Adam meta-optimiser; it checkpoints every ``checkpoint_every``
+``lopt_meta_train`` meta-trains a learned optimizer (``[optimizer] kind``: a
+:class:`~gradmeta.lopt.PerParamMLP`, or one with a GradMetaNet / GradMetaNet++ / weight-space
+branch) with PES, full-unroll ES or truncated backprop and the Adam meta-optimiser; it checkpoints every ``checkpoint_every``
 iterations (meta-parameters, meta-optimiser, particle states and the random generator), so
 ``--resume`` continues to exactly the result of an uninterrupted run. Under ``torchrun`` the
 particles are split over the ranks (:mod:`gradmeta.lopt._distributed`). It writes the trained
 optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(model, checkpoint=...)``),
 ``meta_loss.png`` and ``inner_curves.png``.
 
-``lopt_eval`` compares a checkpoint with lr-tuned Adam (sweep :data:`~gradmeta.lopt.ADAM_LRS`) and
-lr-tuned SGD with momentum on held-out initialisation seeds: step reduction, best test loss and
-the step-time ratio against Adam (``evaluation.png``).
+``lopt_eval`` compares a checkpoint (or, with ``run = "<folder>"``, the optimizer of any kind in a
+``lopt_meta_train`` run folder) with lr-tuned Adam (sweep :data:`~gradmeta.lopt.ADAM_LRS`) and
+lr-tuned SGD with momentum on held-out initialisation seeds: step reduction, best test loss and,
+for per-parameter checkpoints, the step-time ratio against Adam (``evaluation.png``).
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def _from_run(folder: str, task):
 
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
 def lopt_meta_train(run: Run) -> dict:
-    """Meta-train a per-parameter MLP learned optimizer (PES / ES / truncated backprop)."""
+    """Meta-train a learned optimizer of the spec's ``[optimizer] kind`` (PES / ES / truncated backprop)."""
     s, o, ev = run.spec, run.spec["outer"], run.spec["eval"]
     for key in ("iterations", "particles", "truncation", "horizon"):
         if o[key] < 1:

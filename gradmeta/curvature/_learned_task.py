@@ -46,15 +46,20 @@ DEFAULTS = {
 }
 
 
+def _check_jobs(run: Run, known, sizes_key: str, sizes_msg: str) -> None:
+    """Spec errors for unknown ``models`` or a missing / non-positive ``sizes_key`` list."""
+    for m in run.spec["models"]:
+        if m not in known:
+            raise run.spec_error("models", f"unknown model {m!r}; use {list(known)}")
+    if not run.spec[sizes_key] or min(run.spec[sizes_key]) < 1:
+        raise run.spec_error(sizes_key, sizes_msg)
+
+
 @register_task("curvature_learned", defaults=DEFAULTS)
 def curvature_learned(run: Run) -> dict:
     """Learned Fisher diagonal of random SIRENs from 128 output gradients: error vs the standard estimator."""
     spec = run.spec
-    for m in spec["models"]:
-        if m not in LEARNED_MODELS:
-            raise run.spec_error("models", f"unknown model {m!r}; use {list(LEARNED_MODELS)}")
-    if not spec["train_sizes"] or min(spec["train_sizes"]) < 1:
-        raise run.spec_error("train_sizes", "need one or more positive sizes")
+    _check_jobs(run, LEARNED_MODELS, "train_sizes", "need one or more positive sizes")
     d, t = spec["data"], spec["train"]
     kw = {"set_size": d["set_size"], "num_points": d["num_points"], "hidden": d["hidden"]}
     t0 = time.perf_counter()
@@ -218,11 +223,7 @@ TRACE_DEFAULTS = {
 def curvature_learned_trace(run: Run) -> dict:
     """Learned Fisher trace of MLPs 64-h-h-10 on digits from 128 gradients: normalised MAE vs the standard estimator."""
     spec = run.spec
-    for m in spec["models"]:
-        if m not in TRACE_MODELS:
-            raise run.spec_error("models", f"unknown model {m!r}; use {list(TRACE_MODELS)}")
-    if not spec["widths"] or min(spec["widths"]) < 1:
-        raise run.spec_error("widths", "need one or more positive hidden widths")
+    _check_jobs(run, TRACE_MODELS, "widths", "need one or more positive hidden widths")
     d, t = spec["data"], spec["train"]
     if len(d["init_scale"]) != 2:
         raise run.spec_error("data.init_scale", f"need [low, high], got {d['init_scale']}")

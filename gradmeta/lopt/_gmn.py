@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from ._baselines import Optimizer
 from ._learned import LOState, PerParamMLP
 
 __all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO"]
@@ -169,6 +168,4 @@ class WeightSpaceLO(_BranchLO):
         extra = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
         return self.base.update(self._part(meta, "mlp"), grads, state, params, extra)
 
-    def bind(self, meta: Params) -> Optimizer:
-        """This optimizer with fixed ``meta`` as an ``init``/``update`` pair like the baselines."""
-        return Optimizer(self.init, lambda grads, state, params: self.update(meta, grads, state, params))
+    bind = PerParamMLP.bind  # same init/update signatures

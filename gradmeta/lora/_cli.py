@@ -31,7 +31,7 @@ def predict(model_path: str, adapter_dirs: list[str]) -> list[dict]:
                 sd = torch.as_tensor(extra.get("target_std", 1.0))
                 out = out * sd + mu
                 if "target_min" in extra:
-                    out = torch.minimum(torch.maximum(out, extra["target_min"]), extra["target_max"])
+                    out = out.clamp(extra["target_min"], extra["target_max"])
             else:
                 out = torch.sigmoid(out)
             rows.append({"adapter": str(d), **{t: float(v) for t, v in zip(targets, out)}})

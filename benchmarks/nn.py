@@ -164,10 +164,10 @@ def plot(data, path):
 
 
 # --------------------------------------------------------------------------------------------
-# Capability experiment (issue #4): the task ``nn_capability`` (gradmeta/experiments/capability.py)
+# Capability experiment: the task ``nn_capability`` (gradmeta/experiments/nn/capability.py)
 def capability(a):
     """Run the spec into ``runs/<stem>`` and write ``<out>/<stem>.{json,md,png}`` from its metrics."""
-    from gradmeta.experiments.capability import render_capability
+    from gradmeta.experiments.nn.capability import render_capability
     from gradmeta.run import load_spec, run_spec
 
     stem = a.stem or Path(a.spec).stem

@@ -1,10 +1,6 @@
-"""The ``gradmeta`` command: ``run SPEC.toml``, ``report DIR``, ``tasks``, plus plug-in subcommands.
-
-Other packages add subcommands by listing a module in :data:`SUBCOMMAND_MODULES`; that module
-defines ``add_parser(subparsers)``, which registers its parser and calls
-``parser.set_defaults(func=callable)``; the callable gets the parsed ``args`` and returns an exit
-status (``None`` means 0).
-"""
+"""The ``gradmeta`` command: ``run SPEC.toml``, ``report DIR``, ``tasks``, plus the subcommands of
+:mod:`gradmeta.commands` (``curvature``, ``inr``, ``lora`` and any registered through the
+``gradmeta.commands`` entry-point group)."""
 from __future__ import annotations
 
 import argparse
@@ -14,13 +10,10 @@ import math
 import sys
 from pathlib import Path
 
-from gradmeta.run import (CHECKPOINT_FILE, METRICS_FILE, TASK_MODULES, TASKS, ResumeError, SpecError,
-                          _import_optional, default_out_dir, run_spec)
+from gradmeta.run import CHECKPOINT_FILE, METRICS_FILE, ResumeError, default_out_dir, run_spec
+from gradmeta.specs import SpecError, discover_tasks
 
-__all__ = ["main", "build_parser", "format_report", "SUBCOMMAND_MODULES"]
-
-#: Modules contributing subcommands; one that does not exist (yet) is skipped silently.
-SUBCOMMAND_MODULES: list[str] = ["gradmeta.curvature._cli", "gradmeta.lora._cli"]
+__all__ = ["main", "build_parser", "format_report"]
 
 
 def _fmt(x) -> str:
@@ -70,7 +63,8 @@ def _cmd_run(args) -> int:
     out = Path(args.out) if args.out else default_out_dir(args.spec)
     try:
         run_dir = run_spec(args.spec, out, resume=args.resume, overwrite=args.overwrite,
-                           max_steps=args.max_steps, progress=False if args.no_progress else None)
+                           max_steps=args.max_steps, progress=False if args.no_progress else None,
+                           overrides=args.set)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue from the last checkpoint with: gradmeta run {args.spec} --out {out} --resume",
               file=sys.stderr)
@@ -92,15 +86,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tasks(args) -> int:
-    for module in TASK_MODULES:
-        _import_optional(module)
-    for name, info in sorted(TASKS.items()):
+    for name, info in sorted(discover_tasks().items()):
         print(f"{name:24s} {info.doc}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, including subcommands from :data:`SUBCOMMAND_MODULES`."""
+    """The argument parser, including the subcommands of :mod:`gradmeta.commands`."""
     parser = argparse.ArgumentParser(
         prog="gradmeta", description="Run gradmeta task specs and summarise run folders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -112,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="delete an earlier run in the folder first")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after global step N (checkpointed); continue later with --resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, parsed as TOML (e.g. --set train.steps=250 --set 'seeds=[0,1]'); "
+                        "repeatable, recorded in spec.resolved.toml")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("report", help="summarise a run folder's metrics.json and list its plots")
@@ -119,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("tasks", help="list registered tasks")
     p.set_defaults(func=_cmd_tasks)
-    for module in SUBCOMMAND_MODULES:
-        if _import_optional(module):
-            sys.modules[module].add_parser(sub)
+    from gradmeta.commands import command_modules
+
+    for module in command_modules():
+        module.add_parser(sub)
     return parser
 
 

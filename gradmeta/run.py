@@ -1,316 +1,121 @@
 """Run a task spec (TOML) into a run folder.
 
-A *spec* is a TOML file whose key ``task`` names a registered task; every other key is checked
-against the task's defaults (unknown keys, missing required keys and wrong types are errors that
-name the spec file and the dotted key). A *run folder* holds:
+Specs (:mod:`gradmeta.specs`) name a registered task and the values that differ from its defaults.
+A *run folder* holds:
 
 * ``spec.resolved.toml`` -- the spec with every default filled in (itself a valid spec);
 * ``run.json`` -- environment record (versions, device) and one entry per invocation;
 * ``metrics.json`` -- ``{"task", "status", "step", "total_steps", "summary", "history", "plots"}``;
-* ``*.png`` -- plots; ``checkpoint.pt`` -- the latest checkpoint.
+* ``*.png`` -- plots; ``checkpoint.pt`` -- the latest checkpoint;
+* ``.lock`` -- while a process runs in the folder: its pid and host (a second process refuses to
+  start; a lock left by a process that died is detected by its pid and replaced).
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so an
-interrupted run never leaves a half-written checkpoint. ``resume=True`` continues from the last
-checkpoint and refuses when the resolved spec differs from the one stored in the folder.
+interrupted run never leaves a half-written checkpoint; temporaries of killed processes are
+removed when the folder is used again. ``resume=True`` continues from the last checkpoint and
+refuses when the resolved spec differs from the one stored in the folder.
 
-Tasks are functions ``fn(run: Run) -> dict`` registered with :func:`register_task`; they return
-``{"summary": {name: scalar}, "history": {group: {name: list}}, "plots": [file names]}``.
+Tasks are functions ``fn(run: Run) -> dict`` registered with :func:`gradmeta.specs.register_task`;
+they return ``{"summary": {name: scalar}, "history": {group: {name: list}}, "plots": [file names],
+"step", "total_steps"}``.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
-import difflib
-import importlib
 import json
 import os
-import platform
-import re
+import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 import torch
 
-__all__ = [
-    "SpecError", "ResumeError", "Required", "OneOf", "TaskInfo", "TASKS", "TASK_MODULES",
-    "register_task", "get_task", "load_spec", "resolve_spec", "dump_toml", "atomic_write", "torch_threads",
-    "Run", "run_spec", "default_out_dir", "environment",
-]
+from ._io import atomic_write, jsonable, remove_stale_temps
+from ._runtime import environment
+from .specs import (TASKS, SpecError, dump_toml, get_task, load_spec, resolve_spec, spec_diff)
 
-#: Modules imported (lazily, on first lookup) so that their tasks register themselves.
-#: A module that does not exist yet is skipped; any other import error surfaces.
-TASK_MODULES: list[str] = ["gradmeta.experiments", "gradmeta.experiments.capability", "gradmeta.lopt._experiments", "gradmeta.lora._zoo",
-                            "gradmeta.lora._tasks", "gradmeta.inr._experiments",
-                            "gradmeta.curvature._learned_task"]
+__all__ = ["SpecError", "ResumeError", "RunFolderLocked", "Run", "run_spec", "default_out_dir",
+           "load_spec", "resolve_spec", "get_task"]
 
-SPEC_FILE, RUN_FILE, METRICS_FILE, CHECKPOINT_FILE = (
-    "spec.resolved.toml", "run.json", "metrics.json", "checkpoint.pt")
-
-
-class SpecError(ValueError):
-    """A spec file is malformed: unknown task or key, missing key, or a value of the wrong type."""
+SPEC_FILE, RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, LOCK_FILE = (
+    "spec.resolved.toml", "run.json", "metrics.json", "checkpoint.pt", ".lock")
 
 
 class ResumeError(RuntimeError):
     """A run folder cannot be (re)used as asked: spec changed, or a run exists and neither resume nor overwrite."""
 
 
-@dataclass(frozen=True)
-class Required:
-    """Default marker for a key that the spec must set; ``type`` is the expected Python type."""
-
-    type: type
-    doc: str = ""
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """Default marker for a string key restricted to ``options``."""
-
-    default: str
-    options: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A registered task: its function, nested defaults and first docstring line."""
-
-    name: str
-    fn: Callable[["Run"], dict]
-    defaults: dict = field(repr=False)
-    doc: str = ""
-
-
-TASKS: dict[str, TaskInfo] = {}
-
-
-def register_task(name: str, *, defaults: dict) -> Callable:
-    """Decorator registering ``fn(run: Run) -> dict`` as task ``name`` (the spec's ``task = "name"``).
-
-    ``defaults`` is a nested dict of default values (tables are dicts); a value may be
-    :class:`Required` (the spec must set it) or :class:`OneOf` (a restricted string).
-    """
-    def deco(fn: Callable) -> Callable:
-        if name in TASKS and TASKS[name].fn is not fn:
-            raise ValueError(f"task {name!r} is already registered by {TASKS[name].fn.__module__}")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        TASKS[name] = TaskInfo(name, fn, defaults, doc[0] if doc else "")
-        return fn
-    return deco
-
-
-def _import_optional(module: str) -> bool:
-    """Import ``module``; False only when that exact module does not exist (errors inside it surface)."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            return False
-        raise
-    return True
-
-
-def get_task(name: str, spec_path: str | os.PathLike | None = None) -> TaskInfo:
-    """Return the task registered as ``name``; :class:`SpecError` (with close matches) if none."""
-    for module in TASK_MODULES:
-        _import_optional(module)
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        where = f"{spec_path}: " if spec_path else ""
-        raise SpecError(f"{where}unknown task {name!r}{hint} Known tasks: {', '.join(sorted(TASKS)) or 'none'}.")
-    return TASKS[name]
-
-
-def load_spec(path: str | os.PathLike) -> dict:
-    """Parse a TOML spec file; :class:`SpecError` naming the file on a missing file or bad TOML."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"spec file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{path}: invalid TOML: {e}") from None
-
-
-def _type_name(t: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            list: "an array", dict: "a table"}.get(t, t.__name__)
-
-
-def _check_value(value: Any, default: Any, key: str, where: str) -> Any:
-    """Return ``value`` converted to the type of ``default`` (int -> float allowed), or raise."""
-    if isinstance(default, Required):
-        expected = default.type
-        default = {int: 0, float: 0.0, str: "", bool: False, list: [], dict: {}}.get(expected, None)
-    if isinstance(default, OneOf):
-        if not isinstance(value, str) or value not in default.options:
-            raise SpecError(f"{where}: {key} = {value!r}; expected one of {', '.join(map(repr, default.options))}")
-        return value
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: {key} must be a table ([{key}]), got {value!r}")
-        return _merge(value, default, where, key + ".")
-    bad = SpecError(f"{where}: {key} = {value!r} must be {_type_name(type(default))}")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad
-    elif isinstance(default, list):
-        if not isinstance(value, list):
-            raise bad
-        if default:  # the default's first element fixes the element type
-            return [_check_value(v, default[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
-    return value
-
-
-def _merge(raw: dict, defaults: dict, where: str, prefix: str = "") -> dict:
-    unknown = [k for k in raw if k not in defaults]
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(k, list(defaults), n=1)
-        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-        raise SpecError(f"{where}: unknown key {prefix + k!r}{hint}; allowed here: {', '.join(defaults)}")
-    out = {}
-    for k, default in defaults.items():
-        key = prefix + k
-        if k in raw:
-            out[k] = _check_value(raw[k], default, key, where)
-        elif isinstance(default, Required):
-            raise SpecError(f"{where}: missing required key {key!r} ({_type_name(default.type)}"
-                            f"{': ' + default.doc if default.doc else ''})")
-        elif isinstance(default, OneOf):
-            out[k] = default.default
-        elif isinstance(default, dict):
-            out[k] = _merge({}, default, where, key + ".")
-        else:
-            out[k] = list(default) if isinstance(default, list) else default
-    return out
-
-
-def resolve_spec(raw: dict, spec_path: str | os.PathLike = "<spec>") -> dict:
-    """Check ``raw`` against its task's defaults; return the full spec with ``task`` first."""
-    if "task" not in raw:
-        raise SpecError(f"{spec_path}: missing required key 'task' (the name of a registered task)")
-    if not isinstance(raw["task"], str):
-        raise SpecError(f"{spec_path}: task = {raw['task']!r} must be a string")
-    info = get_task(raw["task"], spec_path)
-    body = {k: v for k, v in raw.items() if k != "task"}
-    return {"task": info.name, **_merge(body, info.defaults, str(spec_path))}
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)  # repr of a float is valid TOML, including inf and nan
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def dump_toml(spec: dict, _prefix: str = "") -> str:
-    """Write a nested dict of bools, numbers, strings and lists as TOML (scalars before tables)."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in spec.items() if not isinstance(v, dict)]
-    for k, v in spec.items():
-        if isinstance(v, dict):
-            name = _prefix + _toml_key(k)
-            lines += ["", f"[{name}]", dump_toml(v, name + ".").strip("\n")]
-    return "\n".join(lines).strip("\n") + "\n"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write ``path`` via ``write(file)`` into a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _spec_diff(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+class RunFolderLocked(ResumeError):
+    """Another live process is running in the run folder."""
 
 
 def default_out_dir(spec_path: str | os.PathLike) -> Path:
     """``runs/<spec-stem>`` relative to the current directory."""
-    return Path("runs") / Path(spec_path).stem
+    stem = Path(spec_path).stem.strip(".")
+    if not stem:
+        raise SpecError(f"cannot name a run folder after {str(spec_path)!r}; pass --out")
+    return Path("runs") / stem
 
 
-def environment() -> dict:
-    """Versions and device of this process, recorded in ``run.json``."""
-    import numpy
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
-    import gradmeta
 
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "numpy": numpy.__version__, "gradmeta": gradmeta.__version__,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-    }
+class _Lock:
+    """An exclusive lock file ``out/.lock`` holding ``{"pid", "host", "started"}``."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.held = False
+        self.replaced: dict | None = None
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                    pid, host = int(other["pid"]), str(other["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    other, pid, host = {}, -1, "?"
+                if host == me["host"] and pid != -1 and not _pid_alive(pid):
+                    self.replaced = other  # the process that held it died (SIGKILL, power loss)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if pid == -1:
+                    raise RunFolderLocked(f"{self.path.parent} has an unreadable lock file {self.path}; if no "
+                                          "gradmeta run is using this folder, delete that file") from None
+                raise RunFolderLocked(
+                    f"{self.path.parent} is in use by another gradmeta run (pid {pid} on {host}, started "
+                    f"{other.get('started', '?')}); wait for it or use another --out. If that process is gone, "
+                    f"delete {self.path}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self.held = True
+            return
+        raise RunFolderLocked(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 class Run:
     """One invocation of a task writing into a run folder.
 
     Args:
-        out: the run folder (created if needed).
-        spec: the resolved spec (from :func:`resolve_spec`).
+        out: the run folder (created if needed; resolved to an absolute path first).
+        spec: the resolved spec (from :func:`gradmeta.specs.resolve_spec`).
         spec_path: where the spec came from, for error messages.
         resume: continue from ``checkpoint.pt`` if the folder holds one (the stored resolved
             spec must equal ``spec``); without a checkpoint the run starts at step 0.
@@ -322,24 +127,41 @@ class Run:
     Raises:
         ResumeError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set, or the
             stored spec differs from ``spec`` (the message lists the differing keys).
+        RunFolderLocked: another live process runs in ``out``.
     """
 
     def __init__(self, out: str | os.PathLike, spec: dict, *, spec_path: str | os.PathLike = "<spec>",
                  resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
                  progress: bool | None = None):
-        self.out, self.spec, self.spec_path = Path(out), spec, str(spec_path)
+        if max_steps is not None and max_steps < 0:
+            raise SpecError(f"max_steps = {max_steps} must be >= 0")
+        self.out, self.spec, self.spec_path = Path(os.path.abspath(out)), spec, str(spec_path)
         self.max_steps, self.stopped, self.start_step = max_steps, False, 0
         self._progress = progress
+        self._lock = _Lock(self.out)
+        self.fresh = False
         # Under torchrun only rank 0 owns the folder; other ranks read checkpoints, write nothing.
         self.writer = int(os.environ.get("RANK", "0")) == 0
         if not self.writer:   # tasks that shard work may still write their own files here
             self.out.mkdir(parents=True, exist_ok=True)
             self.resumed = resume and (self.out / CHECKPOINT_FILE).exists()
             return
+        if self.out.exists() and not self.out.is_dir():
+            raise ResumeError(f"--out {self.out} is a file, not a folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._claim(resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _claim(self, resume: bool, overwrite: bool) -> None:
+        remove_stale_temps(self.out)
         existing = [n for n in (SPEC_FILE, CHECKPOINT_FILE, METRICS_FILE) if (self.out / n).exists()]
         if existing and resume:
             if (self.out / SPEC_FILE).exists():
-                diff = _spec_diff(load_spec(self.out / SPEC_FILE), spec)
+                diff = spec_diff(load_spec(self.out / SPEC_FILE), self.spec)
                 if diff:
                     raise ResumeError(
                         f"cannot resume {self.out}: {self.spec_path} resolves to a different spec than the "
@@ -350,19 +172,29 @@ class Run:
         elif existing:
             raise ResumeError(f"{self.out} already holds a run ({', '.join(existing)}); pass --resume to "
                               f"continue it or --overwrite to start again")
+        self.fresh = not existing or overwrite
         self.resumed = resume and (self.out / CHECKPOINT_FILE).exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.out / SPEC_FILE, lambda f: f.write(dump_toml(spec)), mode="w")
+        atomic_write(self.out / SPEC_FILE, lambda f: f.write(dump_toml(self.spec)), mode="w")
+
+    def close(self) -> None:
+        """Release the run folder's lock (idempotent)."""
+        self._lock.release()
+
+    def discard(self) -> None:
+        """Remove what this invocation created in a fresh folder (a start that failed its checks)."""
+        if self.writer and self.fresh:
+            for name in (SPEC_FILE, RUN_FILE):
+                (self.out / name).unlink(missing_ok=True)
 
     def _remove_previous(self) -> None:
         plots = []
         if (self.out / METRICS_FILE).exists():
             try:
                 plots = json.loads((self.out / METRICS_FILE).read_text()).get("plots", [])
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 pass
         for name in [SPEC_FILE, CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, *plots]:
-            p = self.out / Path(name).name  # never leave the run folder
+            p = self.out / Path(str(name)).name  # never leave the run folder
             if p.is_file():
                 p.unlink()
 
@@ -379,6 +211,9 @@ class Run:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt file cannot come from atomic writes, but say which file
             raise ResumeError(f"cannot read checkpoint {path}: {e}") from e
+        if not isinstance(ckpt, dict) or "step" not in ckpt or "state" not in ckpt:
+            raise ResumeError(f"{path} is not a gradmeta run checkpoint (no 'step'/'state'); "
+                              "use --overwrite to start this run again")
         self.start_step = int(ckpt["step"])
         return ckpt["state"]
 
@@ -425,37 +260,40 @@ class Run:
 
     def write_metrics(self, metrics: dict) -> Path:
         """Atomically write ``metrics.json`` (NaN/inf are written as ``null``)."""
-        text = json.dumps(_jsonable(metrics), indent=1, allow_nan=False)
+        text = json.dumps(jsonable(metrics), indent=1, allow_nan=False)
         if not self.writer:
             return self.out / METRICS_FILE
         return atomic_write(self.out / METRICS_FILE, lambda f: f.write(text + "\n"), mode="w")
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-        return None
-    return x
-
-
 def run_spec(spec_path: str | os.PathLike, out: str | os.PathLike | None = None, *, resume: bool = False,
-             overwrite: bool = False, max_steps: int | None = None, progress: bool | None = None) -> Path:
+             overwrite: bool = False, max_steps: int | None = None, progress: bool | None = None,
+             overrides: list[str] | None = None) -> Path:
     """Resolve the spec at ``spec_path``, run its task into ``out`` and return the run folder.
 
-    ``out`` defaults to ``runs/<spec-stem>``. The other arguments are those of :class:`Run`.
-    The task's result is written to ``metrics.json`` with ``status`` ``"complete"`` or
-    ``"stopped"`` (``max_steps`` reached; continue with ``resume=True``).
+    ``out`` defaults to ``runs/<spec-stem>``; ``overrides`` are ``KEY=VALUE`` strings applied on top
+    of the file (see :func:`gradmeta.specs.load_spec`) and recorded in ``spec.resolved.toml``. The
+    other arguments are those of :class:`Run`. The task's result is written to ``metrics.json``
+    with ``status`` ``"complete"`` or ``"stopped"`` (``max_steps`` reached; continue with
+    ``resume=True``).
     """
-    spec = resolve_spec(load_spec(spec_path), spec_path)
+    spec = resolve_spec(load_spec(spec_path, overrides), spec_path)
     out = Path(out) if out is not None else default_out_dir(spec_path)
     run = Run(out, spec, spec_path=spec_path, resume=resume, overwrite=overwrite,
               max_steps=max_steps, progress=progress)
+    try:
+        return _execute(run, spec_path)
+    except SpecError:
+        run.discard()
+        raise
+    finally:
+        run.close()
+
+
+def _execute(run: Run, spec_path) -> Path:
+    spec, out = run.spec, run.out
     started = datetime.datetime.now(datetime.timezone.utc)
+    threads_before = torch.get_num_threads()
     result = TASKS[spec["task"]].fn(run)
     wall = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     missing = {"summary", "history", "plots", "step", "total_steps"} - set(result)
@@ -467,10 +305,17 @@ def run_spec(spec_path: str | os.PathLike, out: str | os.PathLike | None = None,
         return out
     record = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
     record.setdefault("spec_source", str(spec_path))
-    record["environment"] = environment()
-    record.setdefault("invocations", []).append({
+    env = environment()
+    if isinstance(spec.get("threads"), int) and spec["threads"] > 0:
+        env["torch_threads"] = spec["threads"]  # what the task ran with (it restores the caller's)
+    else:
+        env["torch_threads"] = threads_before
+    record["environment"] = env
+    invocations = record.setdefault("invocations", [])
+    invocations.append({
         "started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:],
         "start_step": run.start_step, "end_step": result["step"], "status": status,
         "wall_s": round(wall, 3)})
+    record["wall_s_total"] = round(sum(i.get("wall_s", 0.0) for i in invocations), 3)
     atomic_write(out / RUN_FILE, lambda f: f.write(json.dumps(record, indent=1) + "\n"), mode="w")
     return out

@@ -13,9 +13,10 @@ import torch
 
 import gradmeta as gm
 from gradmeta import cli
-from gradmeta.experiments import gradient_statistics
+from gradmeta.experiments.grads import gradient_statistics
 from gradmeta.models import classification_loss, mlp
-from gradmeta.run import atomic_write, dump_toml, load_spec, resolve_spec, tomllib
+from gradmeta._io import atomic_write
+from gradmeta.specs import dump_toml, load_spec, resolve_spec, tomllib
 
 TINY = """\
 task = "gradients_digits"
@@ -106,7 +107,7 @@ def test_resume_continues_from_checkpoint(tmp_path, full_run):
 
 
 def test_resume_after_keyboard_interrupt(tmp_path, full_run, monkeypatch, capsys):
-    import gradmeta.experiments.gradients as task
+    import gradmeta.experiments.grads.gradients as task
 
     calls = []
 
@@ -261,11 +262,15 @@ def test_subcommand_plugins(tmp_path, monkeypatch, capsys):
             p.set_defaults(func=lambda args: print("hello", args.name))
     """))
     (tmp_path / "gm_test_broken.py").write_text("import gm_no_such_dependency_xyz\n")
+    # An installed distribution declaring the subcommand in the ``gradmeta.commands`` entry-point group.
+    dist = tmp_path / "gm_test_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gm-test-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[gradmeta.commands]\nhello = gm_test_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ["gm_test_plugin", "gm_test_absent_module"])
     assert cli.main(["hello", "--name", "gm"]) == 0
     assert capsys.readouterr().out == "hello gm\n"
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ["gm_test_broken"])
+    (dist / "entry_points.txt").write_text("[gradmeta.commands]\nbroken = gm_test_broken\n")
     with pytest.raises(ModuleNotFoundError, match="gm_no_such_dependency_xyz"):
         cli.main(["tasks"])
     monkeypatch.delitem(sys.modules, "gm_test_plugin", raising=False)

@@ -1,4 +1,4 @@
-"""Curvature of the mean loss of any model over data (DESIGN §5).
+"""Curvature of the mean loss of any model over data.
 
     from gradmeta import curvature as gc
     gc.hvp(model, loss_fn, data, v)                       # v, result: {param_name: tensor}
@@ -15,13 +15,10 @@ from ._api import (EXACT_WARN_PARAMS, exact_hessian, ggn_vp, hessian_diagonal, h
 from ._data import CurvatureError
 from ._estimators import (EigenResult, SpectralDensity, hutchinson_diagonal, hutchinson_trace, hutchpp_trace,
                           lanczos, slq, top_eigenvalues)
-from ._learned import (LEARNED_MODELS, FisherDataset, LearnedFisherEstimator, evaluate_fisher_estimator,
-                       make_fisher_dataset, quadrature_fisher, relative_error, standard_fisher,
-                       train_fisher_estimator)
-from ._learned_trace import (LearnedTraceEstimator, TraceDataset, evaluate_trace_estimator, make_trace_dataset,
-                             rao_blackwell_trace, train_trace_estimator)
 from ._fisher import KFAC, fisher_diagonal, kfac, sample_targets
-from ._linop import DenseOperator, LinearOperator, ParamLayout, as_operator
+from ._linop import DenseOperator, LinearOperator, as_operator
+from ._trace import fisher_trace, rao_blackwell_trace, standard_trace
+from ..params import ParamLayout
 from ._operators import GGNOperator, HessianOperator
 from ._report import curvature_report, format_table
 
@@ -31,8 +28,5 @@ __all__ = [
     "LinearOperator", "DenseOperator", "ParamLayout", "as_operator", "HessianOperator", "GGNOperator",
     "hutchinson_trace", "hutchpp_trace", "hutchinson_diagonal", "lanczos", "top_eigenvalues", "slq",
     "EigenResult", "SpectralDensity", "CurvatureError", "EXACT_WARN_PARAMS", "curvature_report", "format_table",
-    "LearnedFisherEstimator", "FisherDataset", "make_fisher_dataset", "standard_fisher", "relative_error",
-    "train_fisher_estimator", "evaluate_fisher_estimator", "LEARNED_MODELS", "quadrature_fisher",
-    "LearnedTraceEstimator", "TraceDataset", "make_trace_dataset", "train_trace_estimator", "evaluate_trace_estimator",
-    "rao_blackwell_trace",
+    "fisher_trace", "standard_trace", "rao_blackwell_trace",
 ]

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._linop import ParamLayout
+from ..params import ParamLayout
 
 Batch = tuple[object, torch.Tensor]
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ._data import CurvatureError, batch_size, batches, call_model, checked, trainable
 from ._estimators import _gen
-from ._linop import LinearOperator, ParamLayout
+from ..params import ParamLayout
+from ._linop import LinearOperator
 
 _LIKELIHOODS = ("categorical", "gaussian")
 

@@ -1,11 +1,9 @@
 """A small linear-operator base shared by every curvature object and estimator.
 
 Operators act on flat vectors ``(n,)`` and matrices ``(n, k)``; the public functions translate
-``{param_name: tensor}`` dictionaries to and from that flat layout (``ParamLayout``).
+``{param_name: tensor}`` dictionaries to and from that flat layout (:class:`gradmeta.params.ParamLayout`).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -117,47 +115,3 @@ def as_operator(A) -> LinearOperator:
     if isinstance(A, torch.Tensor):
         return DenseOperator(A)
     raise TypeError(f"expected a gradmeta LinearOperator or a square torch.Tensor, got {type(A).__name__}")
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Flat layout of named parameters: ``names`` in ``named_parameters()`` order, concatenated."""
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-
-    @property
-    def numels(self) -> list[int]:
-        return [s.numel() for s in self.shapes]
-
-    @property
-    def size(self) -> int:
-        return sum(self.numels)
-
-    def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
-        for name, n in zip(self.names, self.numels):
-            out[name] = slice(start, start + n)
-            start += n
-        return out
-
-    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``{name: param.shape}`` -> ``(P,)``; the keys must be exactly ``names``."""
-        missing = [n for n in self.names if n not in tensors]
-        extra = [n for n in tensors if n not in set(self.names)]
-        if missing or extra:
-            raise KeyError(f"vector keys do not match the trainable parameters: missing {missing}, "
-                           f"unexpected {extra}")
-        for n, s in zip(self.names, self.shapes):
-            if tensors[n].shape != s:
-                raise ValueError(f"vector entry {n!r} has shape {tuple(tensors[n].shape)}, "
-                                 f"parameter has {tuple(s)}")
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(P,)`` -> ``{name: param.shape}`` (views into ``flat``)."""
-        return {n: flat[sl].view(s) for (n, sl), s in zip(self.slices().items(), self.shapes)}
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``(P,)`` -> list of parameter-shaped views, in ``names`` order."""
-        return [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes)]

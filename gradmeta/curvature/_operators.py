@@ -100,7 +100,7 @@ class HessianOperator(_CurvatureOperator):
         idx.sort()
         sub.__dict__.update(self.__dict__)
         sub.params = [self.params[i] for i in idx]
-        from ._linop import ParamLayout
+        from ..params import ParamLayout
         sub.layout = ParamLayout(tuple(self.layout.names[i] for i in idx),
                                  tuple(self.layout.shapes[i] for i in idx))
         if self._cache is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..run import atomic_write
+from .._io import atomic_write
 from ._fit import fit_inrs
 
 __all__ = ["INRZoo", "ZooError", "build_zoo", "load_zoo", "write_shard", "zoo_images", "distributed_context"]

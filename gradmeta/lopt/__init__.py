@@ -16,7 +16,7 @@
   checkpoint by default.
 
 Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
-``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.lopt._experiments`).
+``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.experiments.lopt`).
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env

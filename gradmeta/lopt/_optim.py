@@ -27,7 +27,7 @@ _KINDS = {"per_param_mlp": PerParamMLP}
 
 def save_checkpoint(path: str | os.PathLike, lo: PerParamMLP, meta: dict[str, Tensor], **info) -> Path:
     """Write ``lo``'s config and ``meta`` (plus scalar/string ``info``) to ``path`` atomically."""
-    from gradmeta.run import atomic_write
+    from gradmeta._io import atomic_write
 
     kind = {v: k for k, v in _KINDS.items()}[type(lo)]
     blob = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": lo.config(),

@@ -17,14 +17,11 @@ from ._baselines import DenseMLP, FactorMLP, LayerTransformer, ProcrustesMLP, SV
 from ._canonical import canonical_adapter, canonical_svd, procrustes_align, random_gl
 from ._dataset import AdapterMismatchError, LoraDataset, check_compatible, find_adapter_folders, stack_factors
 from ._models import MODELS, AdapterModel, GLNet, load_model, save_model
-from ._tasks import lora_predict  # registers the task "lora_predict"
-from ._zoo import lora_zoo  # registers the task "lora_zoo"
 
 __all__ = [
     "load_adapter", "list_adapters", "Adapter", "LoraFactors", "AdapterFormatError", "natural_key",
     "LoraDataset", "AdapterMismatchError", "find_adapter_folders", "check_compatible", "stack_factors",
     "AdapterModel", "GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer", "MODELS",
     "save_model", "load_model", "canonical_svd", "canonical_adapter", "procrustes_align", "random_gl",
-    "lora_zoo", "lora_predict",
     "CONFIG_FILE", "WEIGHT_FILES", "DIFFUSERS_COMPONENTS",
 ]

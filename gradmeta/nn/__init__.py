@@ -1,4 +1,4 @@
-"""Equivariant networks on gradients and low-rank weights (DESIGN §2–§3, §5).
+"""Equivariant networks on gradients and low-rank weights.
 
 ``symmetry_spec(model)`` derives which axes of which parameters share a neuron permutation;
 ``GradMetaNet.for_model(model, readout=..., variant="base"|"plusplus")`` builds a network on a
@@ -10,9 +10,9 @@ from ._factor_pair import (FactorPairHead, FactorPairLinear, FactorPairNet, GLGa
                            pair_product, singular_value_features)
 from ._inputs import NeuronLayout
 from ._models import GradMetaNet
-from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, symmetry_spec
+from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, register_spec, symmetry_spec
 
-__all__ = ["symmetry_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
+__all__ = ["symmetry_spec", "register_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
            "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout",
            "PerParamDeepSets", "FlatFactorMLP", "AveragedGradientNet",
            "FactorPairLinear", "GLGate", "FactorPairHead", "FactorPairNet", "pair_product",

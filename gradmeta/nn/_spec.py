@@ -8,6 +8,7 @@ concatenation of spaces (the rows of an attention projection are the dims of hea
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -211,18 +212,32 @@ class SymmetrySpec:
         return [s.size for s in self.spaces]
 
 
+_SPEC_BUILDERS: dict[type, Callable[[nn.Module], SymmetrySpec]] = {}
+
+
+def register_spec(cls: type, builder: Callable[[nn.Module], SymmetrySpec]) -> None:
+    """Make :func:`symmetry_spec` use ``builder(model)`` for instances of ``cls`` (and its subclasses).
+
+    Architectures whose symmetry cannot be traced as an MLP chain (transformers, custom blocks)
+    register a builder once, next to the class; the most specific registered class wins.
+    """
+    if not isinstance(cls, type) or not callable(builder):
+        raise TypeError("register_spec(cls, builder) needs a class and a callable builder(model) -> SymmetrySpec")
+    _SPEC_BUILDERS[cls] = builder
+
+
 def symmetry_spec(model: nn.Module) -> SymmetrySpec:
     """Derive the neuron-permutation symmetry of ``model``.
 
-    Supported: MLPs (``nn.Sequential`` or any module whose traced forward is a chain of
-    ``nn.Linear`` and elementwise activations) and ``gradmeta.models.GPT``. Anything else raises
-    ``SymmetrySpecError`` saying what failed; write a ``SymmetrySpec`` by hand (``SymmetrySpec.chain``
-    for custom MLPs) and pass it as ``spec=`` to the models.
+    Supported: classes registered with :func:`register_spec` (e.g. ``gradmeta.models.GPT``) and
+    MLPs (``nn.Sequential`` or any module whose traced forward is a chain of ``nn.Linear`` and
+    elementwise activations). Anything else raises ``SymmetrySpecError`` saying what failed; write
+    a ``SymmetrySpec`` by hand (``SymmetrySpec.chain`` for custom MLPs) and pass it as ``spec=`` to
+    the models, or register a builder for the class.
     """
-    from ..models import GPT
-    if isinstance(model, GPT):
-        from ._transformer_spec import gpt_spec
-        return gpt_spec(model)
+    for cls in type(model).__mro__:
+        if cls in _SPEC_BUILDERS:
+            return _SPEC_BUILDERS[cls](model)
     return SymmetrySpec.chain(*_trace_mlp_chain(model))
 
 

@@ -89,7 +89,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
             "--splits", "test", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[2]
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "gradmeta.inr", *args,
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "gradmeta", "inr", *args,
                     "--out", str(tmp_path / "two")], check=True, env=env, cwd=root, capture_output=True, timeout=300)
     inr.build_zoo(tmp_path / "one", {"test": inr.zoo_images("digits", "test", size=8, limit=6)}, shard_size=2, steps=3,
                   lr=1e-3)

@@ -7,9 +7,7 @@ from torch import nn
 
 pytest.importorskip("peft", reason="the lora extra (peft) is needed to write reference adapters")
 
-import gradmeta.lora  # noqa: F401  (registers the lora tasks)
-from gradmeta.run import run_spec
-from tests.lora.peft_refs import MIXED_TARGETS, ZOO_SPEC, Mixed, make_peft, peft_deltas, save  # noqa: E402
+from tests.lora.peft_refs import MIXED_TARGETS, Mixed, make_peft, peft_deltas, save  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +34,3 @@ def zoo_root(tmp_path_factory):
         rows.append(f"ad{i},{0.1 * i},g{i % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
-
-
-@pytest.fixture(scope="session")
-def zoo_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo_task")
-    (d / "zoo.toml").write_text(ZOO_SPEC)
-    out = run_spec(d / "zoo.toml", d / "run", progress=False)
-    return d, out

@@ -1,0 +1,284 @@
+"""Task ``lora_predict``: learn properties of finetuned models from their LoRA adapters alone.
+
+Reads a zoo made by ``lora_zoo`` (``<zoo>/adapters`` and ``<zoo>/labels.csv``), splits it, trains
+every model in ``models`` for every seed, and reports on the held-out adapters:
+
+* ``target = "accuracy"`` / ``"loss"``: regression of ``test_acc`` / ``log(test_loss)`` (the loss
+  spans orders of magnitude: diverged finetunes reach 10⁴), standardised MSE; metrics ``r2`` (on
+  that scale) and Kendall ``tau`` (tau-b). Every model's predictions are clipped to the range of
+  the training targets (a model should not extrapolate a bounded property such as an accuracy
+  beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
+* ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
+  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right).
+
+``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
+the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
+``speed`` measures, side by side on the same test adapters, the time to *predict* the property
+(``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
+base model + the digits test set), from disk and in memory. The GLNet of the first seed is saved
+as ``glnet.pt`` for ``gradmeta lora predict``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import copy
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gradmeta.specs import OneOf, Required, register_task
+
+from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
+
+if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
+    from gradmeta.run import Run
+
+__all__ = ["lora_predict", "PREDICT_DEFAULTS", "TARGETS", "regression_metrics", "membership_metrics",
+           "kendall_tau", "train_model", "measure_speed", "results_table"]
+
+TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"class_{c}" for c in range(10)]}
+
+PREDICT_DEFAULTS = {
+    "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
+    "target": OneOf("accuracy", tuple(TARGETS)),
+    "split": OneOf("random", ("random", "rank")),
+    "test_fraction": 0.2,
+    "train_ranks": [4],
+    "test_ranks": [8, 16],
+    "max_adapters": 0,  # 0: all
+    "models": ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"],
+    "seeds": [0, 1, 2],
+    "max_rank": 16,  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
+    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64},
+    "train": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4},
+    "speed": {"enabled": True, "n_adapters": 50},
+    "threads": 1,  # tiny models: one thread is fastest on a shared CPU
+}
+
+
+def kendall_tau(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Kendall tau-b of two 1-D tensors (ties counted as neither concordant nor discordant)."""
+    sx = torch.sign(x[:, None] - x[None, :]).double()
+    sy = torch.sign(y[:, None] - y[None, :]).double()
+    den = math.sqrt(float((sx * sx).sum()) * float((sy * sy).sum()))
+    return float((sx * sy).sum()) / den if den > 0 else float("nan")
+
+
+def regression_metrics(pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``{"r2", "tau", "mse"}`` for 1-D predictions and targets (in target units)."""
+    pred, y = pred.double().flatten(), y.double().flatten()
+    ss = float(((y - y.mean()) ** 2).sum())
+    return {"r2": 1 - float(((pred - y) ** 2).sum()) / ss if ss > 0 else float("nan"),
+            "tau": kendall_tau(pred, y), "mse": float(((pred - y) ** 2).mean())}
+
+
+def membership_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``{"label_acc", "exact"}``: mean per-label accuracy and share of adapters with every label right."""
+    right = (logits > 0) == (y > 0.5)
+    return {"label_acc": right.double().mean().item(), "exact": right.all(-1).double().mean().item()}
+
+
+def _build(name: str, shapes, out_dim: int, max_rank: int, glnet: dict | None = None) -> AdapterModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    kw = {"max_rank": max_rank} if name in ("FactorMLP", "ProcrustesMLP", "LayerTransformer") else {}
+    if name == "GLNet" and glnet:
+        kw.update(glnet)
+    return MODELS[name](shapes, out_dim, **kw)
+
+
+def _index(pairs, idx):
+    return {k: (U[idx], V[idx]) for k, (U, V) in pairs.items()}
+
+
+def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int, batch_size: int, lr: float,
+                weight_decay: float, seed: int, on_epoch=None) -> AdapterModel:
+    """AdamW on stacked ``pairs`` (``{module: (U (N,n,r), V (N,m,r))}``) and targets ``y (N, k)``."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    N = y.shape[0]
+    net.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        total = 0.0
+        for s in range(0, N, batch_size):
+            idx = perm[s:s + batch_size]
+            loss = loss_fn(net(_index(pairs, idx)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, total / N)
+    return net.eval()
+
+
+def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]]:
+    ranks = [max(a.ranks.values()) for a in ds.adapters]
+    if spec["split"] == "rank":
+        return ([i for i, r in enumerate(ranks) if r in spec["train_ranks"]],
+                [i for i, r in enumerate(ranks) if r in spec["test_ranks"]])
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+    n_test = int(round(spec["test_fraction"] * len(ds)))
+    return sorted(perm[n_test:]), sorted(perm[:n_test])
+
+
+def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path) -> dict[str, float]:
+    """Seconds per adapter to predict vs to evaluate it on the digits test set, side by side.
+
+    ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net`` vs PEFT ``from_pretrained`` +
+    test-set forward); ``*_mem_s``: adapters already in memory, one at a time (``net`` vs merging
+    ``W + ΔW`` + test-set forward); ``predict_batch_s``: ``net`` on all of them in one batch.
+    """
+    from peft import PeftModel
+
+    from gradmeta.data import load_digits
+
+    from gradmeta.lora import load_adapter
+    from .zoo import evaluate, load_base
+
+    te = load_digits("test", seed=0)
+    X, y = te.flat(), te.labels
+    base = load_base(zoo / "base.pt")
+    paths = [ds.paths[i] for i in idx]
+    out = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        for p in paths:  # predict from disk: read the adapter, run the model
+            net(load_adapter(p))
+        out["predict_disk_s"] = (time.perf_counter() - t) / len(paths)
+        t = time.perf_counter()
+        for p in paths:  # evaluate from disk: PEFT load on the base model, forward the test set
+            pm = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
+            evaluate(pm, X, y)
+        out["evaluate_disk_s"] = (time.perf_counter() - t) / len(paths)
+        ads = [ds.adapters[i] for i in idx]
+        t = time.perf_counter()
+        for a in ads:  # in memory: model forward on one adapter
+            net(a)
+        out["predict_mem_s"] = (time.perf_counter() - t) / len(ads)
+        t = time.perf_counter()
+        for a in ads:  # in memory: merge W + ΔW, forward the test set
+            model = copy.deepcopy(base)
+            for name, f in a.items():
+                model.get_submodule(name).weight += f.delta()
+            evaluate(model, X, y)
+        out["evaluate_mem_s"] = (time.perf_counter() - t) / len(ads)
+        pairs = stack_factors(ads)
+        net(pairs)  # warm-up
+        t = time.perf_counter()
+        net(pairs)  # in memory, all adapters in one batch
+        out["predict_batch_s"] = (time.perf_counter() - t) / len(ads)
+    out["speedup_disk"] = out["evaluate_disk_s"] / out["predict_disk_s"]
+    out["speedup_mem"] = out["evaluate_mem_s"] / out["predict_mem_s"]
+    out["speedup_batch"] = out["evaluate_mem_s"] / out["predict_batch_s"]
+    return out
+
+
+@register_task("lora_predict", defaults=PREDICT_DEFAULTS)
+def lora_predict(run: Run) -> dict:
+    """Predict accuracy / loss / class membership of finetuned models from their LoRA adapters."""
+    spec = run.spec
+    torch.set_num_threads(spec["threads"])
+    zoo = Path(spec["zoo"])
+    if not (zoo / "labels.csv").exists():
+        raise run.spec_error("zoo", f"{zoo / 'labels.csv'} does not exist; build the zoo first: "
+                                    f"gradmeta run tasks/lora_zoo.toml --out {zoo}")
+    ds = LoraDataset(zoo / "adapters", zoo / "labels.csv")
+    cols = TARGETS[spec["target"]]
+    Y = ds.label_tensor(cols)
+    if spec["target"] == "loss":
+        Y = Y.log()
+    if spec["max_adapters"]:
+        keep = list(range(min(len(ds), spec["max_adapters"])))
+    else:
+        keep = list(range(len(ds)))
+    regression = spec["target"] != "membership"
+    pairs_all = stack_factors([ds.adapters[i] for i in keep], rank=max(max(a.ranks.values()) for a in ds.adapters))
+    summary: dict = {}
+    history: dict = {}
+    per_seed: dict[str, list[dict]] = {}
+    shapes = ds.adapters[0].shapes
+    total = len(spec["seeds"]) * len(spec["models"])
+    bar = run.progress(total, desc="lora_predict")
+    for seed in spec["seeds"]:
+        tr, te = _split(ds, spec, seed)
+        tr, te = [i for i in tr if i in set(keep)], [i for i in te if i in set(keep)]
+        if not tr or not te:
+            raise run.spec_error("split", f"empty train ({len(tr)}) or test ({len(te)}) set")
+        r_tr = max(max(ds.adapters[i].ranks.values()) for i in tr)
+        p_tr = {k: (U[tr][..., :r_tr], V[tr][..., :r_tr]) for k, (U, V) in pairs_all.items()}
+        p_te = _index(pairs_all, te)
+        y_tr, y_te = Y[tr], Y[te]
+        mu, sd = (y_tr.mean(0), y_tr.std(0).clamp_min(1e-8)) if regression else (0.0, 1.0)
+        y_lo, y_hi = y_tr.min(0).values, y_tr.max(0).values  # predictions are clipped to this range
+        loss_fn = F.mse_loss if regression else F.binary_cross_entropy_with_logits
+        for name in spec["models"]:
+            torch.manual_seed(seed)
+            net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
+            if name == "ProcrustesMLP":
+                net.fit_template(_index(p_tr, [0]))
+            curve = []
+            t0 = time.perf_counter()
+            train_model(net, p_tr, (y_tr - mu) / sd, loss_fn, seed=seed,
+                        on_epoch=lambda e, l: curve.append(l), **spec["train"])
+            train_s = time.perf_counter() - t0
+            with torch.no_grad():
+                out = net(p_te)
+            if regression:
+                pred = out[:, 0] * sd + mu
+                m = regression_metrics(pred.clamp(y_lo, y_hi), y_te[:, 0])
+                m.update({f"{k}_raw": v for k, v in regression_metrics(pred, y_te[:, 0]).items() if k != "tau"})
+            else:
+                m = membership_metrics(out, y_te)
+            m["train_s"] = train_s
+            per_seed.setdefault(name, []).append(m)
+            history[f"{name}/seed{seed}"] = {"epoch": list(range(len(curve))), "train_loss": curve}
+            if seed == spec["seeds"][0] and name == "GLNet":
+                save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
+                           target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
+                           target_max=y_hi.flatten(), regression=regression)
+                if spec["speed"]["enabled"]:
+                    speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
+                    summary.update({f"speed/{k}": v for k, v in speed.items()})
+            bar.update(1)
+    bar.close()
+    for name, ms in per_seed.items():
+        for key in ms[0]:
+            vals = torch.tensor([m[key] for m in ms], dtype=torch.float64)
+            summary[f"{name}/{key}_mean"] = vals.mean().item()
+            summary[f"{name}/{key}_std"] = vals.std().item() if len(ms) > 1 else 0.0
+    summary.update(n_train=len(tr), n_test=len(te), n_seeds=len(spec["seeds"]))
+    return {"summary": summary, "history": history, "plots": [], "step": total, "total_steps": total}
+
+
+def results_table(run_dirs: dict[str, str | Path]) -> str:
+    """Markdown table (model × task, ``mean ± std`` over seeds) from ``lora_predict`` run folders.
+
+    ``run_dirs``: ``{column title: run folder}``; each column shows ``r2`` and ``tau`` (regression)
+    or ``label_acc`` (membership) from that folder's ``metrics.json``.
+    """
+    import json
+
+    cols, models = [], []
+    for title, d in run_dirs.items():
+        s = json.loads((Path(d) / "metrics.json").read_text())["summary"]
+        for m in (k.split("/")[0] for k in s if k.endswith("_mean")):
+            if m not in models:
+                models.append(m)
+        keys = ["r2", "tau"] if any(k.endswith("/r2_mean") for k in s) else ["label_acc"]
+        cols += [(f"{title} {k}", s, k) for k in keys]
+    lines = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in models:
+        cells = [f"{s[f'{m}/{k}_mean']:.3f} ± {s[f'{m}/{k}_std']:.3f}" if f"{m}/{k}_mean" in s else "-"
+                 for _, s, k in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""``gradmeta run`` tasks: meta-training resumed after SIGKILL equals an uninterrupted run; evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradmeta.run as gr
+
+ROOT = Path(__file__).resolve().parents[3]
+SPEC = """task = "lopt_meta_train"
+seed = 3
+threads = 1
+checkpoint_every = 1
+[inner]
+hidden = [8]
+batch_size = 16
+[optimizer]
+hidden = 8
+[outer]
+iterations = {iterations}
+particles = 4
+truncation = 3
+horizon = 9
+log_loss = true
+[eval]
+every = 4
+steps = 10
+eval_every = 5
+seeds = [1000]
+"""
+CLI = "import sys; from gradmeta.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _ckpt_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["step"])
+    except Exception:  # not there yet
+        return -1
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    spec = tmp_path / "lopt.toml"
+    spec.write_text(SPEC.format(iterations=14))
+    full = gr.run_spec(spec, tmp_path / "full", progress=False)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(spec), "--out", str(out), "--no-progress"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while _ckpt_step(out / "checkpoint.pt") < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _ckpt_step(out / "checkpoint.pt")
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    assert 3 <= killed_at < 14, killed_at
+    assert not (out / "learned_optimizer.pt").exists()
+
+    gr.run_spec(spec, out, resume=True, progress=False)
+    a = torch.load(full / "learned_optimizer.pt", weights_only=True)
+    b = torch.load(out / "learned_optimizer.pt", weights_only=True)
+    assert a["meta"].keys() == b["meta"].keys()
+    for k in a["meta"]:
+        assert torch.equal(a["meta"][k], b["meta"][k]), k
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
+    assert ma["history"] == mb["history"] and ma["status"] == mb["status"] == "complete"
+    run = json.loads((out / "run.json").read_text())
+    assert [i["start_step"] for i in run["invocations"]] == [killed_at]
+    for plot in ma["plots"]:
+        assert (out / plot).is_file()
+
+    # evaluate the trained checkpoint against tuned Adam / SGDM on held-out seeds
+    ev = tmp_path / "eval.toml"
+    ev.write_text(f'task = "lopt_eval"\ncheckpoint = "{out / "learned_optimizer.pt"}"\nseeds = [1, 2]\nsteps = 20\n'
+                  'eval_every = 5\nadam_lrs = [0.001, 0.01]\nsgdm_lrs = [0.1]\n[inner]\nhidden = [8]\nbatch_size = 16\n'
+                  '[timing]\nbatch_size = 32\nrepeats = 5\n')
+    m = json.loads((gr.run_spec(ev, tmp_path / "eval", progress=False) / "metrics.json").read_text())
+    s = m["summary"]
+    assert s["adam_lr"] in (0.001, 0.01) and s["sgdm_lr"] == 0.1 and s["seeds"] == 2
+    assert s["adam_step_reduction_mean"] == pytest.approx(1.0)  # Adam against itself
+    assert s["learned_step_reduction_mean"] >= 0 and s["step_time_ratio_vs_adam"] > 0
+    assert len(m["history"]["per_seed"]["learned_step_reduction"]) == 2
+    assert (tmp_path / "eval" / "evaluation.png").is_file()
+
+
+def test_meta_train_the_gradmetanet_branch_on_validation_loss(tmp_path):
+    spec = tmp_path / "gmn.toml"
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = "gradmetanet++"\ngmn_channels = 2')
+                    .replace("batch_size = 16", "batch_size = 16\nvalid_fraction = 0.2")
+                    .replace("log_loss = true", 'log_loss = true\nobjective = "valid"'))
+    out = gr.run_spec(spec, tmp_path / "gmn", progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and len(m["history"]["meta"]["meta_loss"]) == 2
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert any(k.startswith("gmn.") for k in meta) and not (out / "learned_optimizer.pt").exists()
+
+
+def test_meta_train_the_weight_space_lo_and_evaluate_its_run_folder(tmp_path):
+    spec = tmp_path / "ws.toml"
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8",
+                                                      '[optimizer]\nhidden = 8\nkind = "weightspace"\ngmn_channels = 2'))
+    out = gr.run_spec(spec, tmp_path / "ws", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert any(k.startswith("ws.") for k in meta)
+    ev = tmp_path / "eval.toml"
+    ev.write_text(f'task = "lopt_eval"\nrun = "{out}"\nseeds = [1, 2]\nsteps = 10\neval_every = 5\n'
+                  "adam_lrs = [0.01]\nsgdm_lrs = [0.1]\n[inner]\nhidden = [8]\nbatch_size = 16\n")
+    res = gr.run_spec(ev, tmp_path / "eval", progress=False)
+    s = json.loads((res / "metrics.json").read_text())["summary"]
+    assert s["seeds"] == 2 and s["learned_best_test_loss_mean"] > 0 and "step_time_ratio_vs_adam" not in s
+    bad = tmp_path / "bad.toml"
+    bad.write_text(ev.read_text().replace(str(out), str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match="not a lopt_meta_train run folder"):
+        gr.run_spec(bad, tmp_path / "bad", progress=False)

@@ -1,0 +1,84 @@
+"""Task lora_predict on a tiny zoo: every model trains, metrics are sane, rank split, checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradmeta import lora
+from gradmeta.experiments.lora.predict import kendall_tau, membership_metrics, regression_metrics
+from gradmeta.run import run_spec
+
+
+def test_metrics_against_obvious_references():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, generator=g), torch.randint(0, 5, (40,), generator=g).double()
+    assert kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x.numpy(), y.numpy()).statistic, abs=1e-12)
+    m = regression_metrics(y, y)
+    assert m["r2"] == 1.0 and m["tau"] == pytest.approx(1.0)
+    assert regression_metrics(torch.full((40,), y.mean().item()), y)["r2"] == pytest.approx(0.0, abs=1e-12)
+    mm = membership_metrics(torch.tensor([[1.0, -1.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert mm == {"label_acc": 0.75, "exact": 0.5}
+
+
+def _spec(tmp_path, zoo, body):
+    p = tmp_path / "t.toml"
+    p.write_text(f'task = "lora_predict"\nzoo = "{zoo}"\nseeds = [0]\n{body}\n[train]\nepochs = 2\n'
+                 '[speed]\nn_adapters = 2\n')
+    return p
+
+
+def test_predict_accuracy_all_models(zoo_run, tmp_path):
+    _, zoo = zoo_run
+    out = run_spec(_spec(tmp_path, zoo, 'target = "accuracy"'), tmp_path / "run", progress=False)
+    s = json.loads((out / "metrics.json").read_text())["summary"]
+    for name in ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"]:
+        assert f"{name}/r2_mean" in s and f"{name}/tau_mean" in s
+        assert f"{name}/r2_raw_mean" in s and f"{name}/mse_raw_mean" in s  # before clipping to the training range
+    assert s["speed/predict_disk_s"] > 0 and s["speed/evaluate_disk_s"] > 0
+    net, extra = lora.load_model(out / "glnet.pt")
+    assert isinstance(net, lora.GLNet) and extra["targets"] == ["test_acc"] and extra["regression"]
+
+
+def test_membership_and_rank_split(zoo_run, tmp_path):
+    _, zoo = zoo_run
+    body = 'target = "membership"\nsplit = "rank"\ntrain_ranks = [2]\ntest_ranks = [4]\nmodels = ["GLNet", "SVDMLP"]'
+    out = run_spec(_spec(tmp_path, zoo, body), tmp_path / "run", progress=False)
+    s = json.loads((out / "metrics.json").read_text())["summary"]
+    assert 0 <= s["GLNet/label_acc_mean"] <= 1 and s["n_train"] + s["n_test"] == 12
+    ds = lora.LoraDataset(zoo / "adapters", zoo / "labels.csv")
+    assert s["n_train"] == sum(a["0"].rank == 2 for a, _ in ds)
+
+
+def test_missing_zoo_is_a_spec_error(tmp_path):
+    from gradmeta.run import SpecError
+    with pytest.raises(SpecError, match="build the zoo first"):
+        run_spec(_spec(tmp_path, tmp_path / "nozoo", ""), tmp_path / "run", progress=False)
+
+
+def test_cli_lora_predict_and_info(zoo_run, tmp_path, monkeypatch, capsys):
+    import gradmeta.cli as cli
+    _, zoo = zoo_run
+    out = run_spec(_spec(tmp_path, zoo, 'target = "loss"\nmodels = ["GLNet"]'), tmp_path / "run", progress=False)
+    dirs = [str(zoo / "adapters" / "00000"), str(zoo / "adapters" / "00001")]
+    assert cli.main(["lora", "predict", "--model", str(out / "glnet.pt"), "--json", *dirs]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["adapter"] for r in rows] == dirs and all("test_loss" in r for r in rows)
+    net, extra = lora.load_model(out / "glnet.pt")
+    want = net(lora.load_adapter(dirs[1]))[0, 0] * extra["target_std"][0] + extra["target_mean"][0]
+    want = want.clamp(extra["target_min"][0], extra["target_max"][0])  # clipped to the training targets' range
+    assert rows[1]["test_loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert cli.main(["lora", "info", dirs[0]]) == 0
+    assert "linear" in capsys.readouterr().out
+
+
+def test_shipped_specs_resolve():
+    from pathlib import Path
+
+    from gradmeta.run import load_spec, resolve_spec
+    specs = sorted((Path(__file__).resolve().parents[3] / "tasks").glob("lora_*.toml"))
+    assert len(specs) >= 5
+    for p in specs:
+        resolve_spec(load_spec(p), p)

@@ -34,7 +34,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["SpecError", "Required", "OneOf", "TaskInfo", "TASKS", "register_task", "get_task", "discover_tasks",
+__all__ = ["SpecError", "Required", "OneOf", "Range", "TaskInfo", "TASKS", "register_task", "get_task", "discover_tasks",
            "load_spec", "parse_override", "apply_overrides", "resolve_spec", "dump_toml", "spec_diff"]
 
 #: Entry-point group through which other packages add tasks.
@@ -59,6 +59,40 @@ class OneOf:
 
     default: str
     options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Default marker for a number restricted to ``[low, high]`` (either bound may be ``None``).
+
+    ``Range(1e-3, low=0, low_open=True)`` is a positive float defaulting to ``1e-3``;
+    ``Range(100, low=1)`` an integer >= 1. The type of ``default`` fixes the value's type (an int
+    default accepts only integers). Floats must be finite. In arrays, ``[Range(0, low=0)]`` checks
+    every element.
+    """
+
+    default: int | float
+    low: int | float | None = None
+    high: int | float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high}")
+        return " and ".join(parts) or "finite"
+
+    def contains(self, v: float) -> bool:
+        if v != v or v in (float("inf"), float("-inf")):
+            return False
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -212,6 +246,11 @@ def _check_value(value: Any, default: Any, key: str, where: str, root: dict) -> 
     if isinstance(default, Required):
         expected = default.type
         default = {int: 0, float: 0.0, str: "", bool: False, list: [], dict: {}}.get(expected, None)
+    if isinstance(default, Range):
+        value = _check_value(value, default.default, key, where, root)
+        if not default.contains(value):
+            raise SpecError(f"{where}: {key} = {value!r} is out of range; it must be {default.describe()}")
+        return value
     if isinstance(default, OneOf):
         if not isinstance(value, str) or value not in default.options:
             raise SpecError(f"{where}: {key} = {value!r}; expected one of {', '.join(map(repr, default.options))}")
@@ -230,6 +269,9 @@ def _check_value(value: Any, default: Any, key: str, where: str, root: dict) -> 
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if value != value or value in (float("inf"), float("-inf")):
+            if default == default and default not in (float("inf"), float("-inf")):
+                raise SpecError(f"{where}: {key} = {value!r} must be a finite number")
         return float(value)
     elif isinstance(default, str):
         if not isinstance(value, str):
@@ -237,7 +279,7 @@ def _check_value(value: Any, default: Any, key: str, where: str, root: dict) -> 
     elif isinstance(default, list):
         if not isinstance(value, list):
             raise bad
-        if default:  # the default's first element fixes the element type
+        if default:  # the default's first element fixes the element type (and range)
             return [_check_value(v, default[0], f"{key}[{i}]", where, root) for i, v in enumerate(value)]
     return value
 
@@ -267,12 +309,12 @@ def _merge(raw: dict, defaults: dict, where: str, root: dict, prefix: str = "") 
         elif isinstance(default, Required):
             raise SpecError(f"{where}: missing required key {key!r} ({_type_name(default.type)}"
                             f"{': ' + default.doc if default.doc else ''})")
-        elif isinstance(default, OneOf):
+        elif isinstance(default, (OneOf, Range)):
             out[k] = default.default
         elif isinstance(default, dict):
             out[k] = _merge({}, default, where, root, key + ".")
         else:
-            out[k] = list(default) if isinstance(default, list) else default
+            out[k] = [x.default if isinstance(x, Range) else x for x in default] if isinstance(default, list) else default
     return out
 
 

@@ -54,6 +54,8 @@ class FactorRule:
 
     summary = ""
     has_kfac = False
+    #: ``activations`` are the stored inputs themselves (so ``GradientSet.map_factors`` may replace them).
+    dense_inputs = True
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``GradientCollectionError`` if this module's configuration is not supported."""
@@ -210,6 +212,7 @@ class EmbeddingRule(FactorRule):
 
     summary = "token indices `(B, T)` (one-hot rows on request), output gradients `(B, T, D)`"
     has_kfac = True
+    dense_inputs = False
 
     def check(self, module, name):
         if module.max_norm is not None:

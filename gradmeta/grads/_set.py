@@ -1,7 +1,8 @@
 """``GradientSet``: the factored per-example gradients of a batch, and what follows from them."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -56,6 +57,29 @@ class GradientSet:
     def __repr__(self) -> str:
         rows = ", ".join(f"{n}: {f.module_type} T={f.backprops.shape[1]}" for n, f in self._layers.items())
         return f"GradientSet(B={self.batch_size}, layers=[{rows}])"
+
+    def map_factors(self, fn: Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    ) -> "GradientSet":
+        """A new set whose layer ``name`` has factors ``fn(name, A, Δ) -> (A', Δ')``.
+
+        ``A (B, T, d_in)`` and ``Δ (B, T, d_out)`` are :attr:`LayerFactors.activations` and
+        ``.backprops``; the results must keep those shapes. Every method of the new set then works
+        on the transformed factors (e.g. per-layer rescaling: ``fn = lambda n, a, d: (a / s_a, d / s_d)``,
+        which scales each per-example weight gradient by ``1 / (s_a s_d)``). Only layers whose
+        factors are dense inputs (Linear, convolutions, LayerNorm) can be mapped; an Embedding,
+        whose ``A`` is one-hot rows stored as indices, raises ``ValueError`` naming the layer.
+        """
+        layers = {}
+        for name, f in self._layers.items():
+            if not getattr(f._rule, "dense_inputs", False):
+                raise ValueError(f"map_factors: layer {name!r} ({f.module_type}) stores its activations as "
+                                 "indices and cannot be mapped; restrict the set to the other layers")
+            a, d = fn(name, f.activations, f.backprops)
+            if a.shape != f.activations.shape or d.shape != f.backprops.shape:
+                raise ValueError(f"map_factors: fn changed the shapes of layer {name!r}: A {tuple(f.activations.shape)}"
+                                 f" -> {tuple(a.shape)}, Δ {tuple(f.backprops.shape)} -> {tuple(d.shape)}")
+            layers[name] = dataclasses.replace(f, _inputs=a, backprops=d)
+        return GradientSet(layers, self.losses)
 
     def _per_param(self, method: str) -> dict[str, torch.Tensor]:
         out = {}

@@ -116,3 +116,40 @@ def test_examples_are_a_set():
     torch.testing.assert_close(gp.grad_norms(), gs.grad_norms()[perm])
     torch.testing.assert_close(gp.gram(), gs.gram()[perm][:, perm])
     assert_dicts_close(gp.mean_grad(), gs.mean_grad(), atol=1e-12)
+
+
+def test_map_factors_rescales_every_quantity_exactly():
+    """Scaling A by 1/s_a and Δ by 1/s_d per layer scales each per-example gradient by 1/(s_a s_d)
+    (bias: 1/s_d) -- checked on materialised gradients, norms, Gram and Fisher diagonal."""
+    import gradmeta as gm
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
+    gs = gm.collect_gradients(model, loss, x, y)
+    s = {"0": (2.0, 3.0), "2": (0.5, 7.0)}
+    mapped = gs.map_factors(lambda n, a, d: (a / s[n][0], d / s[n][1]))
+    want = {}
+    for k, g in gs.per_example_grads().items():
+        layer, kind = k.split(".")
+        want[k] = g / (s[layer][1] * (s[layer][0] if kind == "weight" else 1.0))
+    got = mapped.per_example_grads()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0)
+    flat = torch.cat([want[k].flatten(1) for k in want], 1)
+    torch.testing.assert_close(mapped.grad_norms(), flat.norm(dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mapped.gram(), flat @ flat.T, rtol=1e-12, atol=1e-14)
+    assert gs["0"].activations.abs().sum() > 0 and not torch.equal(gs["0"].activations, mapped["0"].activations)
+    with pytest.raises(ValueError, match="changed the shapes of layer '0'"):
+        gs.map_factors(lambda n, a, d: (a[:, :, :2], d))
+
+
+def test_map_factors_refuses_embedding_layers():
+    import gradmeta as gm
+    from torch import nn
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 2))
+    gs = gm.collect_gradients(model, lambda o, t: (o - t).square().sum(1), torch.randint(0, 7, (3, 2)),
+                              torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="layer '0' \\(Embedding\\)"):
+        gs.map_factors(lambda n, a, d: (a, d))

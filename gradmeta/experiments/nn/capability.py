@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import dataclasses
 import math
 import statistics
 import time
@@ -81,9 +80,7 @@ def _rms(ts) -> torch.Tensor:
 
 
 def _rescaled(gs: GradientSet, scale: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> GradientSet:
-    layers = {n: dataclasses.replace(gs[n], _inputs=gs[n].activations / scale[n][0],
-                                     backprops=gs[n].backprops / scale[n][1]) for n in gs.layer_names}
-    return GradientSet(layers, gs.losses)
+    return gs.map_factors(lambda n, a, d: (a / scale[n][0], d / scale[n][1]))
 
 
 def normalised_set(model, x, y) -> GradientSet:

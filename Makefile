@@ -11,7 +11,7 @@ STAMP := $(VENV)/.gradmeta-installed
 # Runtime deps of the peers installed with --no-deps (BackPACK would drag in torchvision).
 PEER_DEPS := opacus pyhessian einops unfoldNd einconv linear_operator opt-einsum scipy
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-fast bench env clean
 
 env: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything except the tests marked slow (torchrun, notebooks, benchmark smoke tests).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/grads.py

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
-from ._features import FactorSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets
+from ._features import FeatureSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets, rescale_sets
 from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid, siren_spec
 
 __all__ = ["INREditor", "FEATURES", "PRODUCTS", "edit", "parse_variant"]
@@ -152,17 +152,17 @@ class INREditor(nn.Module):
             self.feature_rms.copy_(torch.tensor([rms[f"layers.{i}"] for i in range(len(rms))]))
         return self
 
-    def _raw_sets(self, params: dict[str, Tensor]) -> list[FactorSet]:
+    def _raw_sets(self, params: dict[str, Tensor]) -> list[FeatureSet]:
         if self.features == "probing":
             return probe_factor_sets(params, self.probe_grid, self.omega0)
         return gradient_factor_sets(params, self.coords.to(params["layers.0.weight"]), self.omega0, self.grad_target)
 
-    def aux_sets(self, params: dict[str, Tensor]) -> list[FactorSet] | None:
-        """The (rescaled) factor sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""
+    def aux_sets(self, params: dict[str, Tensor]) -> list[FeatureSet] | None:
+        """The (rescaled) gradient or probing sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""
         if self.features == "weights":
             return None
         scales = {f"layers.{i}": tuple(float(x) for x in r) for i, r in enumerate(self.feature_rms)}
-        return [s.scaled(scales) for s in self._raw_sets(params)]
+        return rescale_sets(self._raw_sets(params), scales)
 
     # ------------------------------------------------------------------------------ forward
     def _neuron_features(self, w: dict[str, Tensor]) -> Tensor:
@@ -192,7 +192,7 @@ class INREditor(nn.Module):
             feats.append(y)
         return torch.cat(feats, 1)
 
-    def forward(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+    def forward(self, params: dict[str, Tensor], sets: list[FeatureSet] | None = None) -> dict[str, Tensor]:
         """``Δθ`` ``{name: (G, ...)}`` for a stack of INRs ``{name: (G, ...)}``.
 
         ``sets``: precomputed :meth:`aux_sets` of these INRs (else computed here).
@@ -210,7 +210,7 @@ class INREditor(nn.Module):
         out = self.head(h, edges)
         return {n: out[n] * self.param_std[k] for k, n in enumerate(self.names)}
 
-    def edit(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+    def edit(self, params: dict[str, Tensor], sets: list[FeatureSet] | None = None) -> dict[str, Tensor]:
         """Edited parameters ``θ + Δθ`` of a stack of INRs."""
         delta = self(params, sets)
         return {n: params[n] + delta[n] for n in self.names}

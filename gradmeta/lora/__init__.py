@@ -1,6 +1,6 @@
 """Learning on LoRA adapters: PEFT adapter I/O, LoRA datasets, GL(r)-invariant models and baselines.
 
-* :func:`load_adapter` reads a PEFT adapter folder into an :class:`Adapter`, a mapping
+* :func:`load_adapter` reads a PEFT adapter folder, a diffusers or kohya / A1111 file into an :class:`Adapter`, a mapping
   ``module name -> LoraFactors`` with ``U`` (n×r), ``V`` (m×r), ``scale`` and ``delta()``
   (equal to PEFT's ``get_delta_weight``);
 * :class:`LoraDataset` finds and checks every adapter under a folder, with labels from a CSV;
@@ -11,15 +11,16 @@
 * :func:`canonical_svd` / :func:`canonical_adapter` (sign-fixed SVD form), :func:`procrustes_align`,
   :func:`random_gl`.
 """
-from ._adapter import (CONFIG_FILE, DIFFUSERS_COMPONENTS, WEIGHT_FILES, Adapter, AdapterFormatError, LoraFactors,
-                       list_adapters, load_adapter, natural_key)
+from ._adapter import Adapter, AdapterFormatError, LoraFactors, natural_key
+from ._formats import load_lora_file
+from ._load import CONFIG_FILE, DIFFUSERS_COMPONENTS, WEIGHT_FILES, list_adapters, load_adapter
 from ._baselines import DenseMLP, FactorMLP, LayerTransformer, ProcrustesMLP, SVDMLP
 from ._canonical import canonical_adapter, canonical_svd, procrustes_align, random_gl
 from ._dataset import AdapterMismatchError, LoraDataset, check_compatible, find_adapter_folders, stack_factors
 from ._models import MODELS, AdapterModel, GLNet, load_model, save_model
 
 __all__ = [
-    "load_adapter", "list_adapters", "Adapter", "LoraFactors", "AdapterFormatError", "natural_key",
+    "load_adapter", "load_lora_file", "list_adapters", "Adapter", "LoraFactors", "AdapterFormatError", "natural_key",
     "LoraDataset", "AdapterMismatchError", "find_adapter_folders", "check_compatible", "stack_factors",
     "AdapterModel", "GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer", "MODELS",
     "save_model", "load_model", "canonical_svd", "canonical_adapter", "procrustes_align", "random_gl",

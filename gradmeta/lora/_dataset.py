@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._adapter import CONFIG_FILE, DIFFUSERS_COMPONENTS, Adapter, AdapterFormatError, load_adapter, natural_key
+from ._adapter import Adapter, AdapterFormatError, natural_key
+from ._load import CONFIG_FILE, DIFFUSERS_COMPONENTS, load_adapter
 
 __all__ = ["LoraDataset", "AdapterMismatchError", "find_adapter_folders", "check_compatible", "stack_factors"]
 

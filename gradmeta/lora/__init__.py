@@ -16,12 +16,12 @@ from ._formats import load_lora_file
 from ._load import CONFIG_FILE, DIFFUSERS_COMPONENTS, WEIGHT_FILES, list_adapters, load_adapter
 from ._baselines import DenseMLP, FactorMLP, LayerTransformer, ProcrustesMLP, SVDMLP
 from ._canonical import canonical_adapter, canonical_svd, procrustes_align, random_gl
-from ._dataset import AdapterMismatchError, LoraDataset, check_compatible, find_adapter_folders, stack_factors
+from ._dataset import AdapterMismatchError, LabelError, LoraDataset, check_compatible, find_adapter_folders, stack_factors
 from ._models import MODELS, AdapterModel, GLNet, load_model, save_model
 
 __all__ = [
     "load_adapter", "load_lora_file", "list_adapters", "Adapter", "LoraFactors", "AdapterFormatError", "natural_key",
-    "LoraDataset", "AdapterMismatchError", "find_adapter_folders", "check_compatible", "stack_factors",
+    "LoraDataset", "AdapterMismatchError", "LabelError", "find_adapter_folders", "check_compatible", "stack_factors",
     "AdapterModel", "GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer", "MODELS",
     "save_model", "load_model", "canonical_svd", "canonical_adapter", "procrustes_align", "random_gl",
     "CONFIG_FILE", "WEIGHT_FILES", "DIFFUSERS_COMPONENTS",

@@ -209,8 +209,8 @@ def load_adapter(path: str | os.PathLike, adapter_name: str | None = None, *, ba
         elif len(subs) == 1:
             ad = _load_folder(subs[0], base_model, shapes_only)
         elif subs:
-            raise AdapterFormatError(f"{path}: holds several adapters {[d.name for d in subs]}; pass adapter_name "
-                                     "(--adapter-name on the command line)")
+            raise AdapterFormatError(f"{path}: holds several adapters {[d.name for d in subs][:6]}; pass one of "
+                                     "them, or adapter_name (--adapter-name on the command line)")
         elif len(files) == 1 or any(f.name == "pytorch_lora_weights.safetensors" for f in files):
             file = files[0] if len(files) == 1 else path / "pytorch_lora_weights.safetensors"
             ad = load_lora_file(file, base_model=base_model, shapes_only=shapes_only)

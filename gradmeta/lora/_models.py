@@ -125,17 +125,33 @@ def save_model(net: AdapterModel, path: str | os.PathLike, **extra) -> Path:
 
 
 def load_model(path: str | os.PathLike) -> tuple[AdapterModel, dict]:
-    """Inverse of :func:`save_model`: ``(model in eval mode, the extra entries)``."""
+    """Inverse of :func:`save_model`: ``(model in eval mode, the extra entries)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a model checkpoint (corrupt, code, or wrong content); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read model checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint or contains code; refusing to load "
+                         f"({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or not {"model", "kwargs", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint (needs 'model', 'kwargs' and 'state_dict'; "
+                         "write it with gradmeta.lora.save_model or `gradmeta lora train`)")
     name = ckpt.get("model")
     if name not in MODELS:
         raise ValueError(f"{path}: unknown model class {name!r}; known: {sorted(MODELS)}")
-    kwargs = dict(ckpt["kwargs"])
-    shapes, out_dim = kwargs.pop("shapes"), kwargs.pop("out_dim")
-    net = MODELS[name](shapes, out_dim, **kwargs)
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        kwargs = dict(ckpt["kwargs"])
+        shapes, out_dim = kwargs.pop("shapes"), kwargs.pop("out_dim")
+        net = MODELS[name](shapes, out_dim, **kwargs)
+        net.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: the {name} checkpoint does not match its model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     net.to(ckpt["state_dict"]["input_scale"].dtype).eval()
     return net, {k: v for k, v in ckpt.items() if k not in ("model", "kwargs", "state_dict")}

@@ -50,6 +50,8 @@ class TrainResult:
         info: what :func:`predict` needs (targets, task, target scaling or class names), saved with
             the model.
         path: the saved checkpoint (``out/model.pt``) when ``out`` was given.
+        train_paths, val_paths: the adapters of each split.
+        history: ``{model name: validation loss per epoch}``.
     """
 
     model: AdapterModel
@@ -57,6 +59,8 @@ class TrainResult:
     scores: dict
     info: dict
     path: Path | None = None
+    train_paths: list = field(default_factory=list, repr=False)
+    val_paths: list = field(default_factory=list, repr=False)
     history: dict = field(default_factory=dict, repr=False)
 
 
@@ -209,7 +213,8 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
         key = sc["accuracy"] if task == "classification" else sc["r2"]
         if best is None or key > best[0]:
             best = (key, name, net)
-    result = TrainResult(best[2], best[1], scores, info, history=history)
+    result = TrainResult(best[2], best[1], scores, info, train_paths=[ds.paths[i] for i in tr.tolist()],
+                         val_paths=[ds.paths[i] for i in va.tolist()], history=history)
     if out is not None:
         out = Path(out)
         result.path = save_model(result.model, out / "model.pt", **info)

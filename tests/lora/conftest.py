@@ -34,3 +34,7 @@ def zoo_root(tmp_path_factory):
         rows.append(f"ad{i},{0.1 * i},g{i % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")

@@ -22,7 +22,7 @@ def labelled(tmp_path_factory):
         pm = make_peft(base, seed=i, r=2 + 2 * (i % 2), lora_alpha=1 + i % 7, target_modules=["0", "2"])
         save(pm, root / "adapters" / f"ad{i}")
         d = pm.base_model.model[0].get_delta_weight("default")
-        v = float(torch.linalg.matrix_norm(d).log())
+        v = float(torch.linalg.matrix_norm(d.detach()).log())
         rows.append(f"ad{i},{v},{'big' if v > 0 else 'small'}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root

@@ -38,7 +38,7 @@ import gradmeta.nn as gnn  # noqa: E402
 from gradmeta.models import classification_loss, mlp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PRODUCTS = ("gelu", "bilinear")
+PRODUCTS = gnn.PRODUCTS
 # contestant -> (variant, product) of its saved-for-backward memory grid
 _MEMORY = {"gmn_base": ("base", "gelu"), "gmn_plusplus": ("plusplus", "gelu"),
            "gmn_base_bilinear": ("base", "bilinear"), "gmn_plusplus_bilinear": ("plusplus", "bilinear")}

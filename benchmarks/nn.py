@@ -1,4 +1,4 @@
-"""GradMetaNet cost, side by side with the inner model (issue #4, "Performance").
+"""GradMetaNet cost (time and training memory), side by side with the inner model.
 
 Times, in one process and interleaved round-robin (median of ``--repeats`` after a warm-up):
 * ``mlp_step``: one training step (forward, backward, SGD update) of the MLP 784-256-128-10 at B=128;

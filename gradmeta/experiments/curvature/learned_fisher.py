@@ -1,4 +1,4 @@
-"""Learned Fisher-diagonal estimator (DESIGN §7 "Curvature estimation", issue #5 part 4).
+"""Learned Fisher-diagonal estimator: GradMetaNet corrects the standard estimate from a gradient set.
 
 The task: a random SIREN ``1 → h → h → 1`` (``gradmeta.inr.Siren``, standard init, ``ω₀ = 30``)
 and ``num_points`` inputs ``x ~ U(-1, 1)``. The network sees a *gradient set* of ``set_size``

@@ -47,19 +47,6 @@ class SetNeuronLayer(nn.Module):
         return out.add_(small).add_(neuron(pooled_n))
 
 
-class DataPool(nn.Module):
-    """Pool over data and tokens: ``h[n] = M₁ mean_{b,t} g[·,·,n] + M₂ mean_{b,t,n} g``; ``(G,B,T,N,c) -> (G,N,c')``."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.m1 = nn.Linear(c_in, c_out)
-        self.m2 = nn.Linear(c_in, c_out, bias=False)
-
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        h = g.mean((1, 2))
-        return self.m1(h) + self.m2(h.mean(1, keepdim=True))
-
-
 class NeuronDeepSets(nn.Module):
     """``h[n] = M₁ h[n] + M₂ mean_n h``; ``(G, N, c) -> (G, N, c')``."""
 
@@ -70,6 +57,14 @@ class NeuronDeepSets(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.m1(h) + self.m2(h.mean(-2, keepdim=True))
+
+
+class DataPool(NeuronDeepSets):
+    """Pool over data and tokens: ``h[n] = M₁ mean_{b,t} g[·,·,n] + M₂ mean_{b,t,n} g``; ``(G,B,T,N,c) -> (G,N,c')``
+    (a :class:`NeuronDeepSets` on the data-and-token mean)."""
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return super().forward(g.mean((1, 2)))
 
 
 class _MHA(nn.Module):

@@ -106,3 +106,16 @@ def test_bad_arguments_are_named(kw, msg):
     net, X, Y = _problem()
     with pytest.raises(ValueError, match=msg):
         minibatch_train(net, lambda i: net(X[i]).sum(), 11, batch_size=2, lr=1e-2, **kw)
+
+
+def test_imports_nothing_from_gradmeta():
+    """A private core module: any package may use it without breaking the layering."""
+    import ast
+    from pathlib import Path
+
+    import gradmeta._training as mod
+    tree = ast.parse(Path(mod.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+    assert not [m for m in names if m.startswith("gradmeta")]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]

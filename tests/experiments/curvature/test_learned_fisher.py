@@ -113,6 +113,7 @@ def test_equivariant_to_hidden_neuron_permutations(ds, kind, cells):
         torch.testing.assert_close(out[k][0], outs[0][k], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_tiny_training_reduces_loss():
     data = make_fisher_dataset(16, set_size=16, num_points=64, hidden=32, seed=1)
     torch.manual_seed(0)

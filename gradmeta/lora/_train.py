@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradmeta._training import minibatch_train
+
 from ._adapter import Adapter
 from ._dataset import LabelError, LoraDataset, stack_factors
 from ._load import load_adapter
@@ -118,38 +120,45 @@ def _scores(out: Tensor, y: Tensor, task: str, info: dict) -> dict:
             "loss": float(F.mse_loss(out, (y - info["target_mean"]) / info["target_std"]))}
 
 
+class _EarlyStop(Exception):
+    pass
+
+
 def _fit_one(net: AdapterModel, pairs, y, tr, va, task, info, *, epochs, batch_size, lr, weight_decay, patience,
              seed, device):
-    g = torch.Generator().manual_seed(seed)
+    """AdamW epochs (the shared minibatch loop) with the validation loss after each; keeps the best epoch."""
     net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     yt = y if task == "classification" else (y - info["target_mean"]) / info["target_std"]
     loss_fn = F.cross_entropy if task == "classification" else F.mse_loss
-    p_va = _to(_index(pairs, va), device)
-    best, best_state, best_epoch, curve = math.inf, None, -1, []
-    for epoch in range(epochs):
-        net.train()
-        perm = tr[torch.randperm(len(tr), generator=g)]
-        for s in range(0, len(perm), batch_size):
-            idx = perm[s:s + batch_size]
-            loss = loss_fn(net(_to(_index(pairs, idx), device)), yt[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    p_va, y_va = _to(_index(pairs, va), device), yt[va].to(device)
+    state = {"best": math.inf, "epoch": -1, "weights": None, "curve": []}
+
+    def batch_loss(idx):
+        rows = tr[idx]
+        return loss_fn(net(_to(_index(pairs, rows), device)), yt[rows].to(device))
+
+    def on_epoch(epoch, _train_loss):
         net.eval()
         with torch.no_grad():
-            val = float(loss_fn(net(p_va), yt[va].to(device)))
-        curve.append(val)
-        if val < best:
-            best, best_epoch = val, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        elif epoch - best_epoch >= patience:
-            break
-    net.load_state_dict(best_state)
+            val = float(loss_fn(net(p_va), y_va))
+        net.train()
+        state["curve"].append(val)
+        if val < state["best"]:
+            state.update(best=val, epoch=epoch, weights={k: v.detach().clone() for k, v in net.state_dict().items()})
+        elif epoch - state["epoch"] >= patience:
+            raise _EarlyStop
+
+    net.train()
+    try:
+        minibatch_train(net, batch_loss, len(tr), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                        optimizer="adamw", weight_decay=weight_decay, on_log=on_epoch)
+    except _EarlyStop:
+        pass
+    net.load_state_dict(state["weights"])
     net.to("cpu").eval()
     with torch.no_grad():
         sc = _scores(net(_index(pairs, va)), y[va], task, info)
-    return net, {**sc, "best_epoch": best_epoch, "epochs_run": len(curve)}, curve
+    return net, {**sc, "best_epoch": state["epoch"], "epochs_run": len(state["curve"])}, state["curve"]
 
 
 def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike | None = None,

@@ -23,7 +23,7 @@ def _load_failure(e: BaseException) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return f"it references {found.group(1)}"
-    if "central directory" in text or isinstance(e, EOFError):
+    if "central directory" in text or isinstance(e, (EOFError, OSError)):
         return "the file is truncated or corrupted"
     if "Unsupported operand" in text or "invalid load key" in text:
         return "not a file written by torch.save"

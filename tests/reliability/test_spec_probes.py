@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-from gradmeta.specs import SpecError, resolve_spec
-
 from .conftest import gm, one_line_error, write_spec
 
 # (task, required keys, dotted key, bad value): counts, rates and seeds of every task but lopt's.
@@ -36,6 +34,8 @@ def _set(spec: dict, dotted: str, value) -> dict:
 
 @pytest.mark.parametrize("task,key,value", _BAD, ids=[f"{t}:{k}={v}" for t, k, v in _BAD])
 def test_out_of_range_values_are_spec_errors(task, key, value):
+    from gradmeta.specs import SpecError, resolve_spec
+
     raw = _set({"task": task, **{k: dict(v) if isinstance(v, dict) else v
                                  for k, v in _REQUIRED.get(task, {}).items()}}, key, value)
     with pytest.raises(SpecError, match=rf"x\.toml: {key}(\[\d\])? = .*(out of range|must be)"):
@@ -54,8 +54,9 @@ def test_negative_learning_rate_override_exits_2(tiny_spec, tmp_path, capsys):
     one_line_error(capsys, "train.lr = -1.0 is out of range", "> 0")
 
 
-def test_checkpoint_every_zero_exits_2_not_zero_division(tiny_spec, tmp_path, capsys):
-    assert gm("run", tiny_spec, "--out", tmp_path / "r", "--set", "train.checkpoint_every=0") == 2
+def test_checkpoint_every_zero_exits_2_not_zero_division(tmp_path, capsys):
+    spec = write_spec(tmp_path, "task = 'gradients_digits'\n[train]\nsteps = 3\ncheckpoint_every = 0\n")
+    assert gm("run", spec, "--out", tmp_path / "r", "--no-progress") == 2
     one_line_error(capsys, "train.checkpoint_every = 0")
 
 

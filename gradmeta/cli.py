@@ -71,6 +71,8 @@ def _read_metrics(path: Path) -> dict:
     bad = ["the top level is not an object"] if not isinstance(m, dict) else [
         f"{k!r} is not {'an object' if t is dict else 'a list'}" for k, t in shapes.items()
         if not isinstance(m.get(k, t()), t)]
+    if not bad and not all(isinstance(p, str) for p in m.get("plots", [])):
+        bad = ["'plots' is not a list of file names"]
     if not bad and not all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values())
                            for v in m.get("history", {}).values()):
         bad = ["'history' is not an object of {name: list} objects"]

@@ -160,6 +160,10 @@ class Run:
             raise ResumeError(f"--out {self.out} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
+        if self._lock.replaced is not None:
+            old = self._lock.replaced
+            print(f"gradmeta: note: {self.out} was locked by pid {old.get('pid')} (started {old.get('started', '?')}), "
+                  "which is no longer running; its lock was replaced", file=sys.stderr)
         try:
             self._claim(resume, overwrite)
         except BaseException:
@@ -175,8 +179,8 @@ class Run:
                 if diff:
                     raise ResumeError(
                         f"cannot resume {self.out}: {self.spec_path} resolves to a different spec than the "
-                        f"one stored in {self.out / SPEC_FILE}:\n  " + "\n  ".join(diff)
-                        + "\nUse a new --out folder, or --overwrite to start this one again.")
+                        f"one stored in {self.out / SPEC_FILE} ({'; '.join(diff)}); use a new --out folder, "
+                        "or --overwrite to start this one again")
         elif existing and overwrite:
             self._remove_previous()
         elif existing:

@@ -28,6 +28,7 @@ def _run_folder(tmp_path, metrics_text: str) -> Path:
 
 @pytest.mark.parametrize("text,why", [("{not json", "is not valid JSON"), ("[1, 2]", "top level is not an object"),
                                       ('{"history": {"train": 3}}', "'history' is not an object of"),
+                                      ('{"plots": [3]}', "'plots' is not a list of file names"),
                                       ("\xff\xfe garbage", "is not valid JSON")])
 def test_report_on_corrupt_metrics(tmp_path, capsys, text, why):
     out = _run_folder(tmp_path, "")
@@ -72,6 +73,14 @@ def test_resume_from_checkpoint_of_wrong_layout(tiny_spec, tmp_path, capsys):
     assert gm("run", tiny_spec, "--out", out, "--resume", "--no-progress") == 2
     one_line_error(capsys, "does not fit task 'gradients_digits'", "--overwrite")
     assert ckpt["step"] == 3
+
+
+def test_resume_with_changed_spec_is_one_line(tiny_spec, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert gm("run", tiny_spec, "--out", out, "--max-steps", "3", "--no-progress") == 0
+    capsys.readouterr()
+    assert gm("run", tiny_spec, "--out", out, "--resume", "--set", "train.lr=0.02", "--set", "seed=4") == 2
+    one_line_error(capsys, "cannot resume", "seed: 1 -> 4; train.lr: 0.01 -> 0.02", "--overwrite")
 
 
 def test_resume_from_malicious_checkpoint(tiny_spec, tmp_path, capsys):

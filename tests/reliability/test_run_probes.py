@@ -62,11 +62,13 @@ def test_second_process_is_refused_while_the_first_holds_the_folder(tiny_spec, t
     assert _metrics(out)["status"] == "complete" and not (out / ".lock").exists()
 
 
-def test_stale_lock_of_a_dead_process_is_replaced(tiny_spec, tmp_path):
+def test_stale_lock_of_a_dead_process_is_replaced_and_reported(tiny_spec, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "x"}))
+    dead = _dead_pid()
+    (out / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
     assert gm("run", tiny_spec, "--out", out, "--no-progress") == 0
+    assert f"was locked by pid {dead} (started x), which is no longer running" in capsys.readouterr().err
     assert not (out / ".lock").exists()
 
 

@@ -22,7 +22,7 @@ from gradmeta.run import (CHECKPOINT_FILE, METRICS_FILE, RunDiverged, RunFolderE
                           run_spec)
 from gradmeta.specs import SpecError, discover_tasks
 
-__all__ = ["main", "build_parser", "format_report", "user_errors"]
+__all__ = ["main", "build_parser", "format_report", "user_errors", "positive"]
 
 #: Error types of the library packages that mean "bad input", as (module, name); imported when needed.
 _DOMAIN_ERRORS = (("gradmeta.data", "DataFormatError"), ("gradmeta.curvature", "CurvatureError"),
@@ -41,6 +41,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):  # an optional package that is not installed
             pass
     return tuple(out)
+
+
+def positive(kind: type = int):
+    """An ``argparse`` type: ``kind(text)`` that must be finite and > 0 (else a usage error, exit 2)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _fmt(x) -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gradmeta._io import safe_torch_load
+from gradmeta.cli import positive
 from gradmeta.data import DataFormatError
 
 __all__ = ["add_parser", "run"]
@@ -125,7 +126,12 @@ def run(args) -> int:
     if not args.train_mode:
         model.eval()  # running BatchNorm statistics, no dropout: a fixed operator
     X, y = load_data(args.data, args.digits_shape)
-    p = next(model.parameters())
+    if X.dim() == 0 or y.dim() == 0 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
+        raise DataFormatError(f"--data {args.data}: need inputs (N, ...) and targets (N, ...) with the same N >= 1, "
+                              f"got shapes {tuple(X.shape)} and {tuple(y.shape)}")
+    p = next(model.parameters(), None)
+    if p is None:
+        raise CLIError(f"--model {args.model}: the model has no parameters")
     if X.is_floating_point():
         X = X.to(p.dtype)
     X, y = X[: args.num_examples], y[: args.num_examples]
@@ -155,9 +161,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="state dict file (loaded with torch.load(weights_only=True))")
     p.add_argument("--out", default="runs/curvature", help="output folder (default: runs/curvature)")
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
-    p.add_argument("--num-examples", type=int, default=512, help="use the first N examples (default 512)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--samples", type=int, default=100, help="Hutchinson probes per large block (default 100)")
+    p.add_argument("--num-examples", type=positive(int), default=512, help="use the first N examples (default 512)")
+    p.add_argument("--batch-size", type=positive(int), default=256)
+    p.add_argument("--samples", type=positive(int), default=100, help="Hutchinson probes per large block (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--digits-shape", choices=["flat", "image"], default="flat",
                    help="digits inputs as (N, 64) or (N, 1, 8, 8)")

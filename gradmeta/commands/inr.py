@@ -8,27 +8,14 @@ writes ``index.json`` after a barrier and prints the throughput of every rank.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 
 import torch
 
+from gradmeta.cli import positive
+
 
 __all__ = ["add_parser", "build_zoo_command"]
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return v
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
 
 
 def add_parser(subparsers) -> None:
@@ -39,15 +26,15 @@ def add_parser(subparsers) -> None:
     b.add_argument("--source", default="digits", choices=["digits", "mnist", "fashion_mnist", "cifar10"])
     b.add_argument("--root", default=None, help="folder with the local MNIST / CIFAR files")
     b.add_argument("--out", required=True)
-    b.add_argument("--size", type=_positive(int), default=None)
+    b.add_argument("--size", type=positive(int), default=None)
     b.add_argument("--splits", default="train,test")
-    b.add_argument("--limit", type=_positive(int), default=None, help="first N images of each split")
-    b.add_argument("--steps", type=_positive(int), default=500)
-    b.add_argument("--lr", type=_positive(float), default=1e-3)
-    b.add_argument("--shard-size", type=_positive(int), default=256)
+    b.add_argument("--limit", type=positive(int), default=None, help="first N images of each split")
+    b.add_argument("--steps", type=positive(int), default=500)
+    b.add_argument("--lr", type=positive(float), default=1e-3)
+    b.add_argument("--shard-size", type=positive(int), default=256)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--resume", action="store_true", help="skip shards already written (default: refit all)")
-    b.add_argument("--threads", type=_positive(int), default=None, help="torch threads per process")
+    b.add_argument("--threads", type=positive(int), default=None, help="torch threads per process")
     b.set_defaults(func=build_zoo_command)
 
 

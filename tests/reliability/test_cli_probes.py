@@ -157,3 +157,25 @@ def test_bug_is_not_hidden(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_report", bug)
     with pytest.raises(KeyError):
         gm("report", ".")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["curvature", "--model", "torch.nn:Identity", "--data", "digits", "--batch-size", "0"],
+     "argument --batch-size: must be positive, got 0"),
+    (["inr", "build-zoo", "--out", "z", "--steps", "-5"], "argument --steps: must be positive, got -5"),
+])
+def test_non_positive_counts_on_the_command_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gm(*args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_curvature_data_with_mismatched_lengths(tmp_path, capsys):
+    torch.save({"X": torch.randn(5, 64), "y": torch.zeros(4, dtype=torch.long)}, tmp_path / "d.pt")
+    assert _curvature(tmp_path, "--data", tmp_path / "d.pt") == 2
+    one_line_error(capsys, "same N >= 1", "(5, 64) and (4,)")
+
+
+def test_curvature_model_without_parameters(tmp_path, capsys):
+    assert _curvature(tmp_path, "--data", "digits") == 2
+    one_line_error(capsys, "torch.nn:Identity: the model has no parameters")

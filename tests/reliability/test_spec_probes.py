@@ -83,3 +83,10 @@ def test_failed_start_leaves_no_run_behind(tmp_path, capsys):
         assert gm("run", spec, "--out", out, "--no-progress") == 2
         one_line_error(capsys, "model.widths")
     assert not (out / "spec.resolved.toml").exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("task", ["curvature_learned", "curvature_learned_trace", "inr_editing"])
+def test_empty_seed_list_is_refused(task):
+    from gradmeta.specs import SpecError, resolve_spec
+    with pytest.raises(SpecError, match=r"seeds = \[\] must hold at least one element"):
+        resolve_spec({"task": task, "seeds": []})

@@ -27,8 +27,9 @@ import time
 
 import torch
 
+from gradmeta._io import safe_torch_load
 from gradmeta._runtime import environment, torch_threads
-from gradmeta.specs import Range, register_task
+from gradmeta.specs import NonEmpty, Range, register_task
 from .learned_fisher import (LEARNED_MODELS, LearnedFisherEstimator, evaluate_fisher_estimator, make_fisher_dataset,
                        train_fisher_estimator)
 from .learned_trace import (TRACE_MODELS, LearnedTraceEstimator, evaluate_trace_estimator, make_trace_dataset,
@@ -41,7 +42,7 @@ __all__ = ["curvature_learned", "DEFAULTS", "results_table", "merge_runs",
            "curvature_learned_trace", "TRACE_DEFAULTS", "trace_table"]
 
 DEFAULTS = {
-    "seeds": [Range(0, low=0), 1],
+    "seeds": NonEmpty([Range(0, low=0), 1]),
     "train_sizes": [Range(32, low=1), 128],
     "models": list(LEARNED_MODELS),
     "data": {"set_size": Range(128, low=1), "num_points": Range(1024, low=1), "hidden": 32,
@@ -176,7 +177,7 @@ def merge_runs(folders: list, spec_path, out_prefix) -> dict:
     spec = resolve_spec(load_spec(spec_path), spec_path)
     results, quad, std = {}, None, None
     for f in folders:
-        state = torch.load(Path(f) / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
+        state = safe_torch_load(Path(f) / "checkpoint.pt", "run checkpoint")["state"]
         results.update(state["results"])
         m = json.loads((Path(f) / "metrics.json").read_text())["summary"]
         quad, std = m["reduction/quadrature"], m["standard_error"]
@@ -229,7 +230,7 @@ def _figure(spec: dict, state: dict, quadrature: float | None = None):
 
 # ---------------------------------------------------------------------------------------------- trace
 TRACE_DEFAULTS = {
-    "seeds": [Range(0, low=0), 1],
+    "seeds": NonEmpty([Range(0, low=0), 1]),
     "widths": [32],
     "train_size": Range(32, low=1),
     "models": [m for m in TRACE_MODELS if m != "gradmetanet++"],

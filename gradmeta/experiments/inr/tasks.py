@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gradmeta.specs import OneOf, Range, register_task
+from gradmeta.specs import NonEmpty, OneOf, Range, register_task
 from gradmeta.inr import (EDITS, INREditor, apply_edit, build_zoo, evaluate_editor, load_zoo,
                           parse_variant, render, train_editor, zoo_images)
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
 __all__ = ["inr_editing", "DEFAULTS"]
 
 DEFAULTS = {
-    "seeds": [Range(0, low=0), 1, 2],
+    "seeds": NonEmpty([Range(0, low=0), 1, 2]),
     "data": {"source": OneOf("digits", ("digits", "mnist", "fashion_mnist", "cifar10")), "root": "",
              "size": Range(12, low=0), "train_limit": Range(256, low=0), "test_limit": Range(128, low=0),
              "edit": "dilation"},

@@ -189,6 +189,8 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
             raise ValueError(f"{key} must be a positive integer, got {v!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if task not in ("regression", "classification"):
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
     ds = adapters if isinstance(adapters, LoraDataset) else LoraDataset(adapters, labels, **dataset_kwargs)

@@ -106,12 +106,18 @@ def test_save_lora_adapter(trained):
 
 
 def test_diffusers_lora_down_up_keys(trained):
-    unet, _, _, _, tmp = trained
+    unet, _, te, _, tmp = trained
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
     assert any(".lora.down.weight" in k for k in state)
+    assert any(".lora_linear_layer.down.weight" in k for k in te_state)
     file = tmp / "old.safetensors"
-    save_file({"unet." + k: v.contiguous() for k, v in state.items()}, str(file))
-    ad = lora.load_adapter(file)
+    save_file({**{"unet." + k: v.contiguous() for k, v in state.items()},
+               **{"text_encoder." + k: v.contiguous() for k, v in te_state.items()}}, str(file))
+    both = lora.load_adapter(file)
+    assert_same(lora.Adapter({k: f for k, f in both.items() if k.startswith("text_encoder.")}),
+                deltas(te, prefix="text_encoder.", unscaled=True))
+    ad = lora.Adapter({k: f for k, f in both.items() if k.startswith("unet.")})
     applied = diffusers_applies(file)  # diffusers 0.42 applies only the conv modules of this legacy layout
     assert applied and all(torch.equal(ad[k].delta(), d) for k, d in applied.items())
     assert_same(ad, deltas(unet, prefix="unet.", unscaled=True))  # no alphas: scale 1

@@ -154,3 +154,14 @@ def test_wrong_base_model_and_unsupported_keys(trained, tmp_path):
     shutil.copy(tmp / "sla2" / "pytorch_lora_weights.safetensors", tmp_path / "third.safetensors")
     with pytest.raises(lora.AdapterFormatError, match="several weight files"):
         lora.load_adapter(tmp_path)
+
+
+def test_kohya_text_encoder(trained):
+    _, _, te, _, tmp = trained
+    state = convert_state_dict_to_kohya(get_peft_model_state_dict(te))  # alpha = r: scale 1
+    file = tmp / "kohya_te.safetensors"
+    save_file({("lora_te_" + k if not k.startswith("lora_") else k): v.contiguous() for k, v in state.items()},
+              str(file))
+    ad = lora.load_adapter(file, base_model=tiny_text_encoder())
+    assert_same(ad, deltas(te, prefix="text_encoder.", unscaled=True))
+    assert lora.load_adapter(file).module_names[0].startswith("text_encoder.encoder_layers_0_")

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._learned import DECAYS, PerParamMLP, Segments
+from gradmeta.params import ParamLayout
+
+from ._learned import DECAYS, PerParamMLP
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT", "CHECKPOINT_FORMAT"]
 
@@ -82,10 +84,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Number of skipped steps (non-finite updates) so far."""
         return max((int(s["skipped"]) for s in self.state.values() if "skipped" in s), default=0)
 
-    def _segments(self, params: list[nn.Parameter]) -> Segments:
+    def _segments(self, params: list[nn.Parameter]) -> ParamLayout:
         key = tuple((self._names[p], p.shape) for p in params)
         if self._seg_key != key:
-            self._seg = Segments.of({self._names[p]: p.detach() for p in params})
+            self._seg = ParamLayout.of({self._names[p]: p.detach() for p in params})
             self._seg_key = key
         return self._seg
 

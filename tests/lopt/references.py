@@ -1,8 +1,10 @@
 """Slow, obvious references for the learned-optimization tests."""
 import torch
 
+from gradmeta.lopt import LearnedRule
 
-class LearnedSGD:
+
+class LearnedSGD(LearnedRule):
     """Reference learned optimizer with one meta-parameter: ``θ ← θ − exp(log_lr)·∇``."""
 
     def init_meta(self, seed=0):

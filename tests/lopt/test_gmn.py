@@ -17,7 +17,7 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     batches = small_digits.batches(torch.Generator().manual_seed(0), 4)
     for t in range(4):
         batch = tuple(b[t] for b in batches)
-        params, s, loss = lo.step(meta, params, s, batch)
+        params, s, loss = lo.step(small_digits, meta, params, s, batch)
         g = grad(lambda q: small_digits.loss(q, batch).mean())(p_ref)
         p_ref, s_ref = ref.update(ref_meta, g, s_ref, p_ref)
         for k in params:
@@ -29,11 +29,11 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     meta2["mlp.w0"] = torch.zeros_like(meta["mlp.w0"])
     meta2["mlp.w0"][PerParamMLP.n_base_features - 9, 0] = 1.0  # hidden unit 0 reads GradMetaNet channel 0
     meta2["mlp.w1"] = torch.eye(8)
-    a, _, _ = lo.step(meta2, params, s, batch)
+    a, _, _ = lo.step(small_digits, meta2, params, s, batch)
     noise = torch.Generator().manual_seed(1)
     meta3 = dict(meta2, **{k: v + 0.5 * torch.randn(v.shape, generator=noise) for k, v in meta2.items()
                            if k.startswith("gmn.")})
-    b, _, _ = lo.step(meta3, params, s, batch)
+    b, _, _ = lo.step(small_digits, meta3, params, s, batch)
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 

@@ -24,9 +24,10 @@ import torch
 
 from gradmeta.specs import OneOf, Required, register_task
 
-from gradmeta.lopt import (ADAM_LRS, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, PerParamMLP, TruncatedBackprop,
-                           WeightSpaceLO, adam, comm_from_env, load_checkpoint, make_task, save_checkpoint, sgdm,
-                           step_reduction, step_times, train_curves, train_curves_loop)
+from gradmeta._runtime import torch_threads
+from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, PerParamMLP, TruncatedBackprop,
+                           WeightSpaceLO, adam, comm_from_env, learned_curves, load_checkpoint, make_task,
+                           save_checkpoint, sgdm, step_reduction, step_times, train_curves)
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -63,23 +64,10 @@ EVAL_DEFAULTS = {
 }
 
 
-def _set_threads(run: Run) -> None:
-    # Small vmapped unrolls are dominated by per-op overhead; intra-op threads only add contention
-    # (on a busy 2-core machine, 2 threads made a PES step 30x slower than 1).
-    if run.spec["threads"] > 0:
-        torch.set_num_threads(run.spec["threads"])
-
-
 def _task(run: Run):
     t = run.spec["inner"]
     return make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"], data_root=t["data_root"] or None,
                      valid_fraction=t["valid_fraction"])
-
-
-def _lo_curves(task, lo, meta, seeds, steps, eval_every, data_seed=0):
-    if getattr(lo, "needs_gradient_set", False):
-        return train_curves_loop(task, lo, meta, seeds, steps, eval_every, data_seed)
-    return train_curves(task, lambda _: lo.bind(meta), torch.zeros(1), seeds, steps, eval_every, data_seed)
 
 
 def _make_lo(task, cfg: dict):
@@ -115,23 +103,30 @@ def _from_run(folder: str, task):
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
 def lopt_meta_train(run: Run) -> dict:
     """Meta-train a learned optimizer of the spec's ``[optimizer] kind`` (PES / ES / truncated backprop)."""
+    # Small vmapped unrolls are dominated by per-op overhead; intra-op threads only add contention
+    # (on a busy 2-core machine, 2 threads made a PES step 30x slower than 1).
+    with torch_threads(run.spec["threads"]):
+        return _meta_train(run)
+
+
+def _meta_train(run: Run) -> dict:
     s, o, ev = run.spec, run.spec["outer"], run.spec["eval"]
     for key in ("iterations", "particles", "truncation", "horizon"):
         if o[key] < 1:
             raise run.spec_error(f"outer.{key}", f"must be positive, got {o[key]}")
-    _set_threads(run)
     comm = comm_from_env()
     task = _task(run)
     lo = _make_lo(task, s["optimizer"])
     meta = {k: v.requires_grad_() for k, v in lo.init_meta(s["seed"]).items()}
     opt = torch.optim.Adam(meta.values(), lr=o["meta_lr"])
-    common = dict(particles=o["particles"], log_loss=o["log_loss"], comm=comm, objective=o["objective"])
+    common = dict(particles=o["particles"], horizon=o["horizon"], log_loss=o["log_loss"], comm=comm,
+                  objective=o["objective"])
     if o["method"] == "tbptt":
-        trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], horizon=o["horizon"], backend=o["backend"],
-                                    **common)
+        trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], backend=o["backend"], **common)
+    elif o["method"] == "es":
+        trainer = ES(task, lo, sigma=o["sigma"], **common)
     else:
-        trunc = o["horizon"] if o["method"] == "es" else o["truncation"]
-        trainer = PES(task, lo, truncation=trunc, horizon=o["horizon"], sigma=o["sigma"], **common)
+        trainer = PES(task, lo, truncation=o["truncation"], sigma=o["sigma"], **common)
     gen = torch.Generator().manual_seed(s["seed"])
     history = {"meta": {"step": [], "meta_loss": [], "grad_norm": [], "lr": [], "skipped": []},
                "eval": {"step": [], "final_test_loss": [], "best_test_loss": []}}
@@ -150,7 +145,7 @@ def lopt_meta_train(run: Run) -> dict:
     lr_key = "log_lr" if "log_lr" in meta else "mlp.log_lr"
 
     def evaluate(it: int) -> None:
-        c = _lo_curves(task, lo, {k: v.detach() for k, v in meta.items()}, ev["seeds"], ev["steps"], ev["eval_every"])
+        c = learned_curves(task, lo, {k: v.detach() for k, v in meta.items()}, ev["seeds"], ev["steps"], ev["eval_every"])
         test = c["test_loss"][0]
         for k, v in (("step", it), ("final_test_loss", test[:, -1].mean().item()),
                      ("best_test_loss", test.min(-1).values.mean().item())):
@@ -195,8 +190,8 @@ def lopt_meta_train(run: Run) -> dict:
         from .plots import plot_curves, plot_meta
 
         run.save_figure(plot_meta(history), plots[0])
-        curves = {"learned (this run)": _lo_curves(task, lo, final, ev["seeds"], ev["steps"], ev["eval_every"]),
-                  f"SGDM lr={lo.lr:g} (untrained)": _lo_curves(task, lo, lo.init_meta(s["seed"]), ev["seeds"],
+        curves = {"learned (this run)": learned_curves(task, lo, final, ev["seeds"], ev["steps"], ev["eval_every"]),
+                  f"SGDM lr={lo.lr:g} (untrained)": learned_curves(task, lo, lo.init_meta(s["seed"]), ev["seeds"],
                                                               ev["steps"], ev["eval_every"])}
         run.save_figure(plot_curves({k: (c["eval_steps"], c["test_loss"][0]) for k, c in curves.items()},
                                     f"{task.name}: test loss on seeds {ev['seeds']}"), plots[1])
@@ -210,8 +205,12 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
 @register_task("lopt_eval", defaults=EVAL_DEFAULTS)
 def lopt_eval(run: Run) -> dict:
     """Evaluate a learned-optimizer checkpoint against lr-tuned Adam and SGDM on held-out seeds."""
+    with torch_threads(run.spec["threads"]):
+        return _eval(run)
+
+
+def _eval(run: Run) -> dict:
     s = run.spec
-    _set_threads(run)
     task = _task(run)
     lo, meta = _from_run(s["run"], task) if s["run"] else load_checkpoint(s["checkpoint"] or None)
     seeds, steps, every = s["seeds"], s["steps"], s["eval_every"]
@@ -225,7 +224,7 @@ def lopt_eval(run: Run) -> dict:
         j = int(best.argmin())
         runs[name] = {"lr": grid[j], "test": c["test_loss"][j], "eval_steps": c["eval_steps"]}
         bar.update(1)
-    c = _lo_curves(task, lo, meta, seeds, steps, every, s["data_seed"])
+    c = learned_curves(task, lo, meta, seeds, steps, every, s["data_seed"])
     runs["learned"] = {"test": c["test_loss"][0], "eval_steps": c["eval_steps"], "skipped": int(c["skipped"].sum())}
     bar.update(1)
     steps_t = runs["adam"]["eval_steps"]

@@ -139,11 +139,13 @@ def step_times(model: torch.nn.Module, loss_fn: Callable, batch: tuple[Tensor, T
     for m in (m_lo, m_adam):
         for p in m.parameters():
             p.requires_grad_(True)
-    lo = LearnedOptimizer(m_lo, checkpoint)
+    lo = LearnedOptimizer(m_lo.parameters(), checkpoint=checkpoint)
     adam = torch.optim.Adam(m_adam.parameters(), lr=adam_lr)
 
     def lo_step():
-        lo.step(lambda: loss_fn(m_lo(x), y))
+        lo.zero_grad(set_to_none=True)
+        loss_fn(m_lo(x), y).mean().backward()
+        lo.step()
 
     def adam_step():
         adam.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ branch) with PES, full-unroll ES or truncated backprop and the Adam meta-optimis
 iterations (meta-parameters, meta-optimiser, particle states and the random generator), so
 ``--resume`` continues to exactly the result of an uninterrupted run. Under ``torchrun`` the
 particles are split over the ranks (:mod:`gradmeta.lopt._distributed`). It writes the trained
-optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(model, checkpoint=...)``),
+optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(params, checkpoint=...)``),
 ``meta_loss.png`` and ``inner_curves.png``.
 
 ``lopt_eval`` compares a checkpoint (or, with ``run = "<folder>"``, the optimizer of any kind in a
@@ -186,7 +186,8 @@ def _meta_train(run: Run) -> dict:
                "untrained_final_test_loss": history["eval"]["final_test_loss"][0]}
     if comm.rank == 0:
         if isinstance(lo, PerParamMLP):  # GradMetaNet optimizers keep their meta-parameters in checkpoint.pt
-            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it)
+            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it,
+                            horizon=o["horizon"])
         from .plots import plot_curves, plot_meta
 
         run.save_figure(plot_meta(history), plots[0])

@@ -15,8 +15,9 @@
 * **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
   :func:`learned_curves`,
   :func:`step_reduction`, :func:`step_times`;
-* **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that loads a shipped
-  checkpoint by default.
+* **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that reads ``p.grad`` and
+  loads a shipped checkpoint by default; :class:`GradientSetOptimizer` for rules that read the
+  batch's gradient set (its closure returns the batch).
 
 Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 ``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.experiments.lopt`).
@@ -27,7 +28,8 @@ from ._gmn import GMNState, GradMetaNetLO, WeightSpaceLO
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
 from ._rule import LearnedRule
-from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
+from ._gs_optim import GradientSetOptimizer
+from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, checkpoint_horizon, load_checkpoint, save_checkpoint
 from ._outer import ES, PES, GradientEstimator, TruncatedBackprop, es_grad, meta_loss, unroll
 from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, Task,
                      char_lm, digits_mlp, image_mlp, make_task)
@@ -39,6 +41,7 @@ __all__ = [
     "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
-    "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",
+    "LearnedOptimizer", "GradientSetOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon",
+    "DEFAULT_CHECKPOINT",
     "train_curves", "learned_curves", "step_reduction", "step_times",
 ]

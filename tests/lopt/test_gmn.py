@@ -90,3 +90,31 @@ def test_weight_space_lo_untrained_is_sgdm_equivariant_and_vmappable(small_digit
                            {k: v[i] for k, v in stacked.items()})
         for k in one:
             torch.testing.assert_close(batched[k][i], one[k], rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_set_optimizer_untrained_is_sgd_with_momentum(small_digits):
+    from gradmeta.lopt import GradientSetOptimizer
+    from gradmeta.models import classification_loss, mlp
+
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8, lr=0.1, max_update=10.0)  # clipping off
+    torch.manual_seed(0)
+    a, b = mlp([64, 8, 10]), mlp([64, 8, 10])
+    b.load_state_dict(a.state_dict())
+    opt = GradientSetOptimizer(a, classification_loss, lo, lo.init_meta(0))
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 3)
+    for t in range(3):
+        x, y = batches[0][t], batches[1][t]
+        loss = opt.step(lambda: (x, y))
+        sgd.zero_grad()
+        ref = classification_loss(b(x), y).mean()
+        ref.backward()
+        sgd.step()
+        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="returning the batch"):
+        opt.step(None)
+    with pytest.raises(ValueError, match=r"must return the batch \(inputs, targets\)"):
+        opt.step(lambda: classification_loss(a(x), y))

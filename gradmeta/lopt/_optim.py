@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._fused import fused_update
+from ._fused import fused_update, segment_matrix
 from ._learned import DECAYS, PerParamMLP
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon", "DEFAULT_CHECKPOINT",
@@ -84,7 +84,7 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[PerParamMLP,
 class _Bucket:
     """Parameters of one (param group, device, dtype, step count) stepped by one fused pass.
 
-    Holds the flat state: ``momenta (N, 6)`` and ``second (N,)`` in the compute dtype (float32 for
+    Holds the flat state: ``momenta (6, N)`` and ``second (N,)`` in the compute dtype (float32 for
     16-bit parameters); every parameter's ``optimizer.state[p]`` holds views into them and shares
     the bucket's ``step`` / ``skipped`` counters.
     """
@@ -96,21 +96,21 @@ class _Bucket:
         self.shapes = [p.shape for p in params]
         self.ids = torch.repeat_interleave(torch.arange(len(params), device=dev),
                                            torch.tensor(self.numels, device=dev))
-        self.counts = torch.tensor(self.numels, dtype=cdtype, device=dev).unsqueeze(1)
+        self.segments = segment_matrix(self.numels, cdtype, dev, mean=True)
         first = next((s for s in states if s), None)
         zero = torch.zeros((), dtype=torch.float64)
         self.step = first["step"].clone() if first else zero.clone()
         self.skipped = first["skipped"].clone() if first else zero.clone()
-        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(-1, len(DECAYS)) if s else
-                                  torch.zeros(n, len(DECAYS), dtype=cdtype, device=dev)
-                                  for s, n in zip(states, self.numels)])
+        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(len(DECAYS), -1) if s else
+                                  torch.zeros(len(DECAYS), n, dtype=cdtype, device=dev)
+                                  for s, n in zip(states, self.numels)], 1)
         self.second = torch.cat([s["second"].to(dev, cdtype).reshape(-1) if s else
                                  torch.zeros(n, dtype=cdtype, device=dev) for s, n in zip(states, self.numels)])
-        m_views = self.momenta.split(self.numels)
+        m_views = self.momenta.split(self.numels, 1)
         v_views = self.second.split(self.numels)
         for s, p, m, v in zip(states, params, m_views, v_views):
             s.clear()
-            s.update(step=self.step, skipped=self.skipped, momenta=m.view(*p.shape, len(DECAYS)),
+            s.update(step=self.step, skipped=self.skipped, momenta=m.view(len(DECAYS), *p.shape),
                      second=v.view(p.shape))
 
 
@@ -230,9 +230,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             cdtype = b.momenta.dtype
             params = torch.cat([p.reshape(-1) for p in b.params]).to(cdtype)
             grads = torch.cat([p.grad.reshape(-1) for p in b.params]).to(cdtype)
-            t = (b.step + 1).to(device=params.device, dtype=cdtype)
+            t = float(b.step) + 1
             results.append(fused_update(self._meta_for(params.device, cdtype), params, grads, b.momenta, b.second,
-                                        t, t * self._time_scale, b.ids, b.counts, step_mult=lo.step_mult,
+                                        t, t * self._time_scale, b.ids, b.segments, step_mult=lo.step_mult,
                                         max_update=lo.max_update, lr=float(group["lr"]),
                                         weight_decay=float(group["weight_decay"])))
         if not all(bool(ok) for *_, ok in results):  # not finite: parameters and state stay as they were
@@ -265,7 +265,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
             if i in saved_state:
-                self.state[p] = {k: v.to(p.device).clone() for k, v in saved_state[i].items()}
+                # counters stay on the CPU (read by Python each step), moments go to the parameter's device
+                self.state[p] = {k: v.to("cpu" if v.dim() == 0 else p.device).clone() for k, v in saved_state[i].items()}
         if lopt is not None:
             self.lo = _KINDS[lopt["kind"]](**lopt["config"])
             self._meta_cpu = {k: v.detach().cpu().clone() for k, v in lopt["meta"].items()}

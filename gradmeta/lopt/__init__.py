@@ -15,6 +15,8 @@
 * **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
   :func:`learned_curves`,
   :func:`step_reduction`, :func:`step_times`;
+* **meta-training from Python** -- :func:`meta_train` (progress, atomic checkpoints, resume) and
+  :func:`evaluate` (against lr-tuned Adam), built on :class:`MetaTraining`;
 * **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that reads ``p.grad`` and
   loads a shipped checkpoint by default; :class:`GradientSetOptimizer` for rules that read the
   batch's gradient set (its closure returns the batch).
@@ -26,22 +28,24 @@ from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, ada
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
 from ._gmn import GMNState, GradMetaNetLO, WeightSpaceLO
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
+from ._meta import MetaTraining, evaluate, meta_train
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
 from ._rule import LearnedRule
 from ._gs_optim import GradientSetOptimizer
 from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, checkpoint_horizon, load_checkpoint, save_checkpoint
 from ._outer import ES, PES, GradientEstimator, TruncatedBackprop, es_grad, meta_loss, unroll
-from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, Task,
-                     char_lm, digits_mlp, image_mlp, make_task)
+from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, SupervisedTask,
+                     Task, char_lm, check_task, digits_mlp, image_mlp, load_task, make_task)
 
 __all__ = [
-    "Task", "ModuleTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
-    "digits_mlp", "image_mlp", "char_lm", "make_task", "TASK_NAMES",
+    "Task", "ModuleTask", "SupervisedTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
+    "digits_mlp", "image_mlp", "char_lm", "make_task", "load_task", "check_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
     "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "GradientSetOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon",
     "DEFAULT_CHECKPOINT",
+    "MetaTraining", "meta_train", "evaluate",
     "train_curves", "learned_curves", "step_reduction", "step_times",
 ]

@@ -4,8 +4,11 @@ For each model (the 2,410-parameter digits MLP 64-32-10 and an MLP 784-1024-1024
 parameters; random inputs and labels, B = 128, cross-entropy) a full training step (forward,
 backward, optimizer step) is timed for both optimizers, interleaved step by step so that machine
 load affects both alike; medians over ``--repeats``. Also timed: the optimizer step alone. State
-size is the bytes of the optimizer state over the bytes of the parameters. The "MLP floor" column
-is the arithmetic lower bound of the learned step relative to a training step: the learned rule
+size is the bytes of the optimizer state over the bytes of the parameters. "Rule's MLP products
+alone" times just the three matrix products of the learned rule on as many entries as the model has
+parameters (interleaved too), and "floor: (fwd+bwd + MLP) vs Adam" is Adam's forward+backward plus
+that time, over Adam's full step: no implementation of this rule can go below it on this device.
+The "arithmetic floor" column is the lower bound of the learned step relative to a training step: the learned rule
 runs an MLP ``F → h → h → 2`` on every parameter entry (``F·h + h² + 2h`` multiply-adds) while
 forward and backward cost about ``3·B`` per parameter, so the ratio cannot go below
 ``1 + (F·h + h² + 2h) / (3·B)`` on a compute-bound device.
@@ -45,6 +48,24 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def _mlp_only(opt: LearnedOptimizer, n: int):
+    """The learned rule's three matrix products on ``n`` entries, chunked as in the fused update."""
+    from gradmeta.lopt._fused import CHUNK_ROWS
+
+    meta = opt._meta_for(torch.device("cpu"), torch.float32)
+    F = opt.lo.n_base_features - 9
+    x = torch.randn(F, n)
+    w0t, w1t, w2t = meta["w0"][:F].T, meta["w1"].T, meta["w2"].T
+    b0, b1, b2 = meta["b0"].unsqueeze(1), meta["b1"].unsqueeze(1), meta["b2"].unsqueeze(1)
+
+    def run():
+        for a in range(0, n, CHUNK_ROWS):
+            h = torch.addmm(b0, w0t, x[:, a:a + CHUNK_ROWS]).relu_()
+            h = torch.addmm(b1, w1t, h).relu_()
+            torch.addmm(b2, w2t, h)
+    return run
+
+
 def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
     models = {"adam": mlp(widths), "learned": mlp(widths)}
@@ -54,7 +75,13 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
     full = {k: [] for k in opts}
     update = {k: [] for k in opts}
+    n_params = sum(p.numel() for p in models["adam"].parameters())
+    mlp_run, mlp_times = _mlp_only(opts["learned"], n_params), []
     for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        mlp_run()
+        if i >= warmup:
+            mlp_times.append(time.perf_counter() - t0)
         for k, opt in opts.items():
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -65,7 +92,6 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
             if i >= warmup:
                 full[k].append(t2 - t0)
                 update[k].append(t2 - t1)
-    n_params = sum(p.numel() for p in models["adam"].parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in models["adam"].parameters())
     lo = opts["learned"].lo
     F = lo.n_base_features - 9  # features per entry entering the first layer (the step encoding is a bias)
@@ -77,6 +103,9 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
         rows.append({"label": label, "step_s": ms[k], "update_s": ms_up[k], "ratio": ms[k] / ms["adam"],
                      "state_ratio": _state_bytes(opts[k]) / param_bytes,
                      "floor": 1 + macs / (3 * batch) if k == "learned" else 1.0,
+                     "mlp_s": statistics.median(mlp_times) if k == "learned" else None,
+                     "measured_floor": (ms["adam"] - ms_up["adam"] + statistics.median(mlp_times)) / ms["adam"]
+                     if k == "learned" else None,
                      "target": TARGETS.get(name) if k == "learned" else None})
     desc = (f"MLP {'-'.join(map(str, widths))} (ReLU), {n_params:,} parameters, B={batch}, random data; "
             f"full step (forward, backward, update), median of {repeats} interleaved steps after {warmup} warm-up. "
@@ -108,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     {"key": "update_s", "header": "optimizer step alone", "format": "ms"},
                     {"key": "ratio", "header": "full step vs Adam", "format": "ratio"},
                     {"key": "target", "header": "target", "format": "ratio"},
-                    {"key": "floor", "header": "MLP floor (vs training step)", "format": "ratio"},
+                    {"key": "mlp_s", "header": "rule's MLP products alone", "format": "ms"},
+                    {"key": "measured_floor", "header": "floor: (fwd+bwd + MLP) vs Adam", "format": "ratio"},
+                    {"key": "floor", "header": "arithmetic floor (MACs)", "format": "ratio"},
                     {"key": "state_ratio", "header": "state / params", "format": "ratio"}],
         "cases": results,
     }

@@ -83,16 +83,24 @@ def fused_update(meta: dict[str, Tensor], params: Tensor, grads: Tensor, momenta
     w0t, w1t, w2t = w0[:F].T, meta["w1"].T, meta["w2"].T
     b1, b2 = meta["b1"].unsqueeze(1), meta["b2"].unsqueeze(1)
     outs = []
+    C = min(N, CHUNK_ROWS)
+    x = torch.empty(F, C, dtype=params.dtype, device=params.device)  # reused chunk buffers, in cache
+    h1 = torch.empty(w0t.shape[0], C, dtype=params.dtype, device=params.device)
+    h2 = torch.empty(w1t.shape[0], C, dtype=params.dtype, device=params.device)
     # Chunk by chunk (features built in cache): (h, F) @ (F, chunk), the long axis of the products
     # being the parameter axis, is twice as fast on CPU as (chunk, F) @ (F, h).
     for a in range(0, N, CHUNK_ROWS):
         c = slice(a, a + CHUNK_ROWS)
-        m_c = m[:, c]
-        x = torch.cat([params[c].unsqueeze(0), grads[c].unsqueeze(0), m_c, m_c * rs[c]], 0)
-        x.mul_(inv_rms.index_select(1, ids[c]))
-        h = torch.addmm(bias0, w0t, x).relu_()
-        h = torch.addmm(b1, w1t, h).relu_()
-        outs.append(torch.addmm(b2, w2t, h))
+        n = min(CHUNK_ROWS, N - a)
+        xc, hc1, hc2 = x[:, :n], h1[:, :n], h2[:, :n]
+        xc[0].copy_(params[c])
+        xc[1].copy_(grads[c])
+        xc[2:2 + len(DECAYS)].copy_(m[:, c])
+        torch.mul(m[:, c], rs[c], out=xc[2 + len(DECAYS):])
+        xc.mul_(inv_rms.index_select(1, ids[c]))
+        torch.addmm(bias0, w0t, xc, out=hc1).relu_()
+        torch.addmm(b1, w1t, hc1, out=hc2).relu_()
+        outs.append(torch.addmm(b2, w2t, hc2))
     out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (2, N)
     scale = (0.1 * out[1]).clamp_(-3, 3).exp_()
     delta = torch.addcmul(out[0].clamp(-10, 10).mul_(step_mult), scale, m[_SGD_INDEX],

@@ -17,5 +17,7 @@ def test_quick_lopt_benchmark(tmp_path):
         adam, learned = case["results"]
         assert adam["ratio"] == 1.0 and learned["step_s"] > 0 and learned["update_s"] <= learned["step_s"]
         assert adam["state_ratio"] == 2.0 and learned["state_ratio"] == 7.0  # Adam: m, v; learned: 6 momenta, v
-        assert learned["floor"] == 1 + 1536 / 384
+        assert learned["floor"] == 1 + 1536 / 384 and learned["mlp_s"] > 0
+        want = (adam["step_s"] - adam["update_s"] + learned["mlp_s"]) / adam["step_s"]
+        assert abs(learned["measured_floor"] - want) < 1e-12
     assert "LearnedOptimizer" in (tmp_path / "lopt_step.md").read_text()

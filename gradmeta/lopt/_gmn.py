@@ -1,4 +1,4 @@
-"""The per-parameter MLP learned optimizer plus a GradMetaNet branch (DESIGN §7).
+"""The per-parameter MLP learned optimizer plus a GradMetaNet branch.
 
 At every inner step the factored gradient set of the batch is collected
 (:func:`gradmeta.collect_gradients`, one forward+backward) and a

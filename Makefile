@@ -11,7 +11,7 @@ STAMP := $(VENV)/.gradmeta-installed
 # Runtime deps of the peers installed with --no-deps (BackPACK would drag in torchvision).
 PEER_DEPS := opacus pyhessian einops unfoldNd einconv linear_operator opt-einsum scipy
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-fast bench env data clean
 
 env: $(STAMP)
 
@@ -34,6 +34,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything except the tests marked slow (torchrun, notebooks, benchmark smoke tests).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Real Fashion-MNIST (IDX .gz files in /usr/share/datasets/fashion-mnist/) from Debian's package;
+# optional: experiments read it when present, tests never need it.
+data:
+	apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }
+	ls /usr/share/datasets/fashion-mnist/
 
 bench: $(STAMP)
 	$(PY) benchmarks/grads.py

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gradmeta._training import minibatch_train
 from gradmeta.specs import OneOf, Required, register_task
 
 from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
@@ -98,25 +99,15 @@ def _index(pairs, idx):
 
 def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, on_epoch=None) -> AdapterModel:
-    """AdamW on stacked ``pairs`` (``{module: (U (N,n,r), V (N,m,r))}``) and targets ``y (N, k)``."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    N = y.shape[0]
+    """AdamW on stacked ``pairs`` (``{module: (U (N,n,r), V (N,m,r))}``) and targets ``y (N, k)``.
+
+    ``epochs`` passes over a fresh permutation (``seed``) in batches of ``batch_size``, cosine
+    learning rate stepped once an epoch; ``on_epoch(epoch, mean training loss)``.
+    """
     net.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(N, generator=g)
-        total = 0.0
-        for s in range(0, N, batch_size):
-            idx = perm[s:s + batch_size]
-            loss = loss_fn(net(_index(pairs, idx)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        if on_epoch is not None:
-            on_epoch(epoch, total / N)
+    minibatch_train(net, lambda idx: loss_fn(net(_index(pairs, idx)), y[idx]), y.shape[0], epochs=epochs,
+                    batch_size=batch_size, lr=lr, seed=seed, schedule="cosine", optimizer="adamw",
+                    weight_decay=weight_decay, on_log=on_epoch)
     return net.eval()
 
 

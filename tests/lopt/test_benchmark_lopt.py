@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a subprocess (> 10 s on a shared CPU)
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt.py"
 
 

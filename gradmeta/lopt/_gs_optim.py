@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 __all__ = ["GradientSetOptimizer"]
 
@@ -23,6 +24,7 @@ class GradientSetOptimizer(torch.optim.Optimizer):
     per-example losses ``loss_fn(model(inputs), targets) -> (B,)``, writes their mean gradient into
     ``p.grad``, applies one update of ``rule`` with meta-parameters ``meta`` (scaled by the group's
     ``lr``: ``θ ← θ + lr · (rule's step)``), and returns the mean loss (a detached ``()`` tensor).
+    ``state_dict`` holds the rule's state as ``"rule_state"`` (its tensors in a fixed order).
 
     Args:
         model: the module to optimise (every parameter must be trainable and supported by
@@ -67,3 +69,19 @@ class GradientSetOptimizer(torch.optim.Optimizer):
             for n in self._names:
                 named[n].add_(new[n] - params[n], alpha=lr) if lr != 1.0 else named[n].copy_(new[n])
         return gs.losses.mean().detach()
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        if self._rule_state is not None:
+            sd["rule_state"] = [t.detach().clone() for t in pytree.tree_leaves(self._rule_state)]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        leaves = state_dict.pop("rule_state", None)
+        super().load_state_dict(state_dict)
+        self._rule_state = None
+        if leaves is not None:
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            spec = pytree.tree_flatten(self.rule.init(params))[1]
+            self._rule_state = pytree.tree_unflatten([t.clone() for t in leaves], spec)

@@ -118,3 +118,26 @@ def test_gradient_set_optimizer_untrained_is_sgd_with_momentum(small_digits):
         opt.step(None)
     with pytest.raises(ValueError, match=r"must return the batch \(inputs, targets\)"):
         opt.step(lambda: classification_loss(a(x), y))
+
+
+def test_gradient_set_optimizer_state_dict_round_trip(small_digits):
+    from gradmeta.lopt import GradientSetOptimizer
+    from gradmeta.models import classification_loss, mlp
+
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8)
+    meta = lo.init_meta(0)
+    meta["mlp.w2"] = 0.05 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a, b = mlp([64, 8, 10]), mlp([64, 8, 10])
+    opt_a = GradientSetOptimizer(a, classification_loss, lo, meta)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 4)
+    for t in range(2):
+        opt_a.step(lambda: (batches[0][t], batches[1][t]))
+    b.load_state_dict(a.state_dict())
+    opt_b = GradientSetOptimizer(b, classification_loss, lo, meta)
+    opt_b.load_state_dict(opt_a.state_dict())
+    for t in range(2, 4):
+        for opt in (opt_a, opt_b):
+            opt.step(lambda: (batches[0][t], batches[1][t]))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

@@ -101,7 +101,9 @@ def _ref_steps(lo, meta, params, grads_seq, lrs, wd):
     return params, state
 
 
-def test_fused_update_equals_the_tensor_by_tensor_reference_in_float64(checkpoint):
+@pytest.mark.parametrize("chunk", [1 << 14, 7])  # one chunk; several, the last one partial
+def test_fused_update_equals_the_tensor_by_tensor_reference_in_float64(checkpoint, chunk, monkeypatch):
+    monkeypatch.setattr("gradmeta.lopt._fused.CHUNK_ROWS", chunk)
     lo, meta = load_checkpoint(checkpoint)
     meta = {k: v.double() for k, v in meta.items()}
     g = torch.Generator().manual_seed(1)

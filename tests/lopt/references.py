@@ -29,6 +29,17 @@ def torch_trajectory(model, opt, batches, loss_fn, steps):
     return out
 
 
+def task_trajectory(task, params, make_opt, batches, steps):
+    """:func:`torch_trajectory` of a copy of ``task.model`` started at ``params``; ``make_opt(parameters)``."""
+    import copy
+
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(params)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return torch_trajectory(model, make_opt(model.parameters()), batches, task.loss_fn, steps)
+
+
 def per_param_mlp_update(lo, meta, grads, state, params, extra=None):
     """``PerParamMLP.update`` written tensor by tensor, features as an explicit ``(n, F)`` matrix."""
     from gradmeta.lopt._learned import _SGD_INDEX, DECAYS, TIMESCALES

@@ -28,7 +28,7 @@ import time
 import torch
 
 from gradmeta._runtime import environment, torch_threads
-from gradmeta.specs import register_task
+from gradmeta.specs import Range, register_task
 from .learned_fisher import (LEARNED_MODELS, LearnedFisherEstimator, evaluate_fisher_estimator, make_fisher_dataset,
                        train_fisher_estimator)
 from .learned_trace import (TRACE_MODELS, LearnedTraceEstimator, evaluate_trace_estimator, make_trace_dataset,
@@ -41,14 +41,15 @@ __all__ = ["curvature_learned", "DEFAULTS", "results_table", "merge_runs",
            "curvature_learned_trace", "TRACE_DEFAULTS", "trace_table"]
 
 DEFAULTS = {
-    "seeds": [0, 1],
-    "train_sizes": [32, 128],
+    "seeds": [Range(0, low=0), 1],
+    "train_sizes": [Range(32, low=1), 128],
     "models": list(LEARNED_MODELS),
-    "data": {"set_size": 128, "num_points": 1024, "hidden": 32, "test_size": 128, "seed": 0},
+    "data": {"set_size": Range(128, low=1), "num_points": Range(1024, low=1), "hidden": 32,
+             "test_size": Range(128, low=1), "seed": Range(0, low=0)},
     "model": {"channels": 16, "layers": 2},
-    "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
+    "train": {"steps": Range(100, low=1), "batch_size": Range(8, low=1), "lr": Range(3e-3, low=0, low_open=True)},
     # GradMetaNet++ costs ~10x a GradMetaNet step on CPU; its own step count (0: train.steps)
-    "plusplus_steps": 20,
+    "plusplus_steps": Range(20, low=0),
 }
 
 
@@ -228,16 +229,17 @@ def _figure(spec: dict, state: dict, quadrature: float | None = None):
 
 # ---------------------------------------------------------------------------------------------- trace
 TRACE_DEFAULTS = {
-    "seeds": [0, 1],
+    "seeds": [Range(0, low=0), 1],
     "widths": [32],
-    "train_size": 32,
+    "train_size": Range(32, low=1),
     "models": [m for m in TRACE_MODELS if m != "gradmetanet++"],
-    "threads": 1,
-    "data": {"set_size": 128, "num_points": 0, "test_size": 32, "seed": 0, "init_scale": [0.5, 2.0],
-             "train_steps": 50, "lr": 1e-2},
+    "threads": Range(1, low=1),
+    "data": {"set_size": Range(128, low=1), "num_points": Range(0, low=0), "test_size": Range(32, low=1),
+             "seed": Range(0, low=0), "init_scale": [0.5, 2.0], "train_steps": Range(50, low=0),
+             "lr": Range(1e-2, low=0, low_open=True)},
     "model": {"channels": 16, "layers": 2},
-    "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
-    "plusplus_steps": 20,  # GradMetaNet++ costs ~30x a GradMetaNet step here (0: train.steps)
+    "train": {"steps": Range(100, low=1), "batch_size": Range(8, low=1), "lr": Range(3e-3, low=0, low_open=True)},
+    "plusplus_steps": Range(20, low=0),  # GradMetaNet++ costs ~30x a GradMetaNet step here (0: train.steps)
 }
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gradmeta._training import minibatch_train
-from gradmeta.specs import OneOf, Required, register_task
+from gradmeta.specs import OneOf, Range, Required, register_task
 
 from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
 
@@ -48,17 +48,18 @@ PREDICT_DEFAULTS = {
     "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
     "target": OneOf("accuracy", tuple(TARGETS)),
     "split": OneOf("random", ("random", "rank")),
-    "test_fraction": 0.2,
+    "test_fraction": Range(0.2, low=0, high=1, low_open=True, high_open=True),
     "train_ranks": [4],
     "test_ranks": [8, 16],
-    "max_adapters": 0,  # 0: all
+    "max_adapters": Range(0, low=0),  # 0: all
     "models": ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"],
-    "seeds": [0, 1, 2],
-    "max_rank": 16,  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
+    "seeds": [Range(0, low=0), 1, 2],
+    "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
     "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64},
-    "train": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4},
-    "speed": {"enabled": True, "n_adapters": 50},
-    "threads": 1,  # tiny models: one thread is fastest on a shared CPU
+    "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
+              "weight_decay": 1e-4},
+    "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
+    "threads": Range(1, low=1),  # tiny models: one thread is fastest on a shared CPU
 }
 
 

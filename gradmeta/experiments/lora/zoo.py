@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from gradmeta.data import load_digits
 from gradmeta.models import mlp
 from gradmeta._io import atomic_write
-from gradmeta.specs import register_task
+from gradmeta.specs import Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -45,18 +45,19 @@ __all__ = ["lora_zoo", "ZOO_DEFAULTS", "zoo_hyperparameters", "load_base", "eval
            "finetune_adapter", "write_labels_csv"]
 
 ZOO_DEFAULTS = {
-    "seed": 0,
-    "n_adapters": 2000,
-    "threads": 1,  # torch threads per process; tiny models run fastest single-threaded
-    "base": {"widths": [64, 64, 32, 10], "steps": 400, "lr": 3e-3, "batch_size": 64},
+    "seed": Range(0, low=0),
+    "n_adapters": Range(2000, low=1),
+    "threads": Range(1, low=1),  # torch threads per process; tiny models run fastest single-threaded
+    "base": {"widths": [64, 64, 32, 10], "steps": Range(400, low=1), "lr": Range(3e-3, low=0, low_open=True),
+             "batch_size": Range(64, low=1)},
     "finetune": {
-        "ranks": [4, 8, 16],
+        "ranks": [Range(4, low=1), 8, 16],
         "alpha_mult": [0.5, 1.0, 2.0, 4.0],  # lora_alpha = mult * rank
-        "lr_min": 1e-3, "lr_max": 3e-2,      # log-uniform
-        "steps_min": 50, "steps_max": 250,
+        "lr_min": Range(1e-3, low=0, low_open=True), "lr_max": Range(3e-2, low=0, low_open=True),  # log-uniform
+        "steps_min": Range(50, low=1), "steps_max": Range(250, low=1),
         "dropout": [0.0, 0.05, 0.1],
         "min_classes": 1, "max_classes": 10,
-        "batch_size": 32,
+        "batch_size": Range(32, low=1),
     },
 }
 

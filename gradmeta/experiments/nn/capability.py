@@ -41,7 +41,7 @@ from gradmeta._training import minibatch_train
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
 from gradmeta._runtime import torch_threads
-from gradmeta.specs import OneOf, register_task
+from gradmeta.specs import OneOf, Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -56,10 +56,10 @@ _EXTRA = {"none": 0, "square": 2, "square_log": 4}
 _DEGREE = {"mean_grad": 1, "fisher_diag": 2, "adam_direction": 0, "natural_grad_last_layer": -1}
 
 DEFAULTS = {
-    "seed": 0,
-    "threads": 1,
-    "data": {"inner_widths": [64, 24, 10], "set_size": 32, "train_sets": 256, "test_sets": 48,
-             "train_seed": 0, "test_seed": 1},
+    "seed": Range(0, low=0),
+    "threads": Range(1, low=1),
+    "data": {"inner_widths": [64, 24, 10], "set_size": Range(32, low=1), "train_sets": Range(256, low=1),
+             "test_sets": Range(48, low=1), "train_seed": Range(0, low=0), "test_seed": Range(1, low=0)},
     "targets": list(TARGETS),
     "models": list(MODELS),
     "natural_grad": {"damping": 0.1},
@@ -70,8 +70,9 @@ DEFAULTS = {
               # learned-optimizer preprocessing); elementwise, so every symmetry is kept
               "features": OneOf("square", ("none", "square", "square_log")),
 },
-    "train": {"steps": 300, "batch_sets": 4, "lr": 3e-3, "warmup": 30, "clip": 1.0,
-              "normalise": OneOf("neuron", ("neuron", "layer", "set")), "log_every": 10},
+    "train": {"steps": Range(300, low=1), "batch_sets": Range(4, low=1), "lr": Range(3e-3, low=0, low_open=True),
+              "warmup": Range(30, low=0), "clip": 1.0,
+              "normalise": OneOf("neuron", ("neuron", "layer", "set")), "log_every": Range(10, low=1)},
 }
 
 

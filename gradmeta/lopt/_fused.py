@@ -71,37 +71,20 @@ def fused_update(meta: dict[str, Tensor], params: Tensor, grads: Tensor, momenta
     m = torch.lerp(momenta, grads.unsqueeze(0), weights.unsqueeze(1))
     v = torch.lerp(second, grads.square(), 0.001)
     rs = torch.rsqrt(v * (1 / (1 - 0.999 ** t)) + 1e-8)
-    # per-tensor mean squares of the F = 14 features (θ, ∇, m, m·rs), without materialising them
-    m2 = m.square()
-    sq = torch.cat([params.square().unsqueeze(0), grads.square().unsqueeze(0), m2, m2 * rs.square()], 0)
-    inv_rms = torch.rsqrt(segments @ sq.T + 1e-12).T  # (F, S)
-    del sq, m2
-    F, N = inv_rms.shape[0], params.shape[0]
+    N, F = params.shape[0], 2 + 2 * len(DECAYS)
     w0 = meta["w0"]
     time = torch.tanh(torch.full((), t_enc, dtype=params.dtype, device=params.device) / timescales)
     bias0 = torch.addmv(meta["b0"], w0[F:].T, time).unsqueeze(1)
     w0t, w1t, w2t = w0[:F].T, meta["w1"].T, meta["w2"].T
     b1, b2 = meta["b1"].unsqueeze(1), meta["b2"].unsqueeze(1)
-    outs = []
-    C = min(N, CHUNK_ROWS)
-    x = torch.empty(F, C, dtype=params.dtype, device=params.device)  # reused chunk buffers, in cache
-    h1 = torch.empty(w0t.shape[0], C, dtype=params.dtype, device=params.device)
-    h2 = torch.empty(w1t.shape[0], C, dtype=params.dtype, device=params.device)
-    # Chunk by chunk (features built in cache): (h, F) @ (F, chunk), the long axis of the products
-    # being the parameter axis, is twice as fast on CPU as (chunk, F) @ (F, h).
-    for a in range(0, N, CHUNK_ROWS):
-        c = slice(a, a + CHUNK_ROWS)
-        n = min(CHUNK_ROWS, N - a)
-        xc, hc1, hc2 = x[:, :n], h1[:, :n], h2[:, :n]
-        xc[0].copy_(params[c])
-        xc[1].copy_(grads[c])
-        xc[2:2 + len(DECAYS)].copy_(m[:, c])
-        torch.mul(m[:, c], rs[c], out=xc[2 + len(DECAYS):])
-        xc.mul_(inv_rms.index_select(1, ids[c]))
-        torch.addmm(bias0, w0t, xc, out=hc1).relu_()
-        torch.addmm(b1, w1t, hc1, out=hc2).relu_()
-        outs.append(torch.addmm(b2, w2t, hc2))
-    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]  # (2, N)
+    # (h, F) @ (F, n) products, the long axis being the parameter axis: twice as fast on CPU as (n, F) @ (F, h)
+    if N <= CHUNK_ROWS:  # one chunk: the features (θ, ∇, m, m·rs) built once, normalised per tensor
+        x = torch.cat([params.unsqueeze(0), grads.unsqueeze(0), m, m * rs], 0)  # (F, N)
+        x.mul_(torch.rsqrt(segments @ x.square().T + 1e-12).T.index_select(1, ids))
+        h = torch.addmm(bias0, w0t, x).relu_()
+        out = torch.addmm(b2, w2t, torch.addmm(b1, w1t, h).relu_())  # (2, N)
+    else:
+        out = _chunked_mlp(params, grads, m, rs, ids, segments, (w0t, bias0, w1t, b1, w2t, b2))
     scale = (0.1 * out[1]).clamp_(-3, 3).exp_()
     delta = torch.addcmul(out[0].clamp(-10, 10).mul_(step_mult), scale, m[_SGD_INDEX],
                           value=1 / (1 - DECAYS[_SGD_INDEX]))
@@ -110,3 +93,30 @@ def fused_update(meta: dict[str, Tensor], params: Tensor, grads: Tensor, momenta
     new = torch.sub(base, delta, alpha=lr) if lr != 1.0 else base - delta
     ok = torch.isfinite(new.sum() + m.sum() + v.sum())
     return new, m, v, ok
+
+
+def _chunked_mlp(params: Tensor, grads: Tensor, m: Tensor, rs: Tensor, ids: Tensor, segments: Tensor,
+                 layers: tuple[Tensor, ...]) -> Tensor:
+    """The MLP's ``(2, N)`` outputs, chunk by chunk: the per-tensor mean squares of the features are
+    taken without materialising them, and each chunk's features are built in reused buffers (in cache)."""
+    w0t, bias0, w1t, b1, w2t, b2 = layers
+    m2 = m.square()
+    sq = torch.cat([params.square().unsqueeze(0), grads.square().unsqueeze(0), m2, m2 * rs.square()], 0)
+    inv_rms = torch.rsqrt(segments @ sq.T + 1e-12).T  # (F, S)
+    del sq, m2
+    N, outs, D = params.shape[0], [], len(DECAYS)
+    x = params.new_empty(inv_rms.shape[0], CHUNK_ROWS)
+    h1, h2 = params.new_empty(w0t.shape[0], CHUNK_ROWS), params.new_empty(w1t.shape[0], CHUNK_ROWS)
+    for a in range(0, N, CHUNK_ROWS):
+        c = slice(a, a + CHUNK_ROWS)
+        n = min(CHUNK_ROWS, N - a)
+        xc, hc1, hc2 = x[:, :n], h1[:, :n], h2[:, :n]
+        xc[0].copy_(params[c])
+        xc[1].copy_(grads[c])
+        xc[2:2 + D].copy_(m[:, c])
+        torch.mul(m[:, c], rs[c], out=xc[2 + D:])
+        xc.mul_(inv_rms.index_select(1, ids[c]))
+        torch.addmm(bias0, w0t, xc, out=hc1).relu_()
+        torch.addmm(b1, w1t, hc1, out=hc2).relu_()
+        outs.append(torch.addmm(b2, w2t, hc2))
+    return torch.cat(outs, 1)

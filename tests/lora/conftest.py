@@ -35,6 +35,3 @@ def zoo_root(tmp_path_factory):
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")

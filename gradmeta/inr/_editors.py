@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
+from ..nn import PRODUCTS, GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
 from ._features import FeatureSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets, rescale_sets
 from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid, siren_spec
 
 __all__ = ["INREditor", "FEATURES", "PRODUCTS", "EDITOR_FORMAT", "edit", "parse_variant"]
 
 FEATURES = ("weights", "probing", "gradients", "gradients++")
-PRODUCTS = ("gelu", "bilinear")  # TODO: import from gradmeta.nn once it exports its PRODUCTS
 
 
 def parse_variant(name: str, product: str = "gelu") -> tuple[str, str]:

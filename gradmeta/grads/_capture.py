@@ -184,7 +184,7 @@ class Session:
                 x = x.expand(x.shape[:bd] + (self.B,) + x.shape[bd + 1:])
                 new = output = output.expand(output.shape[:bd] + (self.B,) + output.shape[bd + 1:])
             rule.verify(mod, x, output, name)
-            stored = rule.capture(mod, x.detach().movedim(bd, 0))
+            stored = rule.capture(mod, (x if self.mode == "functional" else x.detach()).movedim(bd, 0))
             rec = Record(name, stored, output, bd, tuple(x.shape))
             if self.mode == "functional":
                 i = len(self.records)

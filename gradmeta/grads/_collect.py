@@ -68,7 +68,8 @@ def collect_gradients(model: nn.Module, loss_fn: Callable, inputs, targets,
     return assemble(plan, records, deltas, dense, losses.detach())
 
 
-def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses) -> GradientSet:
+def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses,
+             detach: bool = True) -> GradientSet:
     """One ``LayerFactors`` per factored module (its calls concatenated along the token axis: a
     gradient sums over calls) and one per fallback parameter."""
     per_module: dict[str, tuple[list, list]] = {}
@@ -76,7 +77,8 @@ def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses
         rule, m = plan.rules[r.name], plan.hooked[r.name]
         if d is None:
             d = torch.zeros_like(r.output)
-        d = rule.finish(m, r.stored, rule.backprop(m, d.movedim(r.batch_dim, 0)).detach())
+        d = rule.backprop(m, d.movedim(r.batch_dim, 0))
+        d = rule.finish(m, r.stored, d.detach() if detach else d)
         a_list, d_list = per_module.setdefault(r.name, ([], []))
         a_list.append(r.stored)
         d_list.append(d)
@@ -91,7 +93,7 @@ def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses
     for pname, g in dense.items():
         local = pname.rsplit(".", 1)[-1]
         out[pname] = LayerFactors(module_type="fallback", param_names={local: pname},
-                                  param_shapes={local: g.shape[1:]}, backprops=g.detach(), _inputs=None,
+                                  param_shapes={local: g.shape[1:]}, backprops=g.detach() if detach else g, _inputs=None,
                                   _rule=_DENSE)
     return GradientSet(out, losses)
 

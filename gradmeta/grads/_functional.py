@@ -11,6 +11,7 @@ from torch.func import functional_call, vjp, vmap
 from ._capture import (Session, _wrapped, batch_size_of, capturing, check_losses, check_no_batch_mixing,
                        make_plan, root_batch_dim, route_outside_uses, split_inputs)
 from ._collect import assemble
+from ._errors import GradientCollectionError
 from ._set import GradientSet
 
 
@@ -49,7 +50,7 @@ def functional_factors(model: nn.Module, loss_fn: Callable, params: Mapping[str,
     # Structure pass.
     structure = Session(plan, B)
     args, kwargs = split_inputs(torch.utils._pytree.tree_map(_placeholder, inputs))
-    with torch.enable_grad():
+    with torch._C._DisableFuncTorch(), torch.enable_grad():   # plain autograd even inside torch.func.grad
         with capturing(structure):
             out = model(*args, **kwargs)
         losses0 = check_losses(loss_fn(out, torch.utils._pytree.tree_map(_placeholder, targets)), B)
@@ -65,15 +66,23 @@ def functional_factors(model: nn.Module, loss_fn: Callable, params: Mapping[str,
         given.setdefault(n, plan.fallback[n].detach())
     probes = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in shapes]
 
-    def run(zs, fb):
-        p = {**given, **fb}
-        session = Session(plan, B, mode="functional", probes=zs)
-        with capturing(session):
-            o = functional_call(model, p, args, kwargs, strict=False)
-        ls = check_losses(loss_fn(o, targets), B)
-        return ls, (ls, [r.stored for r in session.records], session.records)
+    sessions = []
 
-    losses, pullback, (_, stored, records) = vjp(run, probes, {n: given[n] for n in fb_names}, has_aux=True)
+    def run(zs, fb):
+        session = Session(plan, B, mode="functional", probes=zs)
+        sessions.append(session)
+        with capturing(session):
+            o = functional_call(model, {**given, **fb}, args, kwargs, strict=False)
+        ls = check_losses(loss_fn(o, targets), B)
+        return ls, [r.stored for r in session.records]
+
+    # Nothing is detached: under torch.func.grad the factors stay differentiable in ``params``.
+    losses, pullback, stored = vjp(run, probes, {n: given[n] for n in fb_names}, has_aux=True)
+    records = sessions[-1].records
+    if len(records) != len(probes):
+        raise GradientCollectionError(
+            f"the model made {len(records)} calls to factored modules, {len(probes)} in the structure pass; "
+            "its control flow must not depend on parameter values")
     ones = torch.ones_like(losses)
     deltas, _ = pullback(ones)
     dense = {}
@@ -83,4 +92,4 @@ def functional_factors(model: nn.Module, loss_fn: Callable, params: Mapping[str,
     keep = [i for i, r in enumerate(records) if plan.report.get(r.name)]
     for i, s in zip(range(len(records)), stored):
         records[i].stored = s
-    return assemble(plan, [records[i] for i in keep], [deltas[i] for i in keep], dense, losses.detach())
+    return assemble(plan, [records[i] for i in keep], [deltas[i] for i in keep], dense, losses, detach=False)

@@ -38,8 +38,18 @@ def split_inputs(inputs) -> tuple[tuple, dict]:
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
+def seq_first(m: nn.Module) -> bool:
+    """True for modules that read ``(T, B, ...)`` tensors (``batch_first=False``; torch's transformer
+    layers keep the flag on their attention)."""
+    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not m.self_attn.batch_first
+    if isinstance(m, nn.TransformerEncoder) and len(m.layers):
+        return seq_first(m.layers[0])
+    return getattr(m, "batch_first", True) is False
+
+
 def root_batch_dim(model: nn.Module) -> int:
-    return 1 if getattr(model, "batch_first", True) is False else 0
+    return 1 if seq_first(model) else 0
 
 
 def batch_size_of(inputs, batch_dim: int = 0) -> int:
@@ -124,7 +134,7 @@ def make_plan(model: nn.Module, layers: Iterable[str] | None) -> Plan:
             if p is not None and id(p) in names:
                 holders.setdefault(id(p), []).append((mname, local))
     plan = Plan({}, {}, {}, {}, {}, requested, names)
-    seq_first = {n for n, m in named_modules.items() if getattr(m, "batch_first", True) is False}
+    seq = {n for n, m in named_modules.items() if seq_first(m)}
     for pname, p in selected.items():
         uses = holders.get(id(p), [])
         rules = []
@@ -143,7 +153,7 @@ def make_plan(model: nn.Module, layers: Iterable[str] | None) -> Plan:
             plan.hooked[mname], plan.rules[mname] = named_modules[mname], rule
             plan.report.setdefault(mname, {})[local] = pname
             parts = mname.split(".") if mname else []
-            plan.batch_dims[mname] = int(any(".".join(parts[:i]) in seq_first for i in range(len(parts) + 1)))
+            plan.batch_dims[mname] = int(any(".".join(parts[:i]) in seq for i in range(len(parts) + 1)))
     return plan
 
 

@@ -102,6 +102,9 @@ class _ConvRule(BilinearRule):
     def sq_sum(self, f):
         return self._base(f).sq_sum(self, f)
 
+    def kfac_ok(self, f):
+        return self._groups(f) == 1
+
     def kfac(self, f):
         if self._groups(f) != 1:
             raise GradientCollectionError(f"K-FAC factors are not defined for grouped {f.module_type} layers")

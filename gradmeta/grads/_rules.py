@@ -125,6 +125,9 @@ class FactorRule:
     def sq_sum(self, f: LayerFactors) -> dict[str, torch.Tensor]:
         return {k: (g ** 2).sum(0) for k, g in self.per_example(f).items()}
 
+    def kfac_ok(self, f: LayerFactors) -> bool:
+        return self.has_kfac
+
     def kfac(self, f: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
         raise GradientCollectionError(f"K-FAC factors are not defined for {f.module_type} layers")
 

@@ -183,7 +183,7 @@ class GradientSet:
         ``G_cov = (1/B) Σ_{b,t} δ δᵀ``; for ``T = 1``, ``A_cov ⊗ G_cov`` is the K-FAC approximation
         of the empirical Fisher ``(1/B) Σ_b vec(g_b) vec(g_b)ᵀ`` (weights in ``(d_out, d_in)`` layout).
         """
-        return {n: f._rule.kfac(f) for n, f in self._layers.items() if f._rule.has_kfac
+        return {n: f._rule.kfac(f) for n, f in self._layers.items() if f._rule.kfac_ok(f)
                 and not self._shared.intersection(f.param_names.values())}
 
     def kfac_missing(self) -> dict[str, str]:
@@ -192,8 +192,8 @@ class GradientSet:
         for n, f in self._layers.items():
             if f.module_type == "fallback":
                 why = "exact fallback (no factors)"
-            elif not f._rule.has_kfac:
-                why = f"{f.module_type} layers have no K-FAC factors"
+            elif not f._rule.kfac_ok(f):
+                why = f"{f.module_type} layers (this configuration) have no K-FAC factors"
             else:
                 continue
             out.update({p: why for p in f.param_names.values()})

@@ -11,8 +11,10 @@ from ._errors import GradientCollectionError
 from ._factors import LayerFactors
 from ._func import per_example_grads
 from ._functional import functional_factors
+from ._losses import causal_lm_losses, sequence_classification_losses
 from ._rules import FactorRule, register_rule, support_table, supported_layers
 from ._set import GradientSet
 
 __all__ = ["collect_gradients", "functional_factors", "per_example_grads", "GradientSet", "LayerFactors",
-           "GradientCollectionError", "FactorRule", "register_rule", "supported_layers", "support_table"]
+           "GradientCollectionError", "causal_lm_losses",
+           "sequence_classification_losses", "FactorRule", "register_rule", "supported_layers", "support_table"]

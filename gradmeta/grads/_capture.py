@@ -215,13 +215,14 @@ class Session:
         return fn
 
     def check_batch(self, B: int) -> None:
+        """Modules called on tensors without the batch on their batch axis (e.g. tokens flattened
+        to ``(B·T, d)``, or a sequence-first call the configuration does not announce) cannot be
+        factored: their parameters go to the exact fallback."""
         for r in self.records:
             if r.input_shape[r.batch_dim] != B:
-                m = self.plan.hooked[r.name]
-                where = "batch-first" if r.batch_dim == 0 else "sequence-first (batch_first=False)"
-                raise GradientCollectionError(
-                    f"module '{r.name}' ({type(m).__name__}) got input of shape {r.input_shape}; expected "
-                    f"{where} inputs with batch size {B}")
+                module = self.plan.hooked[r.name]
+                for local, pname in list(self.plan.report.get(r.name, {}).items()):
+                    self.plan.move_to_fallback(pname, module._parameters[local])
 
 
 @contextlib.contextmanager

@@ -40,13 +40,25 @@ def batches(data) -> list[Batch]:
     for i, b in enumerate(out):
         if len(b) != 2 or not _is_inputs(b[0]) or not isinstance(b[1], torch.Tensor):
             raise CurvatureError(f"batch {i} of data is not an (inputs, targets) pair of tensors")
+        if batch_size(b[0]) == 0:
+            raise CurvatureError(f"batch {i} of data is empty (inputs of shape {tuple(_first(b[0]).shape)}); "
+                                 "curvature needs at least one example")
+        for what, t in (("inputs", b[0]), ("targets", b[1])):
+            for x in (t,) if isinstance(t, torch.Tensor) else t:
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    raise CurvatureError(f"batch {i} of data: {what} of shape {tuple(x.shape)} contain NaN or "
+                                         "infinite values")
     if not out:
         raise CurvatureError("data is empty")
     return out
 
 
+def _first(inputs) -> torch.Tensor:
+    return inputs if isinstance(inputs, torch.Tensor) else inputs[0]
+
+
 def batch_size(inputs) -> int:
-    return (inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0]
+    return _first(inputs).shape[0]
 
 
 def call_model(model: nn.Module, inputs) -> torch.Tensor:

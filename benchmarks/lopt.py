@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suite in ("all", "pes"):
-        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, 5, 1))
+        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, 7, 1))
         data = {"benchmark": "lopt_pes",
                 "title": "One PES meta-training iteration: GradMetaNet learned optimizers vs the per-parameter one",
                 "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick},

@@ -212,13 +212,13 @@ class GradMetaNetLO(_BranchLO):
         batch (``functional_factors``), so it runs under ``vmap``."""
         from gradmeta.grads import functional_factors
 
-        gs = functional_factors(model, loss_fn, params, inputs, targets)
-        B = gs.losses.shape[0]
+        B = len(targets)
         if self.examples is None or self.examples >= B:
+            gs = functional_factors(model, loss_fn, params, inputs, targets)
             return gs.mean_grad(), gs, gs.losses.mean()
-        # the whole batch's mean gradient, the first `examples` examples' factors (one more, smaller pass)
-        sub = functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples])
-        return gs.mean_grad(), sub, gs.losses.mean()
+        # the whole batch's mean gradient (plain autograd), the first `examples` examples' factors
+        grads, loss = super().gradients(model, loss_fn, params, inputs, targets)[::2]
+        return grads, functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples]), loss
 
     def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
                gradient_set=None) -> tuple[Params, GMNState]:

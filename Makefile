@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || { $(PIP) install --retries 1 --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX) && $(PIP) install "torch==$(TORCH_VERSION)"; }
 	# Pin whatever torch is installed so no extra can swap it for a multi-GB CUDA build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > constraints.txt
-	$(PIP) install -c constraints.txt -e ".[test,meta,lora]" $(PEER_DEPS)
+	$(PIP) install -c constraints.txt -e ".[test,meta,lora,lora-test]" $(PEER_DEPS)
 	$(PIP) install -c constraints.txt --no-deps "backpack-for-pytorch>=1.6" "curvlinops-for-pytorch>=2.0"
 	$(PY) -c "import torch, gradmeta; print('gradmeta ready, torch', torch.__version__)"
 	touch $(STAMP)

@@ -9,7 +9,9 @@ every model in ``models`` for every seed, and reports on the held-out adapters:
   the training targets (a model should not extrapolate a bounded property such as an accuracy
   beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
 * ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
-  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right).
+  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
+* any other ``target``: a numeric column of the labels CSV (``labels``, default ``<zoo>/labels.csv``),
+  as regression with the same metrics as ``accuracy`` (used by the ``lora_llama_zoo`` tasks).
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
@@ -46,7 +48,8 @@ TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"cla
 
 PREDICT_DEFAULTS = {
     "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
-    "target": OneOf("accuracy", tuple(TARGETS)),
+    "target": "accuracy",  # one of TARGETS, or any numeric column of the labels (regression)
+    "labels": "",  # labels CSV; default <zoo>/labels.csv
     "split": OneOf("random", ("random", "rank")),
     "test_fraction": Range(0.2, low=0, high=1, low_open=True, high_open=True),
     "train_ranks": [4],
@@ -55,7 +58,7 @@ PREDICT_DEFAULTS = {
     "models": ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"],
     "seeds": [Range(0, low=0), 1, 2],
     "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
-    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64},
+    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -181,11 +184,15 @@ def lora_predict(run: Run) -> dict:
     spec = run.spec
     torch.set_num_threads(spec["threads"])
     zoo = Path(spec["zoo"])
-    if not (zoo / "labels.csv").exists():
-        raise run.spec_error("zoo", f"{zoo / 'labels.csv'} does not exist; build the zoo first: "
+    labels = Path(spec["labels"]) if spec["labels"] else zoo / "labels.csv"
+    if not labels.exists():
+        raise run.spec_error("zoo", f"{labels} does not exist; build the zoo first: "
                                     f"gradmeta run tasks/lora_zoo.toml --out {zoo}")
-    ds = LoraDataset(zoo / "adapters", zoo / "labels.csv")
-    cols = TARGETS[spec["target"]]
+    ds = LoraDataset(zoo / "adapters", labels)
+    cols = TARGETS.get(spec["target"], [spec["target"]])
+    if any(c not in ds.labels[0] for c in cols):
+        raise run.spec_error("target", f"{spec['target']!r} is neither one of {sorted(TARGETS)} nor a column of "
+                                       f"{labels} (columns: {sorted(ds.labels[0])})")
     Y = ds.label_tensor(cols)
     if spec["target"] == "loss":
         Y = Y.log()
@@ -238,7 +245,7 @@ def lora_predict(run: Run) -> dict:
                 save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
                            target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
                            target_max=y_hi.flatten(), regression=regression)
-                if spec["speed"]["enabled"]:
+                if spec["speed"]["enabled"] and spec["target"] in TARGETS:  # needs the digits base model
                     speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
                     summary.update({f"speed/{k}": v for k, v in speed.items()})
             bar.update(1)

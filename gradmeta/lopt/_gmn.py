@@ -51,8 +51,10 @@ class GMNState(NamedTuple):
 class RelativeNeuronIds(nn.Module):
     """Neuron ids of the fixed (input / output) spaces from their relative position, for any size.
 
-    ``ids[name]`` is ``Linear(code((i + ½)/n))`` for ``i < n`` (``n``, that space's size), with
-    ``code(r) = (sin πkr, cos πkr)_{k=1..K}``: ``(n, c)``, the same meta-parameters for every ``n``.
+    ``ids[name]`` is ``code((i + ½)/n) @ weightᵀ`` for ``i < n`` (``n``, that space's size), with
+    ``code(r) = (sin πkr, cos πkr)_{k=1..K}`` and ``weight (c, 2K)``: ``(n, c)``, the same
+    meta-parameter for every ``n``. Neuron ``i`` of ``n`` and neuron ``2i`` of ``2n`` get nearly the
+    same id (exactly so as ``n`` grows), so a rule trained on 64 inputs reads 784 as a finer grid.
     Replaces the per-neuron table (``nn.ParameterDict`` of ``(n, c)``) of a
     :class:`gradmeta.nn.NeuronEncoder`, which ties a network to one input and output size.
     """
@@ -60,15 +62,19 @@ class RelativeNeuronIds(nn.Module):
     def __init__(self, sizes: dict[str, int], c: int, frequencies: int = 4):
         super().__init__()
         self.sizes, self.K = dict(sizes), frequencies
-        self.map = nn.Linear(2 * frequencies, c, bias=False)
+        self.weight = nn.Parameter(torch.empty(c, 2 * frequencies))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``N(0, 0.1²)`` entries, the scale of the per-neuron id table it replaces."""
         with torch.no_grad():
-            self.map.weight.normal_(0, 0.1)
+            self.weight.normal_(0, 0.1)
 
     def __getitem__(self, key: str) -> Tensor:
-        n, w = self.sizes[key], self.map.weight
+        n, w = self.sizes[key], self.weight
         r = (torch.arange(n, dtype=w.dtype, device=w.device) + 0.5) / n
         ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=w.dtype, device=w.device)
-        return self.map(torch.cat([ang.sin(), ang.cos()], -1))
+        return torch.cat([ang.sin(), ang.cos()], -1) @ w.T
 
 
 def _size_free(net: nn.Module, neuron_ids: str) -> nn.Module:
@@ -119,8 +125,6 @@ class _BranchLO(LearnedRule):
             for m in self.net.modules():
                 if m is not self.net and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-                if isinstance(m, RelativeNeuronIds):
-                    m.map.weight.data.normal_(0, 0.1)
         meta = {f"mlp.{k}": v for k, v in self.base.init_meta(seed).items()}
         meta.update({f"{self.prefix}.{k}": v.detach().clone() for k, v in self.net.named_parameters()})
         return meta

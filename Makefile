@@ -11,7 +11,7 @@ STAMP := $(VENV)/.gradmeta-installed
 # Runtime deps of the peers installed with --no-deps (BackPACK would drag in torchvision).
 PEER_DEPS := opacus pyhessian einops unfoldNd einconv linear_operator opt-einsum scipy
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-fast bench env data clean
 
 env: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || { $(PIP) install --retries 1 --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX) && $(PIP) install "torch==$(TORCH_VERSION)"; }
 	# Pin whatever torch is installed so no extra can swap it for a multi-GB CUDA build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > constraints.txt
-	$(PIP) install -c constraints.txt -e ".[test,meta,lora]" $(PEER_DEPS)
+	$(PIP) install -c constraints.txt -e ".[test,meta,lora,lora-test]" $(PEER_DEPS)
 	$(PIP) install -c constraints.txt --no-deps "backpack-for-pytorch>=1.6" "curvlinops-for-pytorch>=2.0"
 	$(PY) -c "import torch, gradmeta; print('gradmeta ready, torch', torch.__version__)"
 	touch $(STAMP)
@@ -34,6 +34,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything except the tests marked slow (torchrun, notebooks, benchmark smoke tests).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Real Fashion-MNIST (IDX .gz files in /usr/share/datasets/fashion-mnist/) from Debian's package;
+# optional: experiments read it when present, tests never need it.
+data:
+	apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }
+	ls /usr/share/datasets/fashion-mnist/
 
 bench: $(STAMP)
 	$(PY) benchmarks/grads.py

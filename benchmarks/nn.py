@@ -1,4 +1,4 @@
-"""GradMetaNet cost, side by side with the inner model (issue #4, "Performance").
+"""GradMetaNet cost (time and training memory), side by side with the inner model.
 
 Times, in one process and interleaved round-robin (median of ``--repeats`` after a warm-up):
 * ``mlp_step``: one training step (forward, backward, SGD update) of the MLP 784-256-128-10 at B=128;
@@ -38,7 +38,7 @@ import gradmeta.nn as gnn  # noqa: E402
 from gradmeta.models import classification_loss, mlp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PRODUCTS = ("gelu", "bilinear")
+PRODUCTS = gnn.PRODUCTS
 # contestant -> (variant, product) of its saved-for-backward memory grid
 _MEMORY = {"gmn_base": ("base", "gelu"), "gmn_plusplus": ("plusplus", "gelu"),
            "gmn_base_bilinear": ("base", "bilinear"), "gmn_plusplus_bilinear": ("plusplus", "bilinear")}

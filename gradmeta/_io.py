@@ -3,10 +3,62 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "remove_stale_temps", "jsonable"]
+__all__ = ["CheckpointError", "safe_torch_load", "atomic_write", "remove_stale_temps", "jsonable"]
+
+
+class CheckpointError(ValueError):
+    """A file that should hold tensors saved with ``torch.save`` cannot be loaded safely.
+
+    The message names the file and what it was read as (checkpoint, data file, ...).
+    """
+
+
+def _load_failure(e: BaseException) -> str:
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}"
+    if "central directory" in text or isinstance(e, (EOFError, OSError)):
+        return "the file is truncated or corrupted"
+    if "Unsupported operand" in text or "invalid load key" in text:
+        return "not a file written by torch.save"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file.
+
+    Args:
+        path: the file.
+        what: what the file should be, for messages (``"checkpoint"``, ``"data file"``, ...).
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a folder).
+        CheckpointError: anything else -- a file that references code (a pickled class or
+            function), a truncated or corrupted file, or one not written by ``torch.save``:
+            ``"FILE is not a gradmeta WHAT or contains code; refusing to load (REASON)"``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (KeyboardInterrupt, MemoryError, PermissionError):
+        raise
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError, ...
+        raise CheckpointError(f"{path} is not a gradmeta {what} or contains code; refusing to load "
+                              f"({_load_failure(e)})") from e
 
 _TMP = ".{name}.tmp-{pid}"
 

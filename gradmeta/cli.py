@@ -1,19 +1,60 @@
 """The ``gradmeta`` command: ``run SPEC.toml``, ``report DIR``, ``tasks``, plus the subcommands of
 :mod:`gradmeta.commands` (``curvature``, ``inr``, ``lora`` and any registered through the
-``gradmeta.commands`` entry-point group)."""
+``gradmeta.commands`` entry-point group).
+
+Exit status: 0 success; 2 a user mistake -- a bad spec, file, checkpoint, data file or run folder
+(one line ``gradmeta COMMAND: error: ...`` on stderr naming the culprit; ``gradmeta --debug ...``
+or ``GRADMETA_DEBUG=1`` shows the traceback instead); 3 a run diverged (non-finite loss); 130
+interrupted (Ctrl-C); 141 the reader of the output went away (``gradmeta report DIR | head``).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import math
 import sys
 from pathlib import Path
 
-from gradmeta.run import CHECKPOINT_FILE, METRICS_FILE, ResumeError, default_out_dir, run_spec
+from gradmeta._io import CheckpointError
+from gradmeta.run import (CHECKPOINT_FILE, METRICS_FILE, RunDiverged, RunFolderError, default_out_dir,
+                          run_spec)
 from gradmeta.specs import SpecError, discover_tasks
 
-__all__ = ["main", "build_parser", "format_report"]
+__all__ = ["main", "build_parser", "format_report", "user_errors", "positive"]
+
+#: Error types of the library packages that mean "bad input", as (module, name); imported when needed.
+_DOMAIN_ERRORS = (("gradmeta.data", "DataFormatError"), ("gradmeta.curvature", "CurvatureError"),
+                  ("gradmeta.commands.curvature", "CLIError"), ("gradmeta.lora", "AdapterFormatError"),
+                  ("gradmeta.lora", "AdapterMismatchError"), ("gradmeta.inr", "ZooError"),
+                  ("gradmeta.grads", "GradientCollectionError"), ("gradmeta.nn", "SymmetrySpecError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that the command reports as one line with exit status 2."""
+    out = [SpecError, RunFolderError, CheckpointError, FileNotFoundError, PermissionError,
+           IsADirectoryError, NotADirectoryError]
+    for module, name in _DOMAIN_ERRORS:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # an optional package that is not installed
+            pass
+    return tuple(out)
+
+
+def positive(kind: type = int):
+    """An ``argparse`` type: ``kind(text)`` that must be finite and > 0 (else a usage error, exit 2)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _fmt(x) -> str:
@@ -32,6 +73,28 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
 
 
+def _read_metrics(path: Path) -> dict:
+    """``metrics.json`` as a dict with a dict ``summary``, a dict of dicts ``history`` and a list ``plots``."""
+    redo = (" (a checkpoint exists: delete the file and resume the run to write it again)"
+            if (path.parent / CHECKPOINT_FILE).exists() else "")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not valid JSON ({e}); it was damaged or not written by gradmeta{redo}") from None
+    shapes = {"summary": dict, "history": dict, "plots": list}
+    bad = ["the top level is not an object"] if not isinstance(m, dict) else [
+        f"{k!r} is not {'an object' if t is dict else 'a list'}" for k, t in shapes.items()
+        if not isinstance(m.get(k, t()), t)]
+    if not bad and not all(isinstance(p, str) for p in m.get("plots", [])):
+        bad = ["'plots' is not a list of file names"]
+    if not bad and not all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values())
+                           for v in m.get("history", {}).values()):
+        bad = ["'history' is not an object of {name: list} objects"]
+    if bad:
+        raise RunFolderError(f"{path} is not a gradmeta metrics file: {bad[0]}{redo}")
+    return m
+
+
 def format_report(run_dir: str | Path) -> str:
     """Compact text summary of a run folder's ``metrics.json``: status, summary, series, plots."""
     run_dir = Path(run_dir)
@@ -39,7 +102,7 @@ def format_report(run_dir: str | Path) -> str:
     if not path.exists():
         hint = " (a checkpoint exists: the run was interrupted; resume it)" if (run_dir / CHECKPOINT_FILE).exists() else ""
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a gradmeta run folder?{hint}")
-    m = json.loads(path.read_text())
+    m = _read_metrics(path)
     out = [f"run {run_dir}: task {m.get('task')}, {m.get('status')}, step {m.get('step')}/{m.get('total_steps')}"]
     summary = m.get("summary", {})
     if summary:
@@ -95,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, including the subcommands of :mod:`gradmeta.commands`."""
     parser = argparse.ArgumentParser(
         prog="gradmeta", description="Run gradmeta task specs and summarise run folders.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: GRADMETA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("run", help="run a task spec into a run folder")
     p.add_argument("spec", help="TOML spec file (its key `task` names the task)")
@@ -124,9 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for spec, resume and missing-file errors)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("GRADMETA_DEBUG", "") not in ("", "0")
     try:
         status = args.func(args)
-    except (SpecError, ResumeError, FileNotFoundError) as e:
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader left (`gradmeta report DIR | head`): silence the final flush and stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print(f"\ngradmeta {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except RunDiverged as e:
+        if debug:
+            raise
+        print(f"gradmeta {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
         print(f"gradmeta {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0 if status is None else int(status)

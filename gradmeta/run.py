@@ -17,7 +17,8 @@ refuses when the resolved spec differs from the one stored in the folder.
 
 Tasks are functions ``fn(run: Run) -> dict`` registered with :func:`gradmeta.specs.register_task`;
 they return ``{"summary": {name: scalar}, "history": {group: {name: list}}, "plots": [file names],
-"step", "total_steps"}``.
+"step", "total_steps"}``. A task calls :meth:`Run.check_finite` on its training loss, so a run that
+diverges stops with :class:`RunDiverged` instead of training on NaNs.
 """
 from __future__ import annotations
 
@@ -30,23 +31,32 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write, jsonable, remove_stale_temps
+from ._io import CheckpointError, atomic_write, jsonable, remove_stale_temps, safe_torch_load
 from ._runtime import environment
 from .specs import (TASKS, SpecError, dump_toml, get_task, load_spec, resolve_spec, spec_diff)
 
-__all__ = ["SpecError", "ResumeError", "RunFolderLocked", "Run", "run_spec", "default_out_dir",
+__all__ = ["SpecError", "RunFolderError", "ResumeError", "RunFolderLocked", "RunDiverged", "Run", "run_spec", "default_out_dir",
            "load_spec", "resolve_spec", "get_task"]
 
 SPEC_FILE, RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, LOCK_FILE = (
     "spec.resolved.toml", "run.json", "metrics.json", "checkpoint.pt", ".lock")
 
 
-class ResumeError(RuntimeError):
-    """A run folder cannot be (re)used as asked: spec changed, or a run exists and neither resume nor overwrite."""
+class RunFolderError(RuntimeError):
+    """A run folder or one of its files cannot be used as asked; the message names the file."""
+
+
+class ResumeError(RunFolderError):
+    """A run folder cannot be (re)used as asked: spec changed, a run exists and neither resume nor
+    overwrite, or its checkpoint cannot be resumed from."""
 
 
 class RunFolderLocked(ResumeError):
     """Another live process is running in the run folder."""
+
+
+class RunDiverged(RuntimeError):
+    """A task met a non-finite loss (or other tracked value); the message names it and the step."""
 
 
 def default_out_dir(spec_path: str | os.PathLike) -> Path:
@@ -150,6 +160,10 @@ class Run:
             raise ResumeError(f"--out {self.out} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
+        if self._lock.replaced is not None:
+            old = self._lock.replaced
+            print(f"gradmeta: note: {self.out} was locked by pid {old.get('pid')} (started {old.get('started', '?')}), "
+                  "which is no longer running; its lock was replaced", file=sys.stderr)
         try:
             self._claim(resume, overwrite)
         except BaseException:
@@ -165,8 +179,8 @@ class Run:
                 if diff:
                     raise ResumeError(
                         f"cannot resume {self.out}: {self.spec_path} resolves to a different spec than the "
-                        f"one stored in {self.out / SPEC_FILE}:\n  " + "\n  ".join(diff)
-                        + "\nUse a new --out folder, or --overwrite to start this one again.")
+                        f"one stored in {self.out / SPEC_FILE} ({'; '.join(diff)}); use a new --out folder, "
+                        "or --overwrite to start this one again")
         elif existing and overwrite:
             self._remove_previous()
         elif existing:
@@ -202,20 +216,42 @@ class Run:
         """A :class:`SpecError` naming the spec file and ``key`` (for task-specific checks)."""
         return SpecError(f"{self.spec_path}: {key}: {message}")
 
-    def restore(self) -> dict | None:
-        """The state passed to the last :meth:`checkpoint` when resuming, else ``None``."""
+    def restore(self, keys: tuple[str, ...] = ()) -> dict | None:
+        """The state passed to the last :meth:`checkpoint` when resuming, else ``None``.
+
+        Raises :class:`ResumeError` naming ``checkpoint.pt`` when the file cannot be loaded safely,
+        lacks ``step`` / ``state``, or its state (a dict) lacks one of ``keys``.
+        """
         if not self.resumed:
             return None
         path = self.out / CHECKPOINT_FILE
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a corrupt file cannot come from atomic writes, but say which file
-            raise ResumeError(f"cannot read checkpoint {path}: {e}") from e
-        if not isinstance(ckpt, dict) or "step" not in ckpt or "state" not in ckpt:
-            raise ResumeError(f"{path} is not a gradmeta run checkpoint (no 'step'/'state'); "
-                              "use --overwrite to start this run again")
-        self.start_step = int(ckpt["step"])
+            ckpt = safe_torch_load(path, "run checkpoint")
+        except CheckpointError as e:  # atomic writes never leave a partial file; a copied one might
+            raise ResumeError(f"{e}; use --overwrite to start this run again") from None
+        step = ckpt.get("step") if isinstance(ckpt, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or "state" not in ckpt:
+            raise ResumeError(f"{path} is not a gradmeta run checkpoint (needs an integer 'step' and a "
+                              "'state'); use --overwrite to start this run again")
+        missing = [k for k in keys if not isinstance(ckpt["state"], dict) or k not in ckpt["state"]]
+        if missing:
+            raise self.checkpoint_error(f"its state has no {', '.join(map(repr, missing))}")
+        self.start_step = step
         return ckpt["state"]
+
+    def checkpoint_error(self, message: str) -> ResumeError:
+        """A :class:`ResumeError` naming ``checkpoint.pt`` (for a state that does not fit the task)."""
+        return ResumeError(f"{self.out / CHECKPOINT_FILE} does not fit task {self.spec.get('task')!r}: "
+                           f"{message}; use --overwrite to start this run again")
+
+    def check_finite(self, name: str, value, step: int) -> float:
+        """Return ``value`` (a number or one-element tensor) as a float; raise :class:`RunDiverged`
+        naming ``name`` and ``step`` if it is NaN or infinite."""
+        v = float(value.detach() if isinstance(value, torch.Tensor) else value)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise RunDiverged(f"{self.spec_path}: {name} = {v} at step {step}: the run diverged. Lower the "
+                              f"learning rate (or check the data) and start again with --overwrite")
+        return v
 
     def checkpoint(self, state: dict, step: int) -> None:
         """Atomically save ``state`` (tensors, numbers, strings, lists, dicts) as of global ``step``."""

@@ -34,7 +34,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["SpecError", "Required", "OneOf", "Range", "TaskInfo", "TASKS", "register_task", "get_task", "discover_tasks",
+__all__ = ["SpecError", "Required", "OneOf", "Range", "NonEmpty", "TaskInfo", "TASKS", "register_task", "get_task", "discover_tasks",
            "load_spec", "parse_override", "apply_overrides", "resolve_spec", "dump_toml", "spec_diff"]
 
 #: Entry-point group through which other packages add tasks.
@@ -93,6 +93,16 @@ class Range:
         if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
             return False
         return True
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """Default marker for an array that must hold at least one element.
+
+    ``NonEmpty([Range(0, low=0), 1, 2])``: seeds, default ``[0, 1, 2]``, each an integer >= 0.
+    """
+
+    default: list
 
 
 @dataclass(frozen=True)
@@ -246,6 +256,11 @@ def _check_value(value: Any, default: Any, key: str, where: str, root: dict) -> 
     if isinstance(default, Required):
         expected = default.type
         default = {int: 0, float: 0.0, str: "", bool: False, list: [], dict: {}}.get(expected, None)
+    if isinstance(default, NonEmpty):
+        value = _check_value(value, default.default, key, where, root)
+        if not value:
+            raise SpecError(f"{where}: {key} = [] must hold at least one element")
+        return value
     if isinstance(default, Range):
         value = _check_value(value, default.default, key, where, root)
         if not default.contains(value):
@@ -311,6 +326,8 @@ def _merge(raw: dict, defaults: dict, where: str, root: dict, prefix: str = "") 
                             f"{': ' + default.doc if default.doc else ''})")
         elif isinstance(default, (OneOf, Range)):
             out[k] = default.default
+        elif isinstance(default, NonEmpty):
+            out[k] = [x.default if isinstance(x, Range) else x for x in default.default]
         elif isinstance(default, dict):
             out[k] = _merge({}, default, where, root, key + ".")
         else:

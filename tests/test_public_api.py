@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 PUBLIC_MODULES = ["gradmeta", "gradmeta.grads", "gradmeta.models", "gradmeta.data", "gradmeta.curvature",
-                  "gradmeta.nn", "gradmeta.lora", "gradmeta.lopt", "gradmeta.inr", "gradmeta.run", "gradmeta.cli", "gradmeta.experiments"]
+                  "gradmeta.nn", "gradmeta.lora", "gradmeta.lopt", "gradmeta.inr", "gradmeta.run", "gradmeta.cli", "gradmeta.experiments",
+                  "gradmeta.specs", "gradmeta.params", "gradmeta.commands"]
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

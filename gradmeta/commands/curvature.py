@@ -6,8 +6,9 @@
 ``--data digits`` uses the embedded digits training split (inputs flattened to 64 features unless
 ``--digits-shape image``); a PATH is a ``.pt`` file (``torch.load(weights_only=True)``) holding an
 ``(inputs, targets)`` pair or a dict with ``inputs``/``targets`` (or ``X``/``y``), or an ``.npz`` with
-the same keys. Checkpoints are state dicts loaded with ``weights_only=True`` (a ``state_dict`` or
-``model`` entry inside a dict is unwrapped).
+the same keys (plain arrays only: object arrays, which need pickle, are refused). Checkpoints are
+state dicts loaded with ``weights_only=True`` (a ``state_dict`` or ``model`` entry inside a dict is
+unwrapped); a file that references code, or a truncated one, is refused with one line naming it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from gradmeta._io import safe_torch_load
+from gradmeta.cli import positive
+from gradmeta.data import DataFormatError
 
 __all__ = ["add_parser", "run"]
 
@@ -49,16 +54,19 @@ def load_factory(spec: str) -> nn.Module:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    """Load the state dict in ``path`` into ``model``; :class:`CLIError` if it does not fit."""
+    sd = safe_torch_load(path, "checkpoint")
     if isinstance(sd, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
                 break
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise CLIError(f"--checkpoint {path}: expected a state dict {{name: tensor}}, got {type(sd).__name__}")
     try:
         model.load_state_dict(sd)
     except (RuntimeError, TypeError) as e:
-        raise CLIError(f"--checkpoint {path}: does not match the model: {e}") from e
+        raise CLIError(f"--checkpoint {path}: does not match the model: {' '.join(str(e).split())}") from None
 
 
 def _pair(obj, where: str):
@@ -83,13 +91,23 @@ def load_data(spec: str, digits_shape: str = "flat"):
     if not path.exists():
         raise CLIError(f"--data: {spec!r} is neither 'digits' nor an existing file")
     if path.suffix == ".npz":
+        import zipfile
+
         import numpy as np
 
-        with np.load(path) as z:
-            X, y = _pair(dict(z), spec)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                X, y = _pair(dict(z), spec)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays need pickle: refused
+            raise DataFormatError(f"--data {path}: not a readable .npz of plain arrays ({e})") from None
+        if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
+            raise DataFormatError(f"--data {path}: inputs/targets must be numeric arrays, got {X.dtype} and {y.dtype}")
         return torch.from_numpy(X), torch.from_numpy(y)
-    X, y = _pair(torch.load(path, map_location="cpu", weights_only=True), spec)
-    return torch.as_tensor(X), torch.as_tensor(y)
+    X, y = _pair(safe_torch_load(path, "data file"), spec)
+    try:
+        return torch.as_tensor(X), torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataFormatError(f"--data {path}: inputs/targets are not tensors or numeric arrays ({e})") from None
 
 
 def _env() -> dict:
@@ -108,7 +126,12 @@ def run(args) -> int:
     if not args.train_mode:
         model.eval()  # running BatchNorm statistics, no dropout: a fixed operator
     X, y = load_data(args.data, args.digits_shape)
-    p = next(model.parameters())
+    if X.dim() == 0 or y.dim() == 0 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
+        raise DataFormatError(f"--data {args.data}: need inputs (N, ...) and targets (N, ...) with the same N >= 1, "
+                              f"got shapes {tuple(X.shape)} and {tuple(y.shape)}")
+    p = next(model.parameters(), None)
+    if p is None:
+        raise CLIError(f"--model {args.model}: the model has no parameters")
     if X.is_floating_point():
         X = X.to(p.dtype)
     X, y = X[: args.num_examples], y[: args.num_examples]
@@ -129,16 +152,6 @@ def run(args) -> int:
     return 0
 
 
-def _run_checked(args) -> int:
-    from gradmeta.curvature import CurvatureError
-
-    try:
-        return run(args)
-    except (CLIError, CurvatureError) as e:
-        print(f"gradmeta curvature: error: {e}", file=sys.stderr)
-        return 2
-
-
 def add_parser(subparsers) -> None:
     """Register the ``curvature`` subcommand on an ``argparse`` subparsers object."""
     p = subparsers.add_parser("curvature", help="per-layer Hessian/Fisher curvature of your model",
@@ -148,13 +161,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="state dict file (loaded with torch.load(weights_only=True))")
     p.add_argument("--out", default="runs/curvature", help="output folder (default: runs/curvature)")
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
-    p.add_argument("--num-examples", type=int, default=512, help="use the first N examples (default 512)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--samples", type=int, default=100, help="Hutchinson probes per large block (default 100)")
+    p.add_argument("--num-examples", type=positive(int), default=512, help="use the first N examples (default 512)")
+    p.add_argument("--batch-size", type=positive(int), default=256)
+    p.add_argument("--samples", type=positive(int), default=100, help="Hutchinson probes per large block (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--digits-shape", choices=["flat", "image"], default="flat",
                    help="digits inputs as (N, 64) or (N, 1, 8, 8)")
     p.add_argument("--train-mode", action="store_true", help="keep the model in train mode (default: eval)")
     p.add_argument("--eval-batchnorm", action="store_true",
                    help="with --train-mode: run BatchNorm on running statistics instead of failing")
-    p.set_defaults(func=_run_checked)
+    p.set_defaults(func=run)  # errors: one line, exit 2 (gradmeta.cli.main)

@@ -12,6 +12,8 @@ import json
 
 import torch
 
+from gradmeta.cli import positive
+
 
 __all__ = ["add_parser", "build_zoo_command"]
 
@@ -24,15 +26,15 @@ def add_parser(subparsers) -> None:
     b.add_argument("--source", default="digits", choices=["digits", "mnist", "fashion_mnist", "cifar10"])
     b.add_argument("--root", default=None, help="folder with the local MNIST / CIFAR files")
     b.add_argument("--out", required=True)
-    b.add_argument("--size", type=int, default=None)
+    b.add_argument("--size", type=positive(int), default=None)
     b.add_argument("--splits", default="train,test")
-    b.add_argument("--limit", type=int, default=None, help="first N images of each split")
-    b.add_argument("--steps", type=int, default=500)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--shard-size", type=int, default=256)
+    b.add_argument("--limit", type=positive(int), default=None, help="first N images of each split")
+    b.add_argument("--steps", type=positive(int), default=500)
+    b.add_argument("--lr", type=positive(float), default=1e-3)
+    b.add_argument("--shard-size", type=positive(int), default=256)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--resume", action="store_true", help="skip shards already written (default: refit all)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    b.add_argument("--threads", type=positive(int), default=None, help="torch threads per process")
     b.set_defaults(func=build_zoo_command)
 
 

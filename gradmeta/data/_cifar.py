@@ -76,7 +76,13 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, object]:
 def _names(meta: dict[str, object], key: str, path: Path) -> tuple[str, ...]:
     if key not in meta:
         raise DataFormatError(f"{path}: no {key!r} entry (found {sorted(meta)})")
-    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in meta[key])  # type: ignore[union-attr]
+    names = meta[key]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DataFormatError(f"{path}: {key!r} must be a list of class names, got {type(names).__name__}")
+    try:
+        return tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in names)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: {key!r} holds a name that is not UTF-8 ({e})") from None
 
 
 def _batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +96,8 @@ def _batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataFormatError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
         raise DataFormatError(f"{path}: {label_key!r} must hold {data.shape[0]} labels, got shape {labels.shape}")
+    if labels.size and labels.dtype.kind not in "iu":
+        raise DataFormatError(f"{path}: {label_key!r} must be integers, got {labels.dtype}")
     return data, labels.astype(np.int64)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataFormatError(f"{path}: header declares {ndim} dimensions but the file is only {len(raw)} bytes")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: sizes near 2**32 must not wrap around
     if len(raw) - header_len != expected:
         raise DataFormatError(
             f"{path}: header shape {shape} of {dtype.name} needs {expected} data bytes, "
@@ -107,12 +108,17 @@ def _load_idx_pair(root, split: str, dataset: str, subdirs: tuple[str, ...], cla
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataFormatError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.dtype.kind not in "iu":
+        raise DataFormatError(f"{labels_path}: labels must be integers (IDX type uint8/int8/int16/int32), "
+                              f"got {labels.dtype}; is this a labels file?")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataFormatError(
             f"{labels_path}: expected {images.shape[0]} labels (one per image in {images_path.name}), got shape {labels.shape}"
         )
-    if labels.size and labels.max() >= len(classes):
-        raise DataFormatError(f"{labels_path}: label {int(labels.max())} out of range for {len(classes)} classes")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise DataFormatError(f"{labels_path}: label {bad} out of range for {len(classes)} classes "
+                              f"(labels must lie in 0..{len(classes) - 1})")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return ImageData(x, y, classes, f"{dataset}/{split}")

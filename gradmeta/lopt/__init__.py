@@ -1,19 +1,25 @@
-"""Learned optimization (DESIGN §7), split as in learned_optimization.
+"""Learned optimization, split as in learned_optimization.
 
 * **tasks** -- functional inner problems: :func:`digits_mlp` (embedded, default),
   :func:`image_mlp` (8×8 Fashion-MNIST / CIFAR-10 / CIFAR-100 from local files), :func:`char_lm`
   (2-block transformer on the stdlib-docstring corpus), :class:`QuadraticTask`;
 * **optimizers** -- hand-designed baselines as ``init``/``update`` pairs with named state:
   :func:`sgdm`, :func:`adam`, the Adam learning-rate sweep :data:`ADAM_LRS`;
-* **learned optimizers** -- :class:`PerParamMLP` (residual form: untrained = SGD with momentum) and
+* **learned optimizers** -- every one a :class:`LearnedRule` (``init_meta`` / ``init`` / ``update`` /
+  ``step``): :class:`PerParamMLP` (residual form: untrained = SGD with momentum),
   :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
   :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient);
-* **outer trainers** -- :class:`PES`, :func:`es_grad`, :class:`TruncatedBackprop` (``torch.func``
-  or ``higher``), split over ``torchrun`` ranks with :func:`comm_from_env`;
+* **outer trainers** -- :class:`GradientEstimator` s: :class:`PES`, :class:`ES` (:func:`es_grad`),
+  :class:`TruncatedBackprop` (``torch.func`` or ``higher``), split over ``torchrun`` ranks with
+  :func:`comm_from_env`;
 * **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
+  :func:`learned_curves`,
   :func:`step_reduction`, :func:`step_times`;
-* **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that loads a shipped
-  checkpoint by default.
+* **meta-training from Python** -- :func:`meta_train` (progress, atomic checkpoints, resume) and
+  :func:`evaluate` (against lr-tuned Adam), built on :class:`MetaTraining`;
+* **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that reads ``p.grad`` and
+  loads a shipped checkpoint by default; :class:`GradientSetOptimizer` for rules that read the
+  batch's gradient set (its closure returns the batch).
 
 Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 ``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.experiments.lopt`).
@@ -21,20 +27,25 @@ Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
 from ._gmn import GMNState, GradMetaNetLO, WeightSpaceLO
-from ._evaluate import step_reduction, step_times, train_curves, train_curves_loop
-from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP
-from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, load_checkpoint, save_checkpoint
-from ._outer import PES, TruncatedBackprop, es_grad, meta_loss, unroll
-from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, Task,
-                     char_lm, digits_mlp, image_mlp, make_task)
+from ._evaluate import learned_curves, step_reduction, step_times, train_curves
+from ._meta import MetaTraining, evaluate, meta_train
+from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
+from ._rule import LearnedRule
+from ._gs_optim import GradientSetOptimizer
+from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, checkpoint_horizon, load_checkpoint, save_checkpoint
+from ._outer import ES, PES, GradientEstimator, TruncatedBackprop, es_grad, meta_loss, unroll
+from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, SupervisedTask,
+                     Task, char_lm, check_task, digits_mlp, image_mlp, load_task, make_task)
 
 __all__ = [
-    "Task", "ModuleTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
-    "digits_mlp", "image_mlp", "char_lm", "make_task", "TASK_NAMES",
+    "Task", "ModuleTask", "SupervisedTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
+    "digits_mlp", "image_mlp", "char_lm", "make_task", "load_task", "check_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
-    "PerParamMLP", "LOState", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
-    "unroll", "meta_loss", "PES", "es_grad", "TruncatedBackprop",
+    "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
+    "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
-    "LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT",
-    "train_curves", "train_curves_loop", "step_reduction", "step_times",
+    "LearnedOptimizer", "GradientSetOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon",
+    "DEFAULT_CHECKPOINT",
+    "MetaTraining", "meta_train", "evaluate",
+    "train_curves", "learned_curves", "step_reduction", "step_times",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = ["Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS"]
 
-#: The Adam learning-rate sweep of DESIGN §7: {0.0005·j, j = 1..20}.
+#: The Adam learning-rate sweep used to tune Adam in evaluations: {0.0005·j, j = 1..20}.
 ADAM_LRS: tuple[float, ...] = tuple(round(0.0005 * j, 6) for j in range(1, 21))
 #: A learning-rate sweep for SGD with momentum 0.9 (log grid).
 SGDM_LRS: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)

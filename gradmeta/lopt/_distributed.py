@@ -70,12 +70,13 @@ class ProcessGroupComm(Comm):
 
 def comm_from_env() -> Comm:
     """A :class:`ProcessGroupComm` when launched by ``torchrun`` with ``WORLD_SIZE > 1`` (the process
-    group is initialised here if needed: gloo on CPU, NCCL on GPU), else :class:`LocalComm`."""
+    group is initialised here if needed, by :func:`gradmeta._runtime.distributed_context`: gloo on
+    CPU, NCCL on GPU with this rank's ``LOCAL_RANK`` device), else :class:`LocalComm`."""
+    from gradmeta._runtime import distributed_context
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return LocalComm()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return ProcessGroupComm()
+    if not dist.is_initialized() and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _, world = distributed_context()
+    return ProcessGroupComm() if world > 1 else LocalComm()

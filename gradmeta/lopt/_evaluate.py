@@ -2,7 +2,8 @@
 
 * :func:`train_curves` trains one fresh model per (hyperparameter, seed) pair at once (``vmap``)
   and records the test loss every ``eval_every`` steps;
-* :func:`step_reduction` is DESIGN §7's metric: steps tuned Adam needs to reach its best test loss
+* :func:`learned_curves` does the same for a learned rule with fixed meta-parameters;
+* :func:`step_reduction`: steps tuned Adam needs to reach its best test loss
   ÷ steps the optimizer needs to reach that loss (0 when it never does);
 * :func:`step_times` times full training steps (forward, backward, update) of a model with
   :class:`~gradmeta.lopt.LearnedOptimizer` and with ``torch.optim.Adam``, interleaved.
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-__all__ = ["train_curves", "train_curves_loop", "step_reduction", "step_times"]
+__all__ = ["train_curves", "learned_curves", "step_reduction", "step_times"]
 
 
 def train_curves(task, make_opt: Callable, hparams: Tensor, seeds: list[int], steps: int, eval_every: int,
@@ -77,27 +78,30 @@ def _record(steps: int, eval_every: int, test: Callable[[], Tensor], advance: Ca
     return torch.tensor(eval_steps), torch.stack(tests, -1), torch.stack(trains, -1)
 
 
-def train_curves_loop(task, lo, meta: dict[str, Tensor], seeds: list[int], steps: int, eval_every: int,
-                      data_seed: int = 0) -> dict[str, Tensor]:
-    """:func:`train_curves` for one learned optimizer that steps itself (``lo.step``, e.g. one that
-    collects gradient sets with hooks), run seed by seed; same batches and output layout (``H = 1``)."""
+def learned_curves(task, lo, meta: dict[str, Tensor], seeds: list[int], steps: int, eval_every: int,
+                   data_seed: int = 0) -> dict[str, Tensor]:
+    """:func:`train_curves` for a :class:`~gradmeta.lopt.LearnedRule` ``lo`` with fixed ``meta``.
+
+    The runs (one per seed) advance together through the rule's ``map`` (``vmap`` for pure rules,
+    a loop for rules that collect gradient sets); same batches and output layout as
+    :func:`train_curves` with ``H = 1``.
+    """
+    S = len(seeds)
     params = task.init_stacked(seeds)
-    params = [{k: v[i] for k, v in params.items()} for i in range(len(seeds))]
-    states = [lo.init(p) for p in params]
+    state = lo.map(lo.init, (0,))(params)
+    vstep = lo.map(lambda p, s, b: lo.step(task, meta, p, s, b), (0, 0, 0))
+    vtest = lo.map(task.test_loss, (0,))
     gen = torch.Generator().manual_seed(data_seed)
 
     def advance():
-        batch, losses = task.batches(gen, len(seeds)), []
-        for i in range(len(seeds)):
-            params[i], states[i], loss = lo.step(meta, params[i], states[i], tuple(b[i] for b in batch))
-            losses.append(loss)
-        return torch.stack(losses)
+        nonlocal params, state
+        params, state, loss = vstep(params, state, task.batches(gen, S))
+        return loss
 
-    eval_steps, tests, trains = _record(steps, eval_every, lambda: torch.stack([task.test_loss(p) for p in params]),
-                                        advance)
-    skipped = torch.stack([s.base.skipped if hasattr(s, "base") else s.skipped for s in states])
-    return {"eval_steps": eval_steps, "test_loss": tests.unsqueeze(0), "train_loss": trains.unsqueeze(0),
-            "skipped": skipped.unsqueeze(0)}
+    eval_steps, tests, trains = _record(steps, eval_every, lambda: vtest(params), advance)
+    skipped = lo.map(lo.skipped, (0,))(state)
+    return {"eval_steps": eval_steps, "test_loss": tests.view(1, S, -1), "train_loss": trains.view(1, S, -1),
+            "skipped": skipped.view(1, S)}
 
 
 def step_reduction(reference: Tensor, other: Tensor, eval_steps: Tensor) -> Tensor:
@@ -135,11 +139,13 @@ def step_times(model: torch.nn.Module, loss_fn: Callable, batch: tuple[Tensor, T
     for m in (m_lo, m_adam):
         for p in m.parameters():
             p.requires_grad_(True)
-    lo = LearnedOptimizer(m_lo, checkpoint)
+    lo = LearnedOptimizer(m_lo.parameters(), checkpoint=checkpoint)
     adam = torch.optim.Adam(m_adam.parameters(), lr=adam_lr)
 
     def lo_step():
-        lo.step(lambda: loss_fn(m_lo(x), y))
+        lo.zero_grad(set_to_none=True)
+        loss_fn(m_lo(x), y).mean().backward()
+        lo.step()
 
     def adam_step():
         adam.zero_grad(set_to_none=True)

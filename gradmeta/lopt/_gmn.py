@@ -1,4 +1,4 @@
-"""The per-parameter MLP learned optimizer plus a GradMetaNet branch (DESIGN §7).
+"""The per-parameter MLP learned optimizer plus a GradMetaNet branch.
 
 At every inner step the factored gradient set of the batch is collected
 (:func:`gradmeta.collect_gradients`, one forward+backward) and a
@@ -9,23 +9,27 @@ corrected) are concatenated to the per-parameter features of :class:`PerParamMLP
 SGD with momentum, whatever the GradMetaNet outputs. Meta-parameters are the MLP's (``"mlp.*"``)
 and the GradMetaNet's (``"gmn.*"``).
 
-The gradient set is collected with hooks on a real module, so inner runs are stepped one at a
-time (outer trainers loop over particles instead of using ``vmap``) and there is no
-backpropagation through the unroll: use it with :class:`PES` or :func:`es_grad`.
+The gradient set is collected with hooks on a real module (a private copy of the task's model, so
+the task is never modified), so inner runs are stepped one at a time (its :meth:`map` loops over
+particles instead of using ``vmap``) and there is no backpropagation through the unroll: use it
+with :class:`PES` or :class:`ES`.
 
-:class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant of DESIGN §7: the branch is an
+:class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant: the branch is an
 equivariant network on the parameters and the mean gradient only (no gradient set), so its update
 is a pure function that runs under ``vmap`` like :class:`PerParamMLP`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import copy
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 from ._learned import LOState, PerParamMLP
+from ._rule import LearnedRule
 
 __all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO"]
 
@@ -39,7 +43,7 @@ class GMNState(NamedTuple):
     avg: Params
 
 
-class _BranchLO:
+class _BranchLO(LearnedRule):
     """Shared by the learned optimizers made of a :class:`PerParamMLP` (``self.base``, meta-parameters
     ``"mlp.*"``) and an equivariant network (``self.net``, meta-parameters ``"<prefix>.*"``)."""
 
@@ -74,8 +78,6 @@ class GradMetaNetLO(_BranchLO):
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
     """
 
-    needs_gradient_set = True
-
     def __init__(self, task, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
                  avg_decay: float = 0.9, channels: int = 8, **kwargs):
         from gradmeta.nn import GradMetaNet
@@ -87,33 +89,48 @@ class GradMetaNetLO(_BranchLO):
         self.net = GradMetaNet.for_model(task.model, readout="weight", out_dim=gmn_channels, variant=variant,
                                          weight_aware=weight_aware, channels=channels)
         self.lr = self.base.lr
+        self._model = copy.deepcopy(task.model)  # runs the hooks; the task's own model is never written
+        self._loss_fn, self._split = task.loss_fn, task.split
 
     def init(self, params: Params) -> GMNState:
         """Fresh state; readout averages start at zero."""
         return GMNState(self.base.init(params), {k: torch.zeros(*v.shape, self.E) for k, v in params.items()})
 
-    def step(self, meta: Params, params: Params, state: GMNState, batch: tuple[Tensor, ...]):
+    def step(self, task, meta: Params, params: Params, state: GMNState, batch: tuple[Tensor, ...]):
         """Collect the gradient set of ``batch`` at ``params`` and apply one update.
 
-        Returns:
-            ``(new_params, new_state, mean_loss)``.
+        ``task`` must be the task this optimizer was built for (its batches feed the private copy
+        of the task's model). Returns ``(new_params, new_state, mean_loss)``.
         """
         import gradmeta as gm
 
-        model = self.task.model
+        model = self._model
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(params[n])
                 p.requires_grad_(True)
         try:
-            x, y = self.task.split(batch)
-            gs = gm.collect_gradients(model, self.task.loss_fn, x, y)
+            x, y = self._split(batch)
+            gs = gm.collect_gradients(model, self._loss_fn, x, y)
         finally:
             for p in model.parameters():
                 p.requires_grad_(False)
-        grads = gs.mean_grad()
+        new, state = self.update(meta, gs.mean_grad(), state, params, gradient_set=gs)
+        return new, state, gs.losses.mean()
+
+    def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
+               gradient_set=None) -> tuple[Params, GMNState]:
+        """One step from the batch's gradient set (``grads`` is its mean gradient).
+
+        Raises:
+            ValueError: without ``gradient_set`` (this rule reads more than the mean gradient;
+                :meth:`step` collects it).
+        """
+        if gradient_set is None:
+            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (gradmeta.collect_gradients); "
+                             "GradMetaNetLO.step(task, meta, params, state, batch) collects it")
         gmn_meta = self._part(meta, "gmn")
-        args = (gs, params) if self.weight_aware else (gs,)
+        args = (gradient_set, params) if self.weight_aware else (gradient_set,)
         with torch.no_grad():
             out = functional_call(self.net, gmn_meta, args)
         out = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
@@ -123,7 +140,23 @@ class GradMetaNetLO(_BranchLO):
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
         ok = base.skipped == state.base.skipped
         avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
-        return new, GMNState(base, avg), gs.losses.mean()
+        return new, GMNState(base, avg)
+
+    def map(self, fn: Callable, in_dims: tuple) -> Callable:
+        """``fn`` run over the stacked inner runs one at a time (hooks are not vmappable), stacked."""
+        def looped(*args):
+            n = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
+            take = lambda a, d, i: a if d is None else pytree.tree_map(lambda x: x.select(d, i), a)  # noqa: E731
+            outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+            return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+        return looped
+
+    def skipped(self, state: GMNState) -> Tensor:
+        return state.base.skipped.sum()
+
+    def check_differentiable(self, who: str) -> None:
+        raise ValueError(f"{who}: GradMetaNetLO collects gradient sets with hooks and cannot be differentiated "
+                         "through; meta-train it with PES or es_grad / ES")
 
 
 class WeightSpaceLO(_BranchLO):
@@ -167,5 +200,3 @@ class WeightSpaceLO(_BranchLO):
                               ({k: rms(v) for k, v in grads.items()},), {"params": {k: rms(v) for k, v in params.items()}})
         extra = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
         return self.base.update(self._part(meta, "mlp"), grads, state, params, extra)
-
-    bind = PerParamMLP.bind  # same init/update signatures

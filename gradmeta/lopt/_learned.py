@@ -28,9 +28,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._baselines import Optimizer
+from gradmeta.params import ParamLayout
 
-__all__ = ["PerParamMLP", "LOState", "Segments", "DECAYS", "TIMESCALES"]
+from ._rule import LearnedRule
+
+__all__ = ["PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES"]
 
 DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIMESCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
@@ -62,49 +64,19 @@ def _constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor
     return weights, torch.tensor(TIMESCALES, dtype=dtype, device=device)
 
 
-class Segments(NamedTuple):
-    """Where each parameter tensor lies in the flat vector of all parameters (``N`` entries).
+def rms_normalise(x: Tensor, layout: ParamLayout, eps: float = 1e-12, ids: Tensor | None = None) -> Tensor:
+    """``x / RMS`` per row of ``x (F, N)`` and per tensor of ``layout`` (its ``N`` flat entries).
 
-    Attributes:
-        names: parameter names, in flat order.
-        shapes: their shapes.
-        sizes: their numbers of elements.
-        ids: ``(N,)`` index of the tensor each flat entry belongs to.
-        counts: ``(S,)`` ``sizes`` as floats (for per-tensor means).
+    ``ids`` may pass a cached ``layout.segment_ids(x.device)``.
     """
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-    sizes: tuple[int, ...]
-    ids: Tensor
-    counts: Tensor
-
-    @classmethod
-    def of(cls, params: Params) -> "Segments":
-        """The segments of ``params`` (shapes read from the tensors)."""
-        first = next(iter(params.values()))
-        sizes = tuple(v.numel() for v in params.values())
-        counts = torch.tensor(sizes, dtype=first.dtype, device=first.device)
-        ids = torch.repeat_interleave(torch.arange(len(sizes), device=first.device),
-                                      torch.tensor(sizes, device=first.device))
-        return cls(tuple(params), tuple(v.shape for v in params.values()), sizes, ids, counts)
-
-    def flatten(self, tensors: Params, lead: int = 0) -> Tensor:
-        """``(*lead_shape, N)`` from ``{name: (*lead_shape, *shape)}`` (``lead`` leading axes kept)."""
-        return torch.cat([tensors[k].flatten(lead) for k in self.names], -1)
-
-    def unflatten(self, flat: Tensor) -> Params:
-        """Inverse of :meth:`flatten`: views of ``flat`` ``(*lead, N)`` shaped ``(*lead, *shape)``."""
-        lead = flat.shape[:-1]
-        return {k: v.view(*lead, *s) for k, v, s in zip(self.names, flat.split(self.sizes, -1), self.shapes)}
-
-    def rms_normalise(self, x: Tensor, eps: float = 1e-12) -> Tensor:
-        """``x / RMS`` per row of ``x (F, N)`` and per tensor (segment)."""
-        ms = torch.stack([c.sum(-1) for c in x.square().split(self.sizes, -1)], -1) / self.counts
-        return x * torch.rsqrt(ms + eps).index_select(-1, self.ids)
+    numels = layout.numels
+    counts = torch.tensor(numels, dtype=x.dtype, device=x.device)
+    ms = torch.stack([c.sum(-1) for c in x.square().split(numels, -1)], -1) / counts
+    ids = layout.segment_ids(x.device) if ids is None else ids
+    return x * torch.rsqrt(ms + eps).index_select(-1, ids)
 
 
-class PerParamMLP:
+class PerParamMLP(LearnedRule):
     """Per-parameter MLP learned optimizer (see the module docstring for features and update).
 
     Args:
@@ -160,19 +132,19 @@ class PerParamMLP:
         """
         if self.extra_features and extra is None:
             raise ValueError(f"PerParamMLP(extra_features={self.extra_features}).update needs extra features")
-        seg = Segments.of(params)
+        layout = ParamLayout.of(params)
         flat_extra = None
         if self.extra_features:
-            flat_extra = torch.cat([extra[k].reshape(-1, self.extra_features).T for k in seg.names], 1)
+            flat_extra = torch.cat([extra[k].reshape(-1, self.extra_features).T for k in layout.names], 1)
         new, momenta, second, step, skipped = self.flat_update(
-            meta, seg, seg.flatten(params), seg.flatten(grads), seg.flatten(state.momenta, 1),
-            seg.flatten(state.second), state.step, state.skipped, flat_extra)
-        return seg.unflatten(new), LOState(step, seg.unflatten(momenta), seg.unflatten(second), skipped)
+            meta, layout, layout.flatten(params), layout.flatten(grads), layout.flatten(state.momenta, 1),
+            layout.flatten(state.second), state.step, state.skipped, flat_extra)
+        return layout.unflatten(new), LOState(step, layout.unflatten(momenta), layout.unflatten(second), skipped)
 
-    def flat_update(self, meta: Params, seg: Segments, params: Tensor, grads: Tensor, momenta: Tensor,
+    def flat_update(self, meta: Params, layout: ParamLayout, params: Tensor, grads: Tensor, momenta: Tensor,
                     second: Tensor, step: Tensor, skipped: Tensor, extra: Tensor | None = None,
                     keep_if_not_finite: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`update` on all parameters flattened into one vector (``seg`` says where each lies).
+        """:meth:`update` on all parameters flattened into one vector (``layout`` says where each lies).
 
         Args:
             params, grads, second: ``(N,)``; momenta: ``(6, N)``; extra: ``(extra_features, N)``.
@@ -193,7 +165,7 @@ class PerParamMLP:
         rows = [params.unsqueeze(0), grads.unsqueeze(0), m, m * rs]
         if extra is not None:
             rows.append(extra)
-        x = seg.rms_normalise(torch.cat(rows, 0))  # (F, N)
+        x = rms_normalise(torch.cat(rows, 0), layout)  # (F, N)
         # the step-count encoding is the same for every parameter: it enters as a bias
         time = torch.tanh(t / timescales)
         w0 = meta["w0"]
@@ -212,7 +184,3 @@ class PerParamMLP:
         keep = lambda a, b: torch.where(ok, a, b)  # noqa: E731
         return (keep(new, params), keep(m, momenta), keep(v, second), keep(t, step),
                 skipped + (~ok).to(skipped.dtype))
-
-    def bind(self, meta: Params) -> Optimizer:
-        """This optimizer with fixed ``meta`` as an ``init``/``update`` pair like the baselines."""
-        return Optimizer(self.init, lambda grads, state, params: self.update(meta, grads, state, params))

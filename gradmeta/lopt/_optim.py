@@ -1,5 +1,14 @@
 """``LearnedOptimizer``: a trained learned optimizer as a drop-in ``torch.optim.Optimizer``.
 
+Use it where ``torch.optim.Adam`` would go::
+
+    opt = LearnedOptimizer(model.parameters(), lr=1.0)   # the shipped checkpoint
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+
 Checkpoint files (written by :func:`save_checkpoint`, read with ``torch.load(weights_only=True)``)
 hold ``{"format", "kind", "config", "meta"}``: the optimizer class's constructor arguments and its
 meta-parameters. The package ships one, ``checkpoints/lopt_digits.pt``, meta-trained by
@@ -10,17 +19,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ._learned import DECAYS, PerParamMLP, Segments
+from ._fused import fused_update, segment_matrix
+from ._learned import DECAYS, PerParamMLP
 
-__all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "DEFAULT_CHECKPOINT", "CHECKPOINT_FORMAT"]
+__all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon", "DEFAULT_CHECKPOINT",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "gradmeta.lopt/1"
-#: The checkpoint loaded by ``LearnedOptimizer(model)`` (meta-trained on the digits MLP task).
+#: The checkpoint loaded by ``LearnedOptimizer(params)`` (meta-trained on the digits MLP task).
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_digits.pt"
 _KINDS = {"per_param_mlp": PerParamMLP}
 
@@ -33,6 +44,24 @@ def save_checkpoint(path: str | os.PathLike, lo: PerParamMLP, meta: dict[str, Te
     blob = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": lo.config(),
             "meta": {k: v.detach().clone().cpu() for k, v in meta.items()}, "info": dict(info)}
     return atomic_write(path, lambda f: torch.save(blob, f))
+
+
+def checkpoint_horizon(path: str | os.PathLike | None = None) -> int | None:
+    """The inner horizon a checkpoint was meta-trained on: its ``info["horizon"]``, else
+    ``outer.horizon`` of the spec lying next to it (``<name>.toml``), else ``None``."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    info = torch.load(path, map_location="cpu", weights_only=True).get("info", {})
+    if "horizon" in info:
+        return int(info["horizon"])
+    spec = path.with_suffix(".toml")
+    if spec.is_file():
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        horizon = tomllib.loads(spec.read_text()).get("outer", {}).get("horizon")
+        return int(horizon) if horizon is not None else None
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[PerParamMLP, dict[str, Tensor]]:
@@ -52,106 +81,194 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[PerParamMLP,
     return lo, dict(blob["meta"])
 
 
-class LearnedOptimizer(torch.optim.Optimizer):
-    """A meta-trained optimizer for the parameters of ``model``.
+class _Bucket:
+    """Parameters of one (param group, device, dtype, step count) stepped by one fused pass.
 
-    ``step(closure)`` calls ``closure()``, which must run the forward pass and return the
-    per-example losses ``(B,)``; the optimizer backpropagates their mean (previous ``.grad`` are
-    discarded), applies one learned update to every parameter with a gradient, and returns the
-    mean loss (a detached ``()`` tensor). A step whose update is not finite is skipped and counted
-    in :attr:`skipped_steps`.
-
-    Args:
-        model: the module to optimise; state is keyed by its ``named_parameters()`` names.
-        checkpoint: a file from :func:`save_checkpoint`; ``None`` loads the shipped
-            :data:`DEFAULT_CHECKPOINT` (meta-trained on a digits MLP).
+    Holds the flat state: ``momenta (6, N)`` and ``second (N,)`` in the compute dtype (float32 for
+    16-bit parameters); every parameter's ``optimizer.state[p]`` holds views into them and shares
+    the bucket's ``step`` / ``skipped`` counters.
     """
 
-    def __init__(self, model: nn.Module, checkpoint: str | os.PathLike | None = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"LearnedOptimizer expects an nn.Module, got {type(model).__name__}")
+    def __init__(self, params: list[Tensor], states: list[dict], cdtype: torch.dtype):
+        self.params = params
+        dev = params[0].device
+        self.numels = [p.numel() for p in params]
+        self.shapes = [p.shape for p in params]
+        self.ids = torch.repeat_interleave(torch.arange(len(params), device=dev),
+                                           torch.tensor(self.numels, device=dev))
+        self.segments = segment_matrix(self.numels, cdtype, dev, mean=True)
+        first = next((s for s in states if s), None)
+        zero = torch.zeros((), dtype=torch.float64)
+        self.step = first["step"].clone() if first else zero.clone()
+        self.skipped = first["skipped"].clone() if first else zero.clone()
+        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(len(DECAYS), -1) if s else
+                                  torch.zeros(len(DECAYS), n, dtype=cdtype, device=dev)
+                                  for s, n in zip(states, self.numels)], 1)
+        self.second = torch.cat([s["second"].to(dev, cdtype).reshape(-1) if s else
+                                 torch.zeros(n, dtype=cdtype, device=dev) for s, n in zip(states, self.numels)])
+        m_views = self.momenta.split(self.numels, 1)
+        v_views = self.second.split(self.numels)
+        for s, p, m, v in zip(states, params, m_views, v_views):
+            s.clear()
+            s.update(step=self.step, skipped=self.skipped, momenta=m.view(len(DECAYS), *p.shape),
+                     second=v.view(p.shape))
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A meta-trained per-parameter learned optimizer, used like any ``torch.optim`` optimizer.
+
+    ``step()`` reads ``p.grad`` (the gradient of the *mean* loss, after your own
+    ``loss.backward()``: gradient clipping, accumulation and ``GradScaler`` work as with Adam) and
+    applies one learned update to every parameter that has a dense gradient; parameters without a
+    gradient (or with a sparse one) are skipped and keep their state. Per parameter group,
+
+        ``θ ← θ·(1 − lr·weight_decay) − lr · clip(α(e^{0.1 s}·m_sgd + λ d), ±max_update)``
+
+    with ``α, λ`` and the MLP outputs ``d, s`` of the checkpoint's :class:`PerParamMLP`; ``lr``
+    multiplies the learned step (``lr = 1``: the update the optimizer was meta-trained with; any
+    ``torch.optim.lr_scheduler`` may change it, ``OneCycleLR`` with ``cycle_momentum=False`` as the
+    rule has no momentum hyperparameter to cycle; ``lr = 0``: no movement). Parameters are stepped in
+    buckets of one parameter group, device and dtype, each by one fused pass over all of its
+    entries. State (six momenta and a second moment per entry, 7× the parameters) is kept in
+    float32 for 16-bit parameters and in the parameter dtype otherwise. A step whose update is
+    not finite anywhere is skipped (parameters and state unchanged) and counted in
+    :attr:`skipped_steps`.
+
+    Args:
+        params: an iterable of parameters or of param-group dicts (as every ``torch.optim`` optimizer).
+        lr: multiplier on the learned step (default 1).
+        weight_decay: decoupled weight decay coefficient (default 0).
+        checkpoint: a file from :func:`save_checkpoint`; ``None`` loads the shipped
+            :data:`DEFAULT_CHECKPOINT` (meta-trained on a digits MLP).
+        total_steps: the length of your run; the step count the learned rule sees is then rescaled
+            to ``t · H / total_steps`` (``H``, the horizon it was meta-trained on), so its learned
+            schedule spans your run. ``None``: the raw step count.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1.0, weight_decay: float = 0.0,
+                 checkpoint: str | os.PathLike | None = None, total_steps: int | None = None):
+        if isinstance(params, nn.Module):
+            raise TypeError("LearnedOptimizer takes parameters like every torch.optim optimizer: "
+                            "LearnedOptimizer(model.parameters()), then loss.backward(); opt.step() "
+                            "(it no longer takes the module itself)")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise TypeError(f"LearnedOptimizer: {name} must be a number >= 0, got {value!r}"
+                                + (" (pass the checkpoint by keyword: checkpoint=...)" if name == "lr" else ""))
         self.lo, meta = load_checkpoint(checkpoint)
-        self.meta = {k: v.to(next(model.parameters()).device) for k, v in meta.items()}
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._names = {p: n for n, p in named}
-        self._seg, self._seg_key = None, None
-        super().__init__([p for _, p in named], {})
+        self._meta_cpu = meta
+        self._meta: dict = {}
+        self._time_scale = 1.0
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(f"LearnedOptimizer: total_steps must be a positive integer, got {total_steps!r}")
+            horizon = checkpoint_horizon(checkpoint)
+            if horizon is None:
+                raise ValueError(f"LearnedOptimizer: total_steps needs the meta-training horizon of {checkpoint}, "
+                                 "which records none (no info['horizon'] and no spec next to it)")
+            self._time_scale = horizon / total_steps
+        self._buckets: dict = {}
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     @property
     def skipped_steps(self) -> int:
         """Number of skipped steps (non-finite updates) so far."""
         return max((int(s["skipped"]) for s in self.state.values() if "skipped" in s), default=0)
 
-    def _segments(self, params: list[nn.Parameter]) -> Segments:
-        key = tuple((self._names[p], p.shape) for p in params)
-        if self._seg_key != key:
-            self._seg = Segments.of({self._names[p]: p.detach() for p in params})
-            self._seg_key = key
-        return self._seg
+    def _meta_for(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        key = (device, dtype)
+        if key not in self._meta:
+            self._meta[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._meta_cpu.items()}
+        return self._meta[key]
 
-    def _init_state(self, params: list[nn.Parameter]) -> None:
-        empty = [p for p in params if not self.state[p]]
-        if not empty:
-            return
-        fresh = self.lo.init({self._names[p]: p.detach() for p in empty})
-        counters = next((self.state[p] for p in params if self.state[p]), None)
-        for p in empty:
-            n = self._names[p]
-            step = fresh.step if counters is None else counters["step"]
-            skipped = fresh.skipped if counters is None else counters["skipped"]
-            self.state[p].update(step=step.clone(), skipped=skipped.clone(), momenta=fresh.momenta[n],
-                                 second=fresh.second[n])
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._buckets = {}
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One learned update; ``closure() -> (B,)`` per-example losses; returns their mean."""
-        if closure is None:
-            raise ValueError("LearnedOptimizer.step needs a closure returning per-example losses (B,)")
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        with torch.enable_grad():
-            losses = closure()
-            if not isinstance(losses, Tensor) or losses.dim() != 1:
-                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                raise ValueError(f"LearnedOptimizer.step: the closure must return per-example losses of shape "
-                                 f"(B,), got {shape}")
-            loss = losses.mean()
-            loss.backward()
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return loss.detach()
-        with torch.no_grad():
-            # all parameters as one flat vector: a few large ops instead of many per tensor
-            self._init_state(params)
-            seg, states = self._segments(params), [self.state[p] for p in params]
-            new, momenta, second, step, skipped = self.lo.flat_update(
-                self.meta, seg, torch.cat([p.reshape(-1) for p in params]),
-                torch.cat([p.grad.reshape(-1) for p in params]),
-                torch.cat([s["momenta"].reshape(len(DECAYS), -1) for s in states], 1),
-                torch.cat([s["second"].reshape(-1) for s in states]), states[0]["step"], states[0]["skipped"],
-                keep_if_not_finite=False)
-            if skipped > states[0]["skipped"]:  # not finite: parameters and state stay as they were
-                for s in states:
-                    s["skipped"] = skipped
-                return loss.detach()
-            torch._foreach_copy_(params, list(seg.unflatten(new).values()))
-            for s, m, v in zip(states, seg.unflatten(momenta).values(), seg.unflatten(second).values()):
-                s.update(step=step, skipped=skipped, momenta=m, second=v)
-        return loss.detach()
+    def _plan(self) -> list[tuple[dict, _Bucket]]:
+        """The buckets of this step; regrouped only when the set of parameters with gradients changes."""
+        with_grad = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                     if p.grad is not None and not p.grad.is_sparse]
+        signature = tuple((gi, id(p)) for gi, p in with_grad)
+        cached = self._buckets.get("plan")
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            keyed: dict = {}
+            for g, p in with_grad:
+                if g != gi:
+                    continue
+                if not p.dtype.is_floating_point:
+                    raise TypeError(f"LearnedOptimizer: a parameter of dtype {p.dtype} cannot be optimised")
+                cdtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+                step = float(self.state[p]["step"]) if self.state[p] else 0.0
+                keyed.setdefault((p.device, p.dtype, cdtype, step), []).append(p)
+            for (_, _, cdtype, _), params in keyed.items():
+                plan.append((group, _Bucket(params, [self.state[p] for p in params], cdtype)))
+        self._buckets = {"plan": (signature, plan)}
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One learned update from the gradients in ``p.grad``.
+
+        ``closure`` (optional, as in every ``torch.optim`` optimizer) re-evaluates the model: it
+        should zero the gradients, compute the loss, call ``backward()`` and return the loss; it
+        runs with gradients enabled before the update. Returns what the closure returned (``None``
+        without a closure).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        if not plan:
+            return loss
+        lo, results = self.lo, []
+        for group, b in plan:
+            cdtype = b.momenta.dtype
+            params = torch.cat([p.reshape(-1) for p in b.params]).to(cdtype)
+            grads = torch.cat([p.grad.reshape(-1) for p in b.params]).to(cdtype)
+            t = float(b.step) + 1
+            results.append(fused_update(self._meta_for(params.device, cdtype), params, grads, b.momenta, b.second,
+                                        t, t * self._time_scale, b.ids, b.segments, step_mult=lo.step_mult,
+                                        max_update=lo.max_update, lr=float(group["lr"]),
+                                        weight_decay=float(group["weight_decay"])))
+        if not all(bool(ok) for *_, ok in results):  # not finite: parameters and state stay as they were
+            for b in {id(b): b for _, b in plan}.values():
+                b.skipped += 1
+            return loss
+        for (_, b), (new, m, v, _) in zip(plan, results):
+            torch._foreach_copy_(b.params, [x.view(s) for x, s in zip(new.split(b.numels), b.shapes)])
+            b.momenta.copy_(m)
+            b.second.copy_(v)
+            b.step += 1
+        return loss
 
     def state_dict(self) -> dict:
         """``torch.optim`` state dict plus the learned optimizer (``"lopt": {"kind", "config", "meta"}``)."""
         sd = super().state_dict()
+        sd["state"] = {k: {n: t.clone() for n, t in s.items()} for k, s in sd["state"].items()}
         sd["lopt"] = {"kind": "per_param_mlp", "config": self.lo.config(),
-                      "meta": {k: v.detach().clone() for k, v in self.meta.items()}}
+                      "meta": {k: v.detach().clone() for k, v in self._meta_cpu.items()}}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the per-parameter state and the learned optimizer's meta-parameters."""
+        """Restore parameter groups, per-parameter state (dtypes kept: float32 state of 16-bit
+        parameters stays float32) and the learned optimizer's meta-parameters."""
         state_dict = dict(state_dict)
         lopt = state_dict.pop("lopt", None)
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved_state:
+                # counters stay on the CPU (read by Python each step), moments go to the parameter's device
+                self.state[p] = {k: v.to("cpu" if v.dim() == 0 else p.device).clone() for k, v in saved_state[i].items()}
         if lopt is not None:
             self.lo = _KINDS[lopt["kind"]](**lopt["config"])
-            device = next(iter(self.meta.values())).device
-            self.meta = {k: v.to(device) for k, v in lopt["meta"].items()}
-        super().load_state_dict(state_dict)
+            self._meta_cpu = {k: v.detach().cpu().clone() for k, v in lopt["meta"].items()}
+            self._meta = {}
+        self._buckets = {}

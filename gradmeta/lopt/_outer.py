@@ -1,19 +1,24 @@
 """Outer trainers: estimate the meta-gradient of a learned optimizer from inner runs.
 
-An outer trainer works with any task (:mod:`gradmeta.lopt._tasks`) and any learned optimizer with
-``init(params)`` and ``update(meta, grads, state, params)``. It keeps ``particles`` inner runs
-(stacked along axis 0, advanced together with ``torch.func.vmap`` over functional parameters),
-unrolls them ``truncation`` inner steps per call and resets them after ``horizon`` steps.
+Every outer trainer is a :class:`GradientEstimator`: it works with any task
+(:mod:`gradmeta.lopt._tasks`) and any :class:`~gradmeta.lopt.LearnedRule`, keeps ``particles``
+inner runs (stacked along axis 0, advanced together by the rule's ``map``: ``torch.func.vmap``
+over functional parameters for pure rules), unrolls them ``truncation`` inner steps per
+:meth:`~GradientEstimator.grad` call and resets them after ``horizon`` steps. ``init(meta,
+generator)`` gives the particle state, ``grad(meta, state, generator) -> (meta_grad, state, info)``
+one estimate, ``to_leaves`` / ``from_leaves`` a checkpointable form of the state.
 
 The meta-loss of one truncation is the mean inner *training* loss over its steps (the loss of each
-step's batch before that step's update), or the mean of its logarithm with ``log_loss=True``.
+step's batch before that step's update), or with ``objective="valid"`` the validation loss after
+each step (``task.valid_loss``); the mean of its logarithm with ``log_loss=True``.
 
 * :class:`PES` -- Persistent Evolution Strategies (Vicol et al. 2021), antithetic: particles come
   in pairs ``θ ± ε`` sharing initialisation and data; each particle accumulates its perturbations
   ``ξ`` since its last reset and the estimate is ``Σ_i ξ_i L_i / (P σ²)`` (computed per pair as
   ``ξ₊ (L₊ − L₋)``), unbiased for the
   gradient of the Gaussian-smoothed loss over the whole horizon.
-* :func:`es_grad` -- full-unroll antithetic ES: PES with ``truncation = horizon`` from fresh runs.
+* :class:`ES` -- full-unroll antithetic ES: PES with ``truncation = horizon`` (every estimate
+  unrolls fresh runs over the whole horizon); :func:`es_grad` is one such estimate.
 * :class:`TruncatedBackprop` -- the exact gradient of each truncation's loss through its unroll,
   with ``torch.func`` (vectorised over particles) or ``higher`` (one particle at a time).
 """
@@ -24,9 +29,11 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
+from gradmeta.params import ParamLayout
+
 from ._distributed import Comm, LocalComm
 
-__all__ = ["unroll", "PES", "TruncatedBackprop", "es_grad", "meta_loss"]
+__all__ = ["unroll", "GradientEstimator", "PES", "ES", "TruncatedBackprop", "es_grad", "meta_loss"]
 
 Params = dict[str, Tensor]
 
@@ -37,7 +44,7 @@ def meta_loss(losses: Tensor, log_loss: bool = False) -> Tensor:
 
 
 def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor, ...], objective: str = "train"):
-    """Run ``K`` inner steps; ``batches`` hold one batch per step (leading axis ``K``).
+    """Run ``K`` inner steps of the learned rule ``lo``; ``batches`` hold one batch per step (leading axis ``K``).
 
     Returns:
         ``(params, state, losses)`` with ``losses (K,)`` the mean batch loss before each update
@@ -45,36 +52,16 @@ def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor,
     """
     losses = []
     for t in range(batches[0].shape[0]):
-        batch = tuple(b[t] for b in batches)
-        if getattr(lo, "needs_gradient_set", False):  # collects the gradient set itself
-            params, state, loss = lo.step(meta, params, state, batch)
-        else:
-            grads, loss = grad_and_value(lambda p: task.loss(p, batch).mean())(params)
-            params, state = lo.update(meta, grads, state, params)
+        params, state, loss = lo.step(task, meta, params, state, tuple(b[t] for b in batches))
         losses.append(task.valid_loss(params) if objective == "valid" else loss)
     return params, state, torch.stack(losses)
 
 
-def _skipped(state) -> Tensor:
-    """Total skipped steps in a (stacked) optimizer state, 0 for optimizers that do not count."""
-    while state is not None and not hasattr(state, "skipped"):
-        state = getattr(state, "base", None)
-    return state.skipped.sum() if state is not None else torch.zeros(())
+class GradientEstimator:
+    """Base of the outer trainers: particle bookkeeping (state = plain dict of tensor trees).
 
-
-def _map_particles(lo, fn, in_dims, *args):
-    """``vmap(fn, in_dims)(*args)``, or a loop over the particle axis for optimizers that collect
-    gradient sets with hooks (not vmappable); the results are stacked either way."""
-    if not getattr(lo, "needs_gradient_set", False):
-        return vmap(fn, in_dims=in_dims)(*args)
-    n = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
-    take = lambda a, d, i: a if d is None else pytree.tree_map(lambda x: x.select(d, i), a)  # noqa: E731
-    outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
-    return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-
-
-class _Particles:
-    """Particle bookkeeping shared by the outer trainers (state = plain dict of tensor trees)."""
+    Subclasses implement :meth:`grad`. Arguments as :class:`PES`.
+    """
 
     antithetic = False
 
@@ -92,6 +79,11 @@ class _Particles:
         self.log_loss, self.comm = log_loss, comm or LocalComm()
         self.groups = particles // 2 if self.antithetic else particles  # runs sharing init and data
         self.rep = 2 if self.antithetic else 1
+
+    def grad(self, meta: Params, state: dict, generator: torch.Generator) -> tuple[Params, dict, dict]:
+        """One meta-gradient estimate: ``(meta_grad like meta, new_state, info)``; ``info`` has
+        ``"meta_loss"`` (mean over particles) and ``"skipped"`` (skipped inner steps, all particles)."""
+        raise NotImplementedError
 
     def _fresh(self, generator: torch.Generator) -> dict:
         seeds = torch.randint(2**31 - 1, (self.groups,), generator=generator).tolist()
@@ -136,17 +128,24 @@ class _Particles:
                 new["accum"] = pytree.tree_map(torch.zeros_like, new["accum"])
         return new
 
+    def _unroll_local(self, meta_local, state: dict, batches, sl: slice, meta_dim):
+        """The rank's particles ``sl`` unrolled over ``batches``: ``(params, opt_state, losses (P_local, K))``."""
+        loc = lambda tree: pytree.tree_map(lambda x: x[sl], tree)  # noqa: E731
+        fn = lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b, self.objective)  # noqa: E731
+        return self.lo.map(fn, (meta_dim, 0, 0, 1))(meta_local, loc(state["params"]), loc(state["opt_state"]),
+                                                    tuple(b[:, sl] for b in batches))
+
     def _local(self) -> slice:
         g = self.comm.share(self.groups)
         return slice(g.start * self.rep, g.stop * self.rep)
 
 
-class PES(_Particles):
+class PES(GradientEstimator):
     """Antithetic Persistent Evolution Strategies over ``particles`` vectorised inner runs.
 
     Args:
         task: inner task.
-        lo: learned optimizer (``init``, ``update(meta, grads, state, params)``).
+        lo: a :class:`~gradmeta.lopt.LearnedRule`.
         particles: number of inner runs (even: ``particles / 2`` antithetic pairs).
         truncation: inner steps per meta-gradient estimate.
         horizon: inner steps after which all runs restart from fresh initialisations.
@@ -181,42 +180,47 @@ class PES(_Particles):
         batches = self._batches(generator)
         sl = self._local()
         theta = {k: meta[k].detach() + eps[k][sl] for k in meta}
-        loc = lambda tree: pytree.tree_map(lambda x: x[sl], tree)  # noqa: E731
-        params, opt_state, losses = _map_particles(
-            self.lo, lambda m, p, s, b: unroll(self.task, self.lo, m, p, s, b, self.objective), (0, 0, 0, 1),
-            theta, loc(state["params"]), loc(state["opt_state"]), tuple(b[:, sl] for b in batches))
+        params, opt_state, losses = self._unroll_local(theta, state, batches, sl, 0)
         L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
         accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
         # Σ_i ξ_i L_i over a pair is ξ₊(L₊ − L₋) (ξ₋ = −ξ₊ exactly); differencing first avoids
         # cancellation. Per-pair terms are gathered and summed in pair order, so the estimate is
         # bitwise the same for any number of ranks (an all-reduce would agree only up to rounding).
         dL = L[0::2] - L[1::2]
-        contrib = torch.cat([(accum[k][0::2] * dL.view(-1, *[1] * meta[k].dim())).reshape(len(dL), -1) for k in meta], 1)
+        layout = ParamLayout.of(meta)
+        contrib = layout.flatten({k: accum[k][0::2] * dL.view(-1, *[1] * meta[k].dim()) for k in meta}, lead=1)
         if self.comm.world_size > 1:
             contrib = self.comm.all_gather_cat(contrib)
-        totals = self.comm.all_reduce_sum(torch.stack([L.sum(), _skipped(opt_state).to(L.dtype)]))
-        flat = contrib.sum(0) / (P * self.sigma ** 2)
-        g, off = {}, 0
-        for k, v in meta.items():
-            g[k] = flat[off:off + v.numel()].view_as(v)
-            off += v.numel()
+        totals = self.comm.all_reduce_sum(torch.stack([L.sum(), self.lo.skipped(opt_state).to(L.dtype)]))
+        g = layout.unflatten(contrib.sum(0) / (P * self.sigma ** 2))
         new = self._advance(state, {"params": params, "opt_state": opt_state, "accum": accum}, generator)
         return g, new, {"meta_loss": float(totals[0]) / P, "skipped": int(totals[1])}
 
 
-def es_grad(task, lo, meta: Params, generator: torch.Generator, *, particles: int = 8, horizon: int = 50,
-            sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None) -> tuple[Params, dict]:
-    """Full-unroll antithetic ES: ``Σ_pairs ε (L(θ+ε) − L(θ−ε)) / (2 N σ²)`` from fresh inner runs.
+class ES(PES):
+    """Full-unroll antithetic ES: every :meth:`grad` runs fresh particles over the whole ``horizon``
+    and returns ``Σ_pairs ε (L(θ+ε) − L(θ−ε)) / (2 N σ²)`` (:class:`PES` with ``truncation = horizon``).
 
-    Returns ``(meta_grad, info)`` as :meth:`PES.grad` does.
+    Arguments as :class:`PES` without ``truncation``.
     """
-    pes = PES(task, lo, particles=particles, truncation=horizon, horizon=horizon, sigma=sigma,
-              log_loss=log_loss, comm=comm)
-    g, _, info = pes.grad(meta, pes.init(meta, generator), generator)
+
+    def __init__(self, task, lo, *, particles: int = 8, horizon: int = 50, sigma: float = 0.01,
+                 log_loss: bool = False, comm: Comm | None = None, objective: str = "train"):
+        super().__init__(task, lo, particles=particles, truncation=horizon, horizon=horizon, sigma=sigma,
+                         log_loss=log_loss, comm=comm, objective=objective)
+
+
+def es_grad(task, lo, meta: Params, generator: torch.Generator, *, particles: int = 8, horizon: int = 50,
+            sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None,
+            objective: str = "train") -> tuple[Params, dict]:
+    """One :class:`ES` estimate from fresh inner runs drawn from ``generator``: ``(meta_grad, info)``."""
+    es = ES(task, lo, particles=particles, horizon=horizon, sigma=sigma, log_loss=log_loss, comm=comm,
+            objective=objective)
+    g, _, info = es.grad(meta, es.init(meta, generator), generator)
     return g, info
 
 
-class TruncatedBackprop(_Particles):
+class TruncatedBackprop(GradientEstimator):
     """Truncated backpropagation through the unroll, averaged over particles.
 
     Args:
@@ -227,16 +231,14 @@ class TruncatedBackprop(_Particles):
     """
 
     def __init__(self, task, lo, *, particles: int = 8, truncation: int = 20, horizon: int = 2000,
-                 log_loss: bool = False, backend: str = "func", comm: Comm | None = None):
+                 log_loss: bool = False, backend: str = "func", comm: Comm | None = None, objective: str = "train"):
         if backend not in ("func", "higher"):
             raise ValueError(f"TruncatedBackprop: backend must be 'func' or 'higher', got {backend!r}")
-        if getattr(lo, "needs_gradient_set", False):
-            raise ValueError(f"TruncatedBackprop: {type(lo).__name__} collects gradient sets with hooks and cannot "
-                             "be differentiated through; meta-train it with PES or es_grad")
+        lo.check_differentiable("TruncatedBackprop")
         if backend == "higher" and not hasattr(task, "model"):
             raise ValueError(f"TruncatedBackprop(backend='higher') needs a module-backed task; {task.name} has no model")
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
-                         log_loss=log_loss, comm=comm)
+                         log_loss=log_loss, comm=comm, objective=objective)
         self.backend = backend
 
     def _loss_func(self, meta, params, state, batches):
@@ -257,7 +259,7 @@ class TruncatedBackprop(_Particles):
                 loss = task.loss_fn(fmodel(x, params=[p[n] for n in names]), y).mean()
                 grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True)
                 p, state = self.lo.update(m, dict(zip(names, grads)), state, p)
-                losses.append(loss)
+                losses.append(task.valid_loss(p) if self.objective == "valid" else loss)
             L = meta_loss(torch.stack(losses), self.log_loss)
             g = dict(zip(m, torch.autograd.grad(L, list(m.values()))))
         detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
@@ -278,12 +280,10 @@ class TruncatedBackprop(_Particles):
                                       tuple(x[:, i] for x in b)) for i in range(b[0].shape[1])]
             stack = lambda j: pytree.tree_map(lambda *xs: torch.stack(xs), *[o[j] for o in outs])  # noqa: E731
             g, L, params, opt_state = stack(0), stack(1), stack(2), stack(3)
-        flat = torch.cat([g[k].sum(0).flatten() for k in meta] + [L.sum().view(1)])
+        layout = ParamLayout.of(meta)
+        flat = torch.cat([layout.flatten({k: g[k].sum(0) for k in meta}), L.sum().view(1)])
         totals = self.comm.all_reduce_sum(flat.detach())
-        out, off = {}, 0
-        for k, v in meta.items():
-            out[k] = totals[off:off + v.numel()].view_as(v) / self.P
-            off += v.numel()
+        out = layout.unflatten(totals[:-1] / self.P)
         detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
         new = self._advance(state, {"params": detach(params), "opt_state": detach(opt_state)}, generator)
-        return out, new, {"meta_loss": float(totals[-1]) / self.P, "skipped": int(_skipped(opt_state))}
+        return out, new, {"meta_loss": float(totals[-1]) / self.P, "skipped": int(self.lo.skipped(opt_state))}

@@ -18,11 +18,8 @@ Conv1d/2d/3d (groups=1)    ``lora_B`` (out×r)          ``lora_A.flatten(1)ᵀ``
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -30,18 +27,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["LoraFactors", "Adapter", "load_adapter", "list_adapters", "natural_key",
-           "AdapterFormatError", "CONFIG_FILE", "WEIGHT_FILES", "DIFFUSERS_COMPONENTS"]
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-#: Sub-folder names that diffusers pipelines use for per-component adapters; combined into one adapter.
-DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
-
-_PREFIX = "base_model.model."
-# lora_A / lora_B (optionally with an adapter name, as in older files) and embedding factors.
-_KEY = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight|lora_embedding_(?P<eab>[AB])(?:\.[^.]+)?)$")
-
+__all__ = ["LoraFactors", "Adapter", "natural_key", "AdapterFormatError"]
 
 class AdapterFormatError(ValueError):
     """An adapter folder or file cannot be read or is not a LoRA adapter; the message names the file."""
@@ -185,168 +171,3 @@ class Adapter(Mapping):
     def pad_rank(self, r: int) -> "Adapter":
         """Zero-pad every module to rank ``r`` (same deltas)."""
         return self.map(lambda _, f: f.pad_rank(r))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path}: cannot read adapter config: {e}") from e
-
-
-def _read_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
-    for name in WEIGHT_FILES:
-        file = folder / name
-        if file.exists():
-            break
-    else:
-        raise AdapterFormatError(f"{folder}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(file)
-        else:  # a pickled state dict: tensors only, never arbitrary objects
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and pickle raise many types; say which file
-        raise AdapterFormatError(f"{file}: cannot read adapter weights ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise AdapterFormatError(f"{file}: not a state dict of tensors")
-    return state, file
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(r"(.*\\.)?(p)$", module)``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _is_conv1d_gpt2(base_model, module: str) -> bool | None:
-    if base_model is None:
-        return None
-    try:
-        layer = base_model.get_submodule(module)
-    except AttributeError:
-        raise AdapterFormatError(f"base_model has no module {module!r} that the adapter adapts") from None
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
-
-
-def _load_folder(folder: Path, base_model=None) -> Adapter:
-    config = _read_json(folder / CONFIG_FILE)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
-    state, file = _read_weights(folder)
-    pairs: dict[str, dict[str, Tensor]] = {}
-    other: dict[str, Tensor] = {}
-    for key, value in state.items():
-        short = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        m = _KEY.match(short)
-        if m is None:
-            other[short] = value
-            continue
-        kind = "embedding" if m["eab"] else "matrix"
-        pairs.setdefault(m["mod"], {})[(m["ab"] or m["eab"])] = value
-        pairs[m["mod"]]["_kind"] = kind  # type: ignore[assignment]
-    if not pairs:
-        raise AdapterFormatError(f"{file}: no LoRA factors (keys like '...lora_A.weight'); found {len(state)} other keys")
-    alpha, r_default = config.get("lora_alpha", 8), config.get("r", 8)
-    factors = {}
-    for mod, p in pairs.items():
-        if "A" not in p or "B" not in p:
-            raise AdapterFormatError(f"{file}: module {mod!r} has lora_{'A' if 'A' in p else 'B'} but no "
-                                     f"lora_{'B' if 'A' in p else 'A'}")
-        A, B = p["A"], p["B"]
-        r = A.shape[0]
-        if B.shape[1] != r:
-            raise AdapterFormatError(f"{file}: module {mod!r}: lora_A {tuple(A.shape)} and lora_B "
-                                     f"{tuple(B.shape)} disagree on the rank")
-        a = _pattern_value(config.get("alpha_pattern"), mod, alpha)
-        scale = a / math.sqrt(r) if config.get("use_rslora", False) else a / r
-        if p["_kind"] == "embedding":  # PEFT: (B A)ᵀ, shape (num_embeddings, dim)
-            factors[mod] = LoraFactors(A.T, B, scale, (A.shape[1], B.shape[0]), "embedding")
-        elif A.dim() > 2:  # conv: A (r, in, *k), B (out, r, 1..)
-            shape = (B.shape[0], *A.shape[1:])
-            factors[mod] = LoraFactors(B.flatten(1), A.flatten(1).T, scale, shape, "conv")
-        else:
-            fifo = _is_conv1d_gpt2(base_model, mod)
-            fifo = bool(config.get("fan_in_fan_out", False)) if fifo is None else fifo
-            if fifo:
-                factors[mod] = LoraFactors(A.T, B, scale, (A.shape[1], B.shape[0]), "linear", True)
-            else:
-                factors[mod] = LoraFactors(B, A.T, scale, (B.shape[0], A.shape[1]), "linear")
-    if other:
-        kinds = sorted({_other_kind(k) for k in other})
-        warnings.warn(f"{file}: {len(other)} keys are not LoRA factors ({', '.join(kinds)}); they are kept in "
-                      f"Adapter.other and ignored by delta() and the models", stacklevel=3)
-    return Adapter(factors, config, folder, other)
-
-
-def _other_kind(key: str) -> str:
-    if "lora_magnitude_vector" in key:
-        return "DoRA magnitudes"
-    if ".lora_B." in key and key.endswith("bias"):
-        return "LoRA biases"
-    return "other weights (e.g. modules_to_save)"
-
-
-def list_adapters(path: str | os.PathLike) -> list[str]:
-    """Names of the adapters in a PEFT folder: ``"default"`` (the folder itself) and named sub-folders."""
-    path = Path(path)
-    names = ["default"] if (path / CONFIG_FILE).exists() else []
-    subs = sorted((d.name for d in path.iterdir() if d.is_dir() and (d / CONFIG_FILE).exists()), key=natural_key) \
-        if path.is_dir() else []
-    return names + [s for s in subs if s not in DIFFUSERS_COMPONENTS or names]
-
-
-def load_adapter(path: str | os.PathLike, adapter_name: str | None = None, *, base_model=None,
-                 dtype: torch.dtype | None = None) -> Adapter:
-    """Read a PEFT LoRA adapter folder.
-
-    ``path`` is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
-    ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). A named (non-default)
-    adapter saved by PEFT lives in the sub-folder ``<adapter_name>/``. A diffusers-style folder
-    without its own config but with ``unet/``, ``text_encoder/``, ... sub-folders is read as one
-    adapter whose module names are prefixed ``"unet."``, ``"text_encoder."``.
-
-    Args:
-        path: the adapter folder.
-        adapter_name: which named adapter to read; ``None`` reads the folder's own adapter (or its
-            only named adapter).
-        base_model: optional base model; when given, ``fan_in_fan_out`` is decided per module
-            (``Conv1D`` modules only) instead of from the config's global flag, and every adapted
-            module must exist in it.
-        dtype: cast ``U`` and ``V`` to this dtype.
-
-    Returns:
-        an :class:`Adapter`; keys that are not LoRA factors are in ``Adapter.other`` (with a warning).
-
-    Raises:
-        AdapterFormatError: a missing, unreadable or corrupt file (named in the message), an
-            unpaired ``lora_A`` / ``lora_B``, or an ambiguous folder.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFormatError(f"{path}: not an adapter folder (does not exist or is not a directory)")
-    if adapter_name not in (None, "default"):
-        sub = path / adapter_name
-        if not (sub / CONFIG_FILE).exists():
-            raise AdapterFormatError(f"{path}: no adapter named {adapter_name!r}; found {list_adapters(path)}")
-        ad = _load_folder(sub, base_model)
-    elif (path / CONFIG_FILE).exists():
-        ad = _load_folder(path, base_model)
-    else:
-        subs = [d for d in sorted(path.iterdir()) if d.is_dir() and (d / CONFIG_FILE).exists()]
-        comps = [d for d in subs if d.name in DIFFUSERS_COMPONENTS]
-        if comps and len(comps) == len(subs):
-            parts = {d.name: _load_folder(d, None) for d in comps}
-            factors = {f"{c}.{k}": f for c, a in parts.items() for k, f in a.factors.items()}
-            other = {f"{c}.{k}": t for c, a in parts.items() for k, t in a.other.items()}
-            ad = Adapter(factors, {c: a.config for c, a in parts.items()}, path, other)
-        elif len(subs) == 1:
-            ad = _load_folder(subs[0], base_model)
-        elif subs:
-            raise AdapterFormatError(f"{path}: holds several adapters {[d.name for d in subs]}; pass adapter_name")
-        else:
-            raise AdapterFormatError(f"{path}: no {CONFIG_FILE} here or in a sub-folder")
-    return ad.to(dtype) if dtype is not None else ad

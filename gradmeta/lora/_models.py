@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from gradmeta.nn import FactorPairNet
+from gradmeta.nn import FactorPairNet, singular_value_features
 
 from ._adapter import Adapter
 from ._dataset import stack_factors
@@ -97,23 +97,43 @@ class GLNet(AdapterModel):
 
     Per module, row-side equivariant maps on ``(U, V)`` with the sign-gated GL nonlinearity, an
     invariant ``U Vᵀ`` head on the learned ``h × h`` sketch ``W_U ΔW W_Vᵀ`` and the top-``svd_k``
-    singular values; an MLP on their concatenation. Rank-agnostic: any ``r``, and zero-padded
-    rank columns do not change the output.
+    singular values; an MLP on their concatenation. In parallel, an MLP on the exact top-``sv_k``
+    singular values of every module's ``U Vᵀ`` (QR route, ``O((n + m) r²)``: the input of
+    :class:`SVDMLP`) whose output is added, so spectral properties are as easy for GLNet as for
+    the singular-value baseline. Rank-agnostic: any ``r``, and zero-padded rank columns do not
+    change the output.
 
     Args:
         shapes, out_dim: see :class:`AdapterModel`.
         hidden, channels, depth, svd_k, mlp_hidden: those of :class:`gradmeta.nn.FactorPairNet`.
+        sv_k: singular values per module of the parallel branch (0: no branch, the model of
+            checkpoints saved before it existed); sv_hidden: its MLP width.
     """
 
+    #: kwargs of checkpoints saved before they existed (see :func:`load_model`).
+    LEGACY_KWARGS = {"sv_k": 0}
+
     def __init__(self, shapes: dict[str, tuple[int, int]], out_dim: int = 1, *, hidden: int = 8,
-                 channels: int = 4, depth: int = 2, svd_k: int = 4, mlp_hidden: int = 64):
+                 channels: int = 4, depth: int = 2, svd_k: int = 4, mlp_hidden: int = 64, sv_k: int = 16,
+                 sv_hidden: int = 128):
         super().__init__(shapes, out_dim)
-        self.kwargs.update(hidden=hidden, channels=channels, depth=depth, svd_k=svd_k, mlp_hidden=mlp_hidden)
+        self.kwargs.update(hidden=hidden, channels=channels, depth=depth, svd_k=svd_k, mlp_hidden=mlp_hidden,
+                           sv_k=sv_k, sv_hidden=sv_hidden)
         self.body = FactorPairNet(self.shapes, out_dim, hidden=hidden, channels=channels, depth=depth,
                                   svd_k=svd_k, mlp_hidden=mlp_hidden)
+        self.sv_k = sv_k
+        if sv_k:
+            self.sv_mlp = nn.Sequential(nn.Linear(sv_k * len(self.names), sv_hidden), nn.GELU(),
+                                        nn.Linear(sv_hidden, sv_hidden), nn.GELU(), nn.Linear(sv_hidden, out_dim))
+            # the equivariant branch enters through a gate that starts at zero: the model starts as the
+            # singular-value MLP and adds what the spectrum misses
+            self.gate = nn.Parameter(torch.zeros(()))
 
     def forward_pairs(self, pairs: Pairs) -> Tensor:
-        return self.body(pairs)
+        if not self.sv_k:
+            return self.body(pairs)
+        sv = torch.cat([singular_value_features(*pairs[k], self.sv_k) for k in self.names], -1)
+        return self.gate * self.body(pairs) + self.sv_mlp(sv)
 
 
 def save_model(net: AdapterModel, path: str | os.PathLike, **extra) -> Path:
@@ -125,17 +145,33 @@ def save_model(net: AdapterModel, path: str | os.PathLike, **extra) -> Path:
 
 
 def load_model(path: str | os.PathLike) -> tuple[AdapterModel, dict]:
-    """Inverse of :func:`save_model`: ``(model in eval mode, the extra entries)``."""
+    """Inverse of :func:`save_model`: ``(model in eval mode, the extra entries)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a model checkpoint (corrupt, code, or wrong content); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read model checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint or contains code; refusing to load "
+                         f"({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or not {"model", "kwargs", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint (needs 'model', 'kwargs' and 'state_dict'; "
+                         "write it with gradmeta.lora.save_model or `gradmeta lora train`)")
     name = ckpt.get("model")
     if name not in MODELS:
         raise ValueError(f"{path}: unknown model class {name!r}; known: {sorted(MODELS)}")
-    kwargs = dict(ckpt["kwargs"])
-    shapes, out_dim = kwargs.pop("shapes"), kwargs.pop("out_dim")
-    net = MODELS[name](shapes, out_dim, **kwargs)
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        kwargs = {**getattr(MODELS[name], "LEGACY_KWARGS", {}), **dict(ckpt["kwargs"])}
+        shapes, out_dim = kwargs.pop("shapes"), kwargs.pop("out_dim")
+        net = MODELS[name](shapes, out_dim, **kwargs)
+        net.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: the {name} checkpoint does not match its model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     net.to(ckpt["state_dict"]["input_scale"].dtype).eval()
     return net, {k: v for k, v in ckpt.items() if k not in ("model", "kwargs", "state_dict")}

@@ -4,16 +4,18 @@
 ``GradMetaNet.for_model(model, readout=..., variant="base"|"plusplus")`` builds a network on a
 ``GradientSet`` that is exactly equivariant to those permutations and invariant to data order.
 """
-from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
+from ._layers import (PRODUCTS, AttentionBlock, BilinearReadout, DataPool, GeluReadout, NeuronDeepSets,
+                      ProductReadout, SetNeuronLayer)
 from ._baselines import AveragedGradientNet, FlatFactorMLP, PerParamDeepSets
 from ._factor_pair import (FactorPairHead, FactorPairLinear, FactorPairNet, GLGate, gradient_factor_pairs,
                            pair_product, singular_value_features)
 from ._inputs import NeuronLayout
-from ._models import GradMetaNet
+from ._models import GradMetaNet, GradMetaNetPlusPlus, PooledGradMetaNet
 from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, register_spec, symmetry_spec
 
 __all__ = ["symmetry_spec", "register_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
-           "GradMetaNet", "SetNeuronLayer", "DataPool", "NeuronDeepSets", "AttentionBlock", "ProductReadout",
+           "GradMetaNet", "PooledGradMetaNet", "GradMetaNetPlusPlus", "SetNeuronLayer", "DataPool", "NeuronDeepSets",
+           "AttentionBlock", "ProductReadout", "GeluReadout", "BilinearReadout", "PRODUCTS",
            "PerParamDeepSets", "FlatFactorMLP", "AveragedGradientNet",
            "FactorPairLinear", "GLGate", "FactorPairHead", "FactorPairNet", "pair_product",
            "singular_value_features", "gradient_factor_pairs"]

@@ -1,4 +1,4 @@
-"""Baselines for the experiments that use GradMetaNet (issue #4).
+"""Baselines that GradMetaNet is compared with: the same tasks without its inputs or symmetries.
 
 * ``PerParamDeepSets``: each parameter entry sees only its own set ``{g_b[i, j]}_b`` of
   per-example gradient entries (materialised: ``B × P``), ``ρ(mean_b φ(g_b[i,j]))``; the function

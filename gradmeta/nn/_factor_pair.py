@@ -1,4 +1,4 @@
-"""Factor-pair (GL) layers (DESIGN §2.3), shared by per-example gradients and LoRA adapters.
+"""Factor-pair layers equivariant to ``GL(r)``, shared by per-example gradients and LoRA adapters.
 
 A factor pair of one layer is ``(U, V)`` with ``U: (..., c, n, r)``, ``V: (..., c, m, r)`` and the
 represented matrix ``U Vᵀ`` per channel ``c``. ``GL(r)`` acts as ``(U, V) -> (U R, V R^{-ᵀ})`` and

@@ -1,4 +1,4 @@
-"""Neuron-space input of GradMetaNet (DESIGN §3): per datum, token and neuron, a few channels.
+"""Neuron-space input of GradMetaNet: per datum, token and neuron, a few channels.
 
 Every neuron space of a spec gets the activations ``a`` of the layers that *read* it (slices of
 ``A``) and the backprops ``δ`` of the layers that *write* it (slices of ``Δ``). For an MLP every

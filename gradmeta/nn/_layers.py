@@ -1,4 +1,4 @@
-"""Equivariant layers over (data × tokens × neurons) and the readouts (DESIGN §3).
+"""Equivariant layers over (data × tokens × neurons) and the readouts.
 
 Shapes: a batch of ``G`` gradient sets, ``B`` data, ``T`` tokens, ``N`` neurons (one bag over
 every space of the spec), ``c`` channels. Set-valued axes are always *mean*-pooled, so a trained
@@ -9,7 +9,8 @@ layer accepts any ``B``, ``T`` (and any width of a permuted space).
 * ``DataPool``: ``(G, B, T, N, c) -> (G, N, c')``, invariant to data/token order.
 * ``NeuronDeepSets``: ``(G, N, c) -> (G, N, c')``.
 * ``AttentionBlock`` (GradMetaNet++): attention across data per neuron and across neurons per datum.
-* ``ProductReadout``: one output per parameter entry, ``Ŵ[i, j] = MLP(h_X[i], h_Y[j], edge[i, j])``.
+* ``ProductReadout``: one output per parameter entry, ``Ŵ[i, j] = MLP(h_X[i], h_Y[j], edge[i, j])``;
+  ``GeluReadout`` (additive, then gelu) and ``BilinearReadout`` (mean of per-datum products).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ._spec import SymmetrySpec
 
+#: Names of the per-weight product readouts (``product=`` of ``ProductReadout`` and ``GradMetaNet``):
+#: ``"gelu"`` (:class:`GeluReadout`) and ``"bilinear"`` (:class:`BilinearReadout`).
 PRODUCTS = ("gelu", "bilinear")
 
 
@@ -44,19 +47,6 @@ class SetNeuronLayer(nn.Module):
         return out.add_(small).add_(neuron(pooled_n))
 
 
-class DataPool(nn.Module):
-    """Pool over data and tokens: ``h[n] = M₁ mean_{b,t} g[·,·,n] + M₂ mean_{b,t,n} g``; ``(G,B,T,N,c) -> (G,N,c')``."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.m1 = nn.Linear(c_in, c_out)
-        self.m2 = nn.Linear(c_in, c_out, bias=False)
-
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        h = g.mean((1, 2))
-        return self.m1(h) + self.m2(h.mean(1, keepdim=True))
-
-
 class NeuronDeepSets(nn.Module):
     """``h[n] = M₁ h[n] + M₂ mean_n h``; ``(G, N, c) -> (G, N, c')``."""
 
@@ -67,6 +57,14 @@ class NeuronDeepSets(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.m1(h) + self.m2(h.mean(-2, keepdim=True))
+
+
+class DataPool(NeuronDeepSets):
+    """Pool over data and tokens: ``h[n] = M₁ mean_{b,t} g[·,·,n] + M₂ mean_{b,t,n} g``; ``(G,B,T,N,c) -> (G,N,c')``
+    (a :class:`NeuronDeepSets` on the data-and-token mean)."""
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return super().forward(g.mean((1, 2)))
 
 
 class _MHA(nn.Module):
@@ -110,51 +108,79 @@ class AttentionBlock(nn.Module):
 class ProductReadout(nn.Module):
     """Per-parameter readout ``{param_name: (G, *param.shape[, out_dim])}`` from neuron features.
 
-    For a 2-axis parameter with axes ``(X, Y)``: ``Ŵ[i, j] = w₂ · σ(U h_X[i] + V h_Y[j] + E e[i, j]
-    + p) + b₂`` computed by broadcasting (``O(P·hidden)``, never a concatenation). A 1-axis
-    parameter: ``b̂[i] = w₂' · σ(U' h_X[i] + E' e[i] + p) + b₂'``. ``e`` are optional per-entry
-    features (the weight itself in the weight-aware variant, the mean gradient in the averaged-
-    gradient net), ``p`` an optional learned per-parameter vector (needed when several parameters
-    share the same spaces, as ``q`` and ``k`` do). ``h`` may carry a data axis ``S``: the MLP is
-    applied per element and the result averaged over ``S`` (GradMetaNet++'s per-datum readout).
+    ``ProductReadout(..., product=p)`` builds the subclass for ``p`` (one of :data:`PRODUCTS`):
+    :class:`GeluReadout` (``"gelu"``, the default) or :class:`BilinearReadout` (``"bilinear"``).
+    Both read a 2-axis parameter with axes ``(X, Y)`` from the neuron features ``h_X[i]``,
+    ``h_Y[j]``, optional per-entry features ``e[i, j]`` (the weight itself in the weight-aware
+    variant, the mean gradient in the averaged-gradient net) and an optional learned per-parameter
+    vector ``p`` (needed when several parameters share the same spaces, as ``q`` and ``k`` do); a
+    1-axis parameter from ``h_X[i]``, ``e[i]`` and ``p``. ``h`` may carry a data axis ``S``
+    (``(G, S, N, c)``): the readout is then invariant to the order of ``s``. Equivariant to the
+    neuron permutations of ``spec``.
 
-    ``product="bilinear"``: a multiplicative readout. For a weight,
-    ``z[i, j] = mean_s (U h_s[X_i] + u) ⊙ (V h_s[Y_j] + v)`` (``K = hidden`` channels; one batched
-    matmul over the data axis, ``O(S·P·K)``, never an ``(S, P, K)`` tensor); for a bias,
-    ``z[i] = mean_s (U' h_s[X_i] + u') ⊙ (V' h_s[X_i] + v')``. Then ``Ŵ[i, j] = MLP([z, slog z],
-    e[i, j], p)`` pointwise, with ``slog z = sign(z)·log(1 + |z|)`` (elementwise, so every symmetry
-    is kept; it gives the MLP ratios of products as differences). Since the biases ``u, v`` let a
-    channel be constant, ``z`` holds ``mean_s f(h_s[X_i])·g(h_s[Y_j])`` and the plain means of
-    each side for linear ``f, g``: with neuron channels ``δ``, ``a`` the mean gradient
-    ``mean_b δ_b[i] a_b[j]`` is one channel (see ``products``). ``h`` without a data axis is
-    read as ``S = 1``.
+    Args:
+        spec: the architecture's ``SymmetrySpec`` (parameters with 1 or 2 axes).
+        offsets: ``{space_name: (start, stop)}`` of every space in the neuron axis ``N``.
+        c: input channels; hidden: width of the readout; out_dim: outputs per entry.
+        edge_channels: channels ``e`` of the per-entry features (0: none).
+        param_ids: learn the per-parameter vector ``p``.
+        product: ``"gelu"`` or ``"bilinear"`` (see the subclasses).
     """
 
+    product: str = ""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ProductReadout:
+            product = kwargs.get("product", args[7] if len(args) > 7 else "gelu")
+            if product not in PRODUCTS:
+                raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+            cls = _READOUT_CLASSES[product]
+        return super().__new__(cls)
+
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
-                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str = "gelu"):
+                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
         super().__init__()
+        if product is not None and product != self.product:
+            raise ValueError(f"{type(self).__name__} is the {self.product!r} readout, got product={product!r}")
         for p, axes in spec.params:
             if len(axes) > 2:
                 raise ValueError(f"product readout handles parameters with 1 or 2 axes; {p!r} has {len(axes)}")
-        if product not in PRODUCTS:
-            raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
-        self.spec, self.offsets, self.out_dim, self.product = spec, offsets, out_dim, product
-        if product == "bilinear":
-            self._init_bilinear(c, hidden, edge_channels, param_ids)
-            return
-        self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
+        self.spec, self.offsets, self.out_dim = spec, offsets, out_dim
+
+    def _init_tail(self, hidden: int, edge_channels: int, param_ids: bool) -> None:
+        """The layers both readouts share, created after the product layers (fixed init order)."""
         self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
         self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.w2, self.w1 = nn.Linear(hidden, out_dim), nn.Linear(hidden, out_dim)
-        self.pid = nn.Parameter(torch.randn(len(spec.params), hidden) * 0.1) if param_ids else None
+        self.w2, self.w1 = nn.Linear(hidden, self.out_dim), nn.Linear(hidden, self.out_dim)
+        self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
 
     def _rows(self, h: torch.Tensor, axis: tuple[str, ...]) -> torch.Tensor:
         return torch.cat([h[..., slice(*self.offsets[s]), :] for s in axis], -2)
 
+    def _squeeze(self, y: torch.Tensor) -> torch.Tensor:
+        return y.squeeze(-1) if self.out_dim == 1 else y
+
     def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``h``: ``(G, N, c)`` or ``(G, S, N, c)``; ``edges``: ``{param_name: (G, *param.shape, e)}``."""
-        if self.product == "bilinear":
-            return self._forward_bilinear(h, edges)
+        raise NotImplementedError
+
+
+class GeluReadout(ProductReadout):
+    """``product="gelu"``: ``Ŵ[i, j] = w₂ · gelu(U h_X[i] + V h_Y[j] + E e[i, j] + p) + b₂`` computed by
+    broadcasting (``O(P·hidden)``, never a concatenation); ``b̂[i] = w₂' · gelu(U' h_X[i] + E' e[i] + p)
+    + b₂'``. With a data axis the gelu is applied per element ``s`` and averaged over ``S``
+    (GradMetaNet++'s per-datum readout), in checkpointed chunks of the data."""
+
+    product = "gelu"
+
+    def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
+                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
+        super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
+        self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
+        self._init_tail(hidden, edge_channels, param_ids)
+
+    def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``h``: ``(G, N, c)`` or ``(G, S, N, c)``; ``edges``: ``{param_name: (G, *param.shape, e)}``."""
         per_datum = h.dim() == 4
         out = {}
         for k, (name, axes) in enumerate(self.spec.params):
@@ -171,29 +197,41 @@ class ProductReadout(nn.Module):
                 z = _chunked_mean(hx, hy, bias)
             else:
                 z = F.gelu(_outer(hx, hy) + bias)
-            y = lin(z)
-            out[name] = y.squeeze(-1) if self.out_dim == 1 else y
+            out[name] = self._squeeze(lin(z))
         return out
 
-    # ------------------------------------------------------------------ bilinear product readout
-    def _init_bilinear(self, c, hidden, edge_channels, param_ids):
+
+class BilinearReadout(ProductReadout):
+    """``product="bilinear"``: a multiplicative readout.
+
+    For a weight, ``z[i, j] = mean_s (U h_s[X_i] + u) ⊙ (V h_s[Y_j] + v)`` (``K = hidden``
+    channels; one batched matmul over the data axis, ``O(S·P·K)``, never an ``(S, P, K)`` tensor);
+    for a bias, ``z[i] = mean_s (U' h_s[X_i] + u') ⊙ (V' h_s[X_i] + v')``. Then ``Ŵ[i, j] =
+    MLP([z, slog z], e[i, j], p)`` pointwise, with ``slog z = sign(z)·log(1 + |z|)`` (elementwise, so
+    every symmetry is kept; it gives the MLP ratios of products as differences). Since the biases
+    ``u, v`` let a channel be constant, ``z`` holds ``mean_s f(h_s[X_i])·g(h_s[Y_j])`` and the plain
+    means of each side for linear ``f, g``: with neuron channels ``δ``, ``a`` the mean gradient
+    ``mean_b δ_b[i] a_b[j]`` is one channel (see :meth:`products`). ``h`` without a data axis is
+    read as ``S = 1``.
+    """
+
+    product = "bilinear"
+
+    def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
+                 out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
+        super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
         self.u2, self.v2 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # weights: U, V
         self.u1, self.v1 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # biases: U', V'
         self.in2, self.in1 = nn.Linear(2 * hidden, hidden), nn.Linear(2 * hidden, hidden)  # [z, slog z]
-        self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.w2, self.w1 = nn.Linear(hidden, self.out_dim), nn.Linear(hidden, self.out_dim)
-        self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
+        self._init_tail(hidden, edge_channels, param_ids)
 
     def products(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Bilinear readout only: ``{param_name: z}``, ``z`` of shape ``(G, *param.shape, K)``.
+        """``{param_name: z}``, ``z`` of shape ``(G, *param.shape, K)``.
 
         ``z[..., i, j, k] = mean_s (U h_s[X_i] + u)_k (V h_s[Y_j] + v)_k`` for a weight and
         ``mean_s (U' h_s[X_i] + u')_k (V' h_s[X_i] + v')_k`` for a bias; ``h``: ``(G, N, c)`` or
         ``(G, S, N, c)``. Equivariant to the neuron permutations, invariant to the order of ``s``.
         """
-        if self.product != "bilinear":
-            raise ValueError("products() belongs to the bilinear readout (product='bilinear')")
         h = h if h.dim() == 4 else h.unsqueeze(1)                          # (G, S, N, c)
         S, out = h.shape[1], {}
         for name, axes in self.spec.params:
@@ -207,7 +245,8 @@ class ProductReadout(nn.Module):
                 out[name] = (ux * vx).mean(1)                               # (G, n, K)
         return out
 
-    def _forward_bilinear(self, h, edges):
+    def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``h``: ``(G, N, c)`` or ``(G, S, N, c)``; ``edges``: ``{param_name: (G, *param.shape, e)}``."""
         out = {}
         for k, (name, z) in enumerate(self.products(h).items()):
             lin_in, el, lin = (self.in2, self.e2, self.w2) if z.dim() == 4 else (self.in1, self.e1, self.w1)
@@ -216,9 +255,11 @@ class ProductReadout(nn.Module):
                 x = x + el(edges[name])
             if self.pid is not None:
                 x = x + self.pid[k]
-            y = lin(F.gelu(x))
-            out[name] = y.squeeze(-1) if self.out_dim == 1 else y
+            out[name] = self._squeeze(lin(F.gelu(x)))
         return out
+
+
+_READOUT_CLASSES = {"gelu": GeluReadout, "bilinear": BilinearReadout}
 
 
 # Per-datum product readouts are evaluated in chunks of data of at most this many elements, with

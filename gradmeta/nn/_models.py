@@ -1,4 +1,9 @@
-"""``GradMetaNet``: an equivariant network on a set of factored per-example gradients (DESIGN §3, §5)."""
+"""``GradMetaNet``: an equivariant network on a set of factored per-example gradients.
+
+``GradMetaNet(..., variant=...)`` builds :class:`PooledGradMetaNet` (``"base"``) or
+:class:`GradMetaNetPlusPlus` (``"plusplus"``); they differ only in the trunk between the neuron
+encoder and the readout.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,7 +54,9 @@ class GradMetaNet(nn.Module):
 
     Exactly equivariant to the neuron permutations of ``spec`` and invariant to the order of the
     data (and of the tokens inside a datum); every set axis is mean-pooled, so any batch size and
-    token count work. Build with ``GradMetaNet.for_model``.
+    token count work. Build with ``GradMetaNet.for_model``; ``GradMetaNet(..., variant=v)``
+    returns the subclass for ``v``: :class:`PooledGradMetaNet` (``"base"``) or
+    :class:`GradMetaNetPlusPlus` (``"plusplus"``).
 
     Args:
         spec: the model's ``SymmetrySpec``.
@@ -65,39 +72,43 @@ class GradMetaNet(nn.Module):
         channels, set_layers, neuron_layers, heads: sizes.
         extra_channels: extra per-neuron input channels passed as ``forward(extra=...)``.
         edge_channels: extra per-entry readout channels passed as ``forward(edges=...)``.
-        product: the per-weight readout (``readout="weight"`` only). ``"gelu"`` (default):
-            ``w₂·gelu(U h[X_i] + V h[Y_j] + ...)``, on the data-pooled features for ``"base"``,
-            per datum then averaged for ``"plusplus"``. ``"bilinear"``: ``MLP(mean_s (U h_s[X_i]) ⊙
-            (V h_s[Y_j]))`` (see ``ProductReadout``), so means of per-datum products such as
-            ``mean_b δ_b[i] a_b[j]`` are read exactly; for ``"base"`` it reads the per-datum
-            features *before* data pooling: ``h_s = g⁰_s + g_s + h_pool`` (the embedding, the last
-            set×neuron layer and the pooled neuron-DeepSets features, broadcast over the data).
+        product: the per-weight readout (``readout="weight"`` only), one of ``PRODUCTS``. ``"gelu"``
+            (default, :class:`GeluReadout`): ``w₂·gelu(U h[X_i] + V h[Y_j] + ...)``, on the
+            data-pooled features for ``"base"``, per datum then averaged for ``"plusplus"``.
+            ``"bilinear"`` (:class:`BilinearReadout`): ``MLP(mean_s (U h_s[X_i]) ⊙ (V h_s[Y_j]))``,
+            so means of per-datum products such as ``mean_b δ_b[i] a_b[j]`` are read exactly; for
+            ``"base"`` it reads the per-datum features *before* data pooling: ``h_s = g⁰_s + g_s +
+            h_pool`` (the embedding, the last set×neuron layer and the pooled neuron-DeepSets
+            features, broadcast over the data).
     """
 
+    variant: str = ""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is GradMetaNet:
+            variant = kwargs.get("variant", args[3] if len(args) > 3 else None) or "base"
+            if variant not in _VARIANTS:
+                raise ValueError(f"variant must be one of {tuple(_VARIANTS)}, got {variant!r}")
+            cls = _VARIANTS[variant]
+        return super().__new__(cls)
+
     def __init__(self, spec: SymmetrySpec, readout: str = "invariant", out_dim: int = 1,
-                 variant: str = "base", weight_aware: bool = False, channels: int = 32,
+                 variant: str | None = None, weight_aware: bool = False, channels: int = 32,
                  set_layers: int = 4, neuron_layers: int = 2, heads: int = 4, extra_channels: int = 0,
                  edge_channels: int = 0, product: str = "gelu"):
         super().__init__()
+        if variant is not None and variant != self.variant:
+            raise ValueError(f"{type(self).__name__} is the {self.variant!r} variant, got variant={variant!r}")
         if readout not in _READOUTS:
             raise ValueError(f"readout must be one of {_READOUTS}, got {readout!r}")
-        if variant not in ("base", "plusplus"):
-            raise ValueError(f"variant must be 'base' or 'plusplus', got {variant!r}")
         if product != "gelu" and readout != "weight":
             raise ValueError(f"product={product!r} is a per-weight readout; it needs readout='weight'")
-        self.spec, self.readout, self.variant, self.out_dim = spec, readout, variant, out_dim
+        self.spec, self.readout, self.out_dim = spec, readout, out_dim
         self.weight_aware, self.product = weight_aware, product
         self.layout = NeuronLayout(spec, weight_aware, extra_channels)
         c = channels
         self.encoder = NeuronEncoder(self.layout, c)
-        if variant == "base":
-            self.set_layers = nn.ModuleList(SetNeuronLayer(c, c) for _ in range(set_layers))
-            self.pool = DataPool(c, c)
-            self.neuron_layers = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(neuron_layers))
-        else:
-            # no final LayerNorm: it would divide out the magnitude of every (datum, neuron)
-            # feature, and the per-datum readout needs magnitudes to form products like δ_i a_j
-            self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
+        self._init_trunk(c, set_layers, neuron_layers, heads)
         if readout == "weight":
             self.head = ProductReadout(spec, self.layout.offsets, c, c, out_dim,
                                        edge_channels + int(weight_aware), param_ids=spec.arch != "mlp",
@@ -105,11 +116,20 @@ class GradMetaNet(nn.Module):
         else:
             self.head = nn.Linear(c, out_dim)
 
+    def _init_trunk(self, c: int, set_layers: int, neuron_layers: int, heads: int) -> None:
+        raise NotImplementedError
+
+    def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Encoded bag ``g0 = g`` ``(G, B, T, N, c)`` -> neuron features ``(G, N, c)`` or ``(G, S, N, c)``."""
+        raise NotImplementedError
+
     @classmethod
     def for_model(cls, model: nn.Module, readout: str = "invariant", out_dim: int = 1,
-                  variant: str = "base", weight_aware: bool = False, spec: SymmetrySpec | None = None,
+                  variant: str | None = None, weight_aware: bool = False, spec: SymmetrySpec | None = None,
                   **kwargs) -> "GradMetaNet":
-        """Size a network for ``model``'s architecture (spec derived by ``symmetry_spec`` unless given)."""
+        """Size a network for ``model``'s architecture (spec derived by ``symmetry_spec`` unless given).
+
+        ``variant`` defaults to ``"base"`` (or to the subclass's own variant)."""
         spec = spec if spec is not None else symmetry_spec(model)
         spec.check(model)
         return cls(spec, readout, out_dim, variant, weight_aware, **kwargs)
@@ -140,20 +160,7 @@ class GradMetaNet(nn.Module):
     def _forward(self, sets, params_l, extra_l, edges_l):
         feats = [self.layout.features(s, p, x) for s, p, x in zip(sets, params_l, extra_l)]
         g0 = g = self.encoder(feats)  # (G, B, T, N, c)
-        if self.variant == "base":
-            for k, layer in enumerate(self.set_layers):
-                g = layer(g) if k == 0 else layer(F.gelu(g))
-            h = self.pool(F.gelu(g))
-            for layer in self.neuron_layers:
-                h = layer(F.gelu(h))
-            if self.readout == "weight" and self.product == "bilinear":  # per datum, before pooling
-                G, B, T, N, c = g.shape
-                h = (g0 + g).reshape(G, B * T, N, c) + h.unsqueeze(1)
-        else:
-            G, B, T, N, c = g.shape
-            h = g.reshape(G, B * T, N, c)
-            for block in self.blocks:
-                h = block(h)
+        h = self._trunk(g0, g)
         if self.readout == "invariant":
             return self.head(h.mean(-2) if h.dim() == 3 else h.mean((1, 2)))
         if self.readout == "neuron":
@@ -171,6 +178,53 @@ class GradMetaNet(nn.Module):
         if not parts:
             return None
         return {n: torch.cat([p[n] for p in parts], -1) for n, _ in self.spec.params}
+
+
+class PooledGradMetaNet(GradMetaNet):
+    """GradMetaNet, ``variant="base"``: set×neuron layers, pooling over the data, neuron DeepSets.
+
+    Neuron features ``(G, N, c)``; with the bilinear readout, per-datum features ``(G, B·T, N, c)``
+    read before the data pooling (see :class:`GradMetaNet`)."""
+
+    variant = "base"
+
+    def _init_trunk(self, c: int, set_layers: int, neuron_layers: int, heads: int) -> None:
+        self.set_layers = nn.ModuleList(SetNeuronLayer(c, c) for _ in range(set_layers))
+        self.pool = DataPool(c, c)
+        self.neuron_layers = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(neuron_layers))
+
+    def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        for k, layer in enumerate(self.set_layers):
+            g = layer(g) if k == 0 else layer(F.gelu(g))
+        h = self.pool(F.gelu(g))
+        for layer in self.neuron_layers:
+            h = layer(F.gelu(h))
+        if self.readout == "weight" and self.product == "bilinear":  # per datum, before pooling
+            G, B, T, N, c = g.shape
+            h = (g0 + g).reshape(G, B * T, N, c) + h.unsqueeze(1)
+        return h
+
+
+class GradMetaNetPlusPlus(GradMetaNet):
+    """GradMetaNet++, ``variant="plusplus"``: attention across the data and across the neurons;
+    per-datum neuron features ``(G, B·T, N, c)``, read per datum and averaged over the data."""
+
+    variant = "plusplus"
+
+    def _init_trunk(self, c: int, set_layers: int, neuron_layers: int, heads: int) -> None:
+        # no final LayerNorm: it would divide out the magnitude of every (datum, neuron)
+        # feature, and the per-datum readout needs magnitudes to form products like δ_i a_j
+        self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
+
+    def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        G, B, T, N, c = g.shape
+        h = g.reshape(G, B * T, N, c)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+_VARIANTS = {"base": PooledGradMetaNet, "plusplus": GradMetaNetPlusPlus}
 
 
 def _cat(outs):

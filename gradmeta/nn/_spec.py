@@ -1,4 +1,4 @@
-"""Symmetry specs: which axes of which parameters share one neuron permutation (DESIGN §2).
+"""Symmetry specs: which axes of which parameters share one neuron permutation.
 
 A spec lists *neuron spaces* (a set of neurons that one permutation acts on, or a fixed set such
 as the input pixels), which spaces index every axis of every parameter, and which spaces index the

@@ -1,8 +1,10 @@
 """Slow, obvious references for the learned-optimization tests."""
 import torch
 
+from gradmeta.lopt import LearnedRule
 
-class LearnedSGD:
+
+class LearnedSGD(LearnedRule):
     """Reference learned optimizer with one meta-parameter: ``θ ← θ − exp(log_lr)·∇``."""
 
     def init_meta(self, seed=0):
@@ -25,6 +27,17 @@ def torch_trajectory(model, opt, batches, loss_fn, steps):
         opt.step()
         out.append({k: v.detach().clone() for k, v in model.named_parameters()})
     return out
+
+
+def task_trajectory(task, params, make_opt, batches, steps):
+    """:func:`torch_trajectory` of a copy of ``task.model`` started at ``params``; ``make_opt(parameters)``."""
+    import copy
+
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(params)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return torch_trajectory(model, make_opt(model.parameters()), batches, task.loss_fn, steps)
 
 
 def per_param_mlp_update(lo, meta, grads, state, params, extra=None):

@@ -3,9 +3,8 @@ import torch
 from torch.func import grad, vmap
 
 from gradmeta.lopt import ADAM_LRS, adam, sgdm
-from gradmeta.models import classification_loss
 
-from tests.lopt.references import torch_trajectory
+from tests.lopt.references import task_trajectory
 
 
 def _functional_trajectory(task, opt, params, batches, steps):
@@ -21,15 +20,7 @@ def _functional_trajectory(task, opt, params, batches, steps):
 def _compare(small_digits, functional, reference):
     params = small_digits.init(3)
     batches = small_digits.batches(torch.Generator().manual_seed(0), 15)
-    model = small_digits.model
-    model.load_state_dict(params)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    try:
-        ref = torch_trajectory(model, reference(model.parameters()), batches, classification_loss, 15)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = task_trajectory(small_digits, params, reference, batches, 15)
     got = _functional_trajectory(small_digits, functional, params, batches, 15)
     for r, g in zip(ref, got):
         for k in r:

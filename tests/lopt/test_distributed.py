@@ -4,10 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.lopt.dist_worker import pes_run
 
+pytestmark = pytest.mark.slow  # a subprocess (> 10 s on a shared CPU)
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -1,23 +1,19 @@
 """Training curves: the vectorised sweep equals a plain loop; step reduction on hand-made curves."""
 import torch
-from torch.func import grad_and_value
+from torch.utils import _pytree as pytree
 
-from gradmeta.lopt import PerParamMLP, step_reduction, train_curves, train_curves_loop
+from gradmeta.lopt import PerParamMLP, learned_curves, step_reduction, train_curves
 
 
-class _SelfStepping:
-    """A learned optimizer that steps itself, as ``train_curves_loop`` expects (``lo.step``)."""
+class _Looped(PerParamMLP):
+    """The same rule, but its runs are stepped one at a time (as rules that are not vmappable are)."""
 
-    def __init__(self, task, lo):
-        self.task, self.lo = task, lo
-
-    def init(self, params):
-        return self.lo.init(params)
-
-    def step(self, meta, params, state, batch):
-        grads, loss = grad_and_value(lambda p: self.task.loss(p, batch).mean())(params)
-        params, state = self.lo.update(meta, grads, state, params)
-        return params, state, loss
+    def map(self, fn, in_dims):
+        def looped(*args):
+            n = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
+            outs = [fn(*(pytree.tree_map(lambda x: x[i], a) for a in args)) for i in range(n)]
+            return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+        return looped
 
 
 def test_vectorised_curves_equal_the_seed_by_seed_loop(small_digits):
@@ -26,7 +22,10 @@ def test_vectorised_curves_equal_the_seed_by_seed_loop(small_digits):
     meta["w2"] = 0.1 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     seeds = [3, 4]
     fast = train_curves(small_digits, lambda h: lo.bind(meta), torch.zeros(1), seeds, steps=7, eval_every=3)
-    slow = train_curves_loop(small_digits, _SelfStepping(small_digits, lo), meta, seeds, steps=7, eval_every=3)
+    rule = learned_curves(small_digits, lo, meta, seeds, steps=7, eval_every=3)
+    for k in fast:  # the learned-rule path is the same computation as the sweep with H = 1
+        assert torch.equal(rule[k], fast[k]), k
+    slow = learned_curves(small_digits, _Looped(hidden=8), meta, seeds, steps=7, eval_every=3)
     assert fast["eval_steps"].tolist() == slow["eval_steps"].tolist() == [0, 3, 6, 7]
     for k in ("test_loss", "train_loss"):
         assert fast[k].shape == slow[k].shape

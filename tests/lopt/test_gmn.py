@@ -17,7 +17,7 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     batches = small_digits.batches(torch.Generator().manual_seed(0), 4)
     for t in range(4):
         batch = tuple(b[t] for b in batches)
-        params, s, loss = lo.step(meta, params, s, batch)
+        params, s, loss = lo.step(small_digits, meta, params, s, batch)
         g = grad(lambda q: small_digits.loss(q, batch).mean())(p_ref)
         p_ref, s_ref = ref.update(ref_meta, g, s_ref, p_ref)
         for k in params:
@@ -29,11 +29,11 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     meta2["mlp.w0"] = torch.zeros_like(meta["mlp.w0"])
     meta2["mlp.w0"][PerParamMLP.n_base_features - 9, 0] = 1.0  # hidden unit 0 reads GradMetaNet channel 0
     meta2["mlp.w1"] = torch.eye(8)
-    a, _, _ = lo.step(meta2, params, s, batch)
+    a, _, _ = lo.step(small_digits, meta2, params, s, batch)
     noise = torch.Generator().manual_seed(1)
     meta3 = dict(meta2, **{k: v + 0.5 * torch.randn(v.shape, generator=noise) for k, v in meta2.items()
                            if k.startswith("gmn.")})
-    b, _, _ = lo.step(meta3, params, s, batch)
+    b, _, _ = lo.step(small_digits, meta3, params, s, batch)
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
@@ -90,3 +90,54 @@ def test_weight_space_lo_untrained_is_sgdm_equivariant_and_vmappable(small_digit
                            {k: v[i] for k, v in stacked.items()})
         for k in one:
             torch.testing.assert_close(batched[k][i], one[k], rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_set_optimizer_untrained_is_sgd_with_momentum(small_digits):
+    from gradmeta.lopt import GradientSetOptimizer
+    from gradmeta.models import classification_loss, mlp
+
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8, lr=0.1, max_update=10.0)  # clipping off
+    torch.manual_seed(0)
+    a, b = mlp([64, 8, 10]), mlp([64, 8, 10])
+    b.load_state_dict(a.state_dict())
+    opt = GradientSetOptimizer(a, classification_loss, lo, lo.init_meta(0))
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 3)
+    for t in range(3):
+        x, y = batches[0][t], batches[1][t]
+        loss = opt.step(lambda: (x, y))
+        sgd.zero_grad()
+        ref = classification_loss(b(x), y).mean()
+        ref.backward()
+        sgd.step()
+        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="returning the batch"):
+        opt.step(None)
+    with pytest.raises(ValueError, match=r"must return the batch \(inputs, targets\)"):
+        opt.step(lambda: classification_loss(a(x), y))
+
+
+def test_gradient_set_optimizer_state_dict_round_trip(small_digits):
+    from gradmeta.lopt import GradientSetOptimizer
+    from gradmeta.models import classification_loss, mlp
+
+    lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8)
+    meta = lo.init_meta(0)
+    meta["mlp.w2"] = 0.05 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a, b = mlp([64, 8, 10]), mlp([64, 8, 10])
+    opt_a = GradientSetOptimizer(a, classification_loss, lo, meta)
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 4)
+    for t in range(2):
+        opt_a.step(lambda: (batches[0][t], batches[1][t]))
+    b.load_state_dict(a.state_dict())
+    opt_b = GradientSetOptimizer(b, classification_loss, lo, meta)
+    opt_b.load_state_dict(opt_a.state_dict())
+    for t in range(2, 4):
+        for opt in (opt_a, opt_b):
+            opt.step(lambda: (batches[0][t], batches[1][t]))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

@@ -6,8 +6,7 @@ import torch
 from torch.func import grad, vmap
 
 from gradmeta.lopt import DECAYS, PerParamMLP
-from gradmeta.models import classification_loss
-from tests.lopt.references import per_param_mlp_update, torch_trajectory
+from tests.lopt.references import per_param_mlp_update, task_trajectory
 
 
 def test_untrained_learned_optimizer_is_sgd_with_momentum(small_digits):
@@ -15,16 +14,7 @@ def test_untrained_learned_optimizer_is_sgd_with_momentum(small_digits):
     meta = lo.init_meta(0)
     params = small_digits.init(1)
     batches = small_digits.batches(torch.Generator().manual_seed(0), 20)
-    model = small_digits.model
-    model.load_state_dict(params)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    try:
-        ref = torch_trajectory(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), batches,
-                               classification_loss, 20)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    ref = task_trajectory(small_digits, params, lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9), batches, 20)
     state = lo.init(params)
     for t in range(20):
         batch = (batches[0][t], batches[1][t])

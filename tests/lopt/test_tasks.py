@@ -90,3 +90,35 @@ def test_validation_split_and_valid_objective():
     assert info["meta_loss"] > 0
     with pytest.raises(ValueError, match="objective"):
         PES(held, lo, particles=2, truncation=2, horizon=4, objective="test")
+
+
+def _fashion_files(root):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist", "char_lm", "quadratic"])
+def test_valid_objective_on_every_built_in_task(tmp_path, name):
+    from gradmeta.data import stdlib_docstring_corpus
+    from gradmeta.lopt import PES
+
+    if name == "fashion_mnist":
+        _fashion_files(tmp_path)
+    if name == "char_lm":  # the small corpus of the test above
+        corpus = stdlib_docstring_corpus(["json", "textwrap", "string"], val_fraction=0.3)
+        task, full = char_lm(corpus, valid_fraction=0.2), char_lm(corpus)
+        assert len(task._windows) < len(full._windows) and task.X_valid.shape[1:] == (8,)
+    else:
+        task = make_task(name, hidden=[4], batch_size=8, data_root=str(tmp_path), valid_fraction=0.25)
+        if name != "quadratic":
+            full = make_task(name, hidden=[4], batch_size=8, data_root=str(tmp_path))
+            assert len(task.y) + len(task.y_valid) == len(full.y)  # held out of the training split
+    assert torch.isfinite(task.valid_loss(task.init(0)))
+    lo = PerParamMLP(hidden=4)
+    meta = lo.init_meta()
+    pes = PES(task, lo, particles=2, truncation=1, horizon=2, objective="valid")
+    gen = torch.Generator().manual_seed(0)
+    _, _, info = pes.grad(meta, pes.init(meta, gen), gen)
+    assert info["meta_loss"] == info["meta_loss"] and info["meta_loss"] > 0

@@ -34,3 +34,4 @@ def zoo_root(tmp_path_factory):
         rows.append(f"ad{i},{0.1 * i},g{i % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
+

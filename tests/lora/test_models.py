@@ -108,3 +108,25 @@ def test_wrong_module_shape_error(adapters):
     net = lora.GLNet({"0": (6, 4), "2": (3, 6)})
     with pytest.raises(ValueError, match=r"module '0' is \(6, 5\), the model was built for \(6, 4\)"):
         net(adapters[0].to(torch.float32))
+
+
+def test_glnet_singular_value_branch_and_legacy_checkpoints(adapters, tmp_path):
+    """The spectral branch sees exactly the singular values of each U Vᵀ; a checkpoint saved before the
+    branch existed (no sv_k in its kwargs) loads as the model it was."""
+    a = [x.to(torch.float64) for x in adapters]
+    net = lora.GLNet.for_adapter(a[0]).double().eval()
+    with torch.no_grad():
+        net.gate.fill_(0.0)  # spectral branch only
+        pairs = net.pairs(a)
+        dense = {k: torch.linalg.svdvals(U @ V.transpose(-1, -2)) for k, (U, V) in pairs.items()}
+        sv = torch.cat([torch.nn.functional.pad(dense[k], (0, 16 - dense[k].shape[-1]))[..., :16]
+                        for k in net.names], -1)
+        torch.testing.assert_close(net(a), net.sv_mlp(sv), rtol=1e-10, atol=1e-12)
+    old = lora.GLNet.for_adapter(a[0], sv_k=0).eval()
+    ckpt = {"model": "GLNet", "kwargs": {k: v for k, v in old.kwargs.items() if k not in ("sv_k", "sv_hidden")},
+            "state_dict": old.state_dict()}
+    torch.save(ckpt, tmp_path / "old.pt")
+    back, _ = lora.load_model(tmp_path / "old.pt")
+    assert back.sv_k == 0
+    x = [ad.to(torch.float32) for ad in adapters]
+    torch.testing.assert_close(back(x), old(x))

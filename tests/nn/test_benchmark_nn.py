@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses with the full benchmark code path (> 10 s on a shared CPU)
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "nn.py"
 
 

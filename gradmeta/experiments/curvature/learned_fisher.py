@@ -1,4 +1,4 @@
-"""Learned Fisher-diagonal estimator (DESIGN §7 "Curvature estimation", issue #5 part 4).
+"""Learned Fisher-diagonal estimator: GradMetaNet corrects the standard estimate from a gradient set.
 
 The task: a random SIREN ``1 → h → h → 1`` (``gradmeta.inr.Siren``, standard init, ``ω₀ = 30``)
 and ``num_points`` inputs ``x ~ U(-1, 1)``. The network sees a *gradient set* of ``set_size``
@@ -28,12 +28,12 @@ extra channel (a hand-made feature, reported separately from the plain models).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from gradmeta._training import minibatch_train
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.inr import Siren, siren_spec
 from gradmeta.nn import AveragedGradientNet, FlatFactorMLP, GradMetaNet, NeuronLayout
@@ -264,23 +264,9 @@ def fit_minibatches(model: nn.Module, data, batch_loss, *, steps: int, batch_siz
     minimises ``batch_loss(batch) -> (G,)`` averaged. Returns ``{"step": [...], "loss": [...]}``
     (every ``log_every`` steps; 0: only the last).
     """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-    gen = torch.Generator().manual_seed(seed)
-    hist: dict[str, list] = {"step": [], "loss": []}
-    n = len(data)
-    for step in range(1, steps + 1):
-        idx = torch.randperm(n, generator=gen)[:min(batch_size, n)]
-        loss = batch_loss(data.subset(idx)).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (log_every and step % log_every == 0) or step == steps:
-            hist["step"].append(step)
-            hist["loss"].append(loss.item())
-    return hist
+    return minibatch_train(model, lambda idx: batch_loss(data.subset(idx)), len(data), steps=steps,
+                           batch_size=batch_size, lr=lr, seed=seed, sampling="permutation", schedule="cosine",
+                           clip=1.0, log_every=log_every)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Learned Fisher-trace estimator on larger MLPs (DESIGN §7 "Curvature estimation", issue #5 part 4).
+"""Learned Fisher-trace estimator on larger MLPs: GradMetaNet corrects the standard trace estimate.
 
 The zoo: MLPs ``64 → h → h → 10`` (ReLU, ``gradmeta.models.mlp``) on the 1797 scikit-learn digits
 (flattened 8×8, ``gradmeta.data.load_digits("all")``). Every MLP is drawn with its own seed, its

@@ -27,8 +27,9 @@ import time
 
 import torch
 
+from gradmeta._io import safe_torch_load
 from gradmeta._runtime import environment, torch_threads
-from gradmeta.specs import register_task
+from gradmeta.specs import NonEmpty, Range, register_task
 from .learned_fisher import (LEARNED_MODELS, LearnedFisherEstimator, evaluate_fisher_estimator, make_fisher_dataset,
                        train_fisher_estimator)
 from .learned_trace import (TRACE_MODELS, LearnedTraceEstimator, evaluate_trace_estimator, make_trace_dataset,
@@ -41,14 +42,15 @@ __all__ = ["curvature_learned", "DEFAULTS", "results_table", "merge_runs",
            "curvature_learned_trace", "TRACE_DEFAULTS", "trace_table"]
 
 DEFAULTS = {
-    "seeds": [0, 1],
-    "train_sizes": [32, 128],
+    "seeds": NonEmpty([Range(0, low=0), 1]),
+    "train_sizes": [Range(32, low=1), 128],
     "models": list(LEARNED_MODELS),
-    "data": {"set_size": 128, "num_points": 1024, "hidden": 32, "test_size": 128, "seed": 0},
+    "data": {"set_size": Range(128, low=1), "num_points": Range(1024, low=1), "hidden": 32,
+             "test_size": Range(128, low=1), "seed": Range(0, low=0)},
     "model": {"channels": 16, "layers": 2},
-    "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
+    "train": {"steps": Range(100, low=1), "batch_size": Range(8, low=1), "lr": Range(3e-3, low=0, low_open=True)},
     # GradMetaNet++ costs ~10x a GradMetaNet step on CPU; its own step count (0: train.steps)
-    "plusplus_steps": 20,
+    "plusplus_steps": Range(20, low=0),
 }
 
 
@@ -61,33 +63,49 @@ def _check_jobs(run: Run, known, sizes_key: str, sizes_msg: str) -> None:
         raise run.spec_error(sizes_key, sizes_msg)
 
 
+def _run_jobs(run: Run, jobs: dict, job, train, evaluate, desc: str) -> dict:
+    """Train and evaluate one estimator per pending job; one checkpoint per finished job.
+
+    ``jobs``: ``{key: (kind, size, seed)}``; ``job(kind, size, seed) -> (estimator, train data,
+    test data)`` (it seeds the initialisation); ``train(est, data, steps=, batch_size=, lr=, seed=,
+    log_every=)`` and ``evaluate(est, data) -> dict`` are the study's functions. GradMetaNet++ trains
+    ``plusplus_steps`` steps when that is set. Returns ``{"results": {key: ...}, "losses": {key: [...]}}``
+    (``train_seconds`` includes the evaluation).
+    """
+    spec, t = run.spec, run.spec["train"]
+    state = run.restore() or {"results": {}, "losses": {}}
+    for key in run.pending(list(jobs), state["results"], desc=desc):
+        kind, size, seed = jobs[key]
+        est, train_data, test_data = job(kind, size, seed)
+        steps = spec["plusplus_steps"] if kind == "gradmetanet++" and spec["plusplus_steps"] else t["steps"]
+        t1 = time.perf_counter()
+        hist = train(est, train_data, steps=steps, batch_size=t["batch_size"], lr=t["lr"], seed=seed,
+                     log_every=max(1, steps // 50))
+        state["results"][key] = {**evaluate(est, test_data), "train_seconds": time.perf_counter() - t1, "steps": steps}
+        state["losses"][key] = hist["loss"]
+        run.checkpoint(state, len(state["results"]))
+    return state
+
+
 @register_task("curvature_learned", defaults=DEFAULTS)
 def curvature_learned(run: Run) -> dict:
     """Learned Fisher diagonal of random SIRENs from 128 output gradients: error vs the standard estimator."""
     spec = run.spec
     _check_jobs(run, LEARNED_MODELS, "train_sizes", "need one or more positive sizes")
-    d, t = spec["data"], spec["train"]
+    d = spec["data"]
     kw = {"set_size": d["set_size"], "num_points": d["num_points"], "hidden": d["hidden"]}
     t0 = time.perf_counter()
     pool = make_fisher_dataset(max(spec["train_sizes"]), seed=d["seed"], **kw)
     test = make_fisher_dataset(d["test_size"], seed=d["seed"] + 1, **kw)
     data_seconds = time.perf_counter() - t0
-    state = run.restore() or {"results": {}, "losses": {}}
     jobs = {f"{m}/n{n}/seed{s}": (m, n, s) for m in spec["models"] for n in spec["train_sizes"] for s in spec["seeds"]}
-    for key in run.pending(list(jobs), state["results"], desc="estimators"):
-        model_kind, n, seed = jobs[key]
-        gen = torch.Generator().manual_seed(seed)
-        train = pool.subset(torch.randperm(len(pool), generator=gen)[:n])
+
+    def job(kind, n, seed):  # a random subset of n SIRENs of the pool (seed), the held-out test set
+        train = pool.subset(torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n])
         torch.manual_seed(seed)
-        est = LearnedFisherEstimator(model_kind, d["hidden"], spec["model"]["channels"], spec["model"]["layers"])
-        steps = spec["plusplus_steps"] if model_kind == "gradmetanet++" and spec["plusplus_steps"] else t["steps"]
-        t1 = time.perf_counter()
-        hist = train_fisher_estimator(est, train, steps=steps, batch_size=t["batch_size"], lr=t["lr"], seed=seed,
-                                      log_every=max(1, steps // 50))
-        ev = evaluate_fisher_estimator(est, test)
-        state["results"][key] = {**ev, "train_seconds": time.perf_counter() - t1, "steps": steps}
-        state["losses"][key] = hist["loss"]
-        run.checkpoint(state, len(state["results"]))
+        return LearnedFisherEstimator(kind, d["hidden"], spec["model"]["channels"], spec["model"]["layers"]), train, test
+
+    state = _run_jobs(run, jobs, job, train_fisher_estimator, evaluate_fisher_estimator, "estimators")
     std_err = evaluate_fisher_estimator(None, test)["standard_error"]
     summary = _summary(state, spec, std_err)
     summary["reduction/quadrature"] = evaluate_fisher_estimator("quadrature", test)["reduction"]
@@ -159,7 +177,7 @@ def merge_runs(folders: list, spec_path, out_prefix) -> dict:
     spec = resolve_spec(load_spec(spec_path), spec_path)
     results, quad, std = {}, None, None
     for f in folders:
-        state = torch.load(Path(f) / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]
+        state = safe_torch_load(Path(f) / "checkpoint.pt", "run checkpoint")["state"]
         results.update(state["results"])
         m = json.loads((Path(f) / "metrics.json").read_text())["summary"]
         quad, std = m["reduction/quadrature"], m["standard_error"]
@@ -212,16 +230,17 @@ def _figure(spec: dict, state: dict, quadrature: float | None = None):
 
 # ---------------------------------------------------------------------------------------------- trace
 TRACE_DEFAULTS = {
-    "seeds": [0, 1],
+    "seeds": NonEmpty([Range(0, low=0), 1]),
     "widths": [32],
-    "train_size": 32,
+    "train_size": Range(32, low=1),
     "models": [m for m in TRACE_MODELS if m != "gradmetanet++"],
-    "threads": 1,
-    "data": {"set_size": 128, "num_points": 0, "test_size": 32, "seed": 0, "init_scale": [0.5, 2.0],
-             "train_steps": 50, "lr": 1e-2},
+    "threads": Range(1, low=1),
+    "data": {"set_size": Range(128, low=1), "num_points": Range(0, low=0), "test_size": Range(32, low=1),
+             "seed": Range(0, low=0), "init_scale": [0.5, 2.0], "train_steps": Range(50, low=0),
+             "lr": Range(1e-2, low=0, low_open=True)},
     "model": {"channels": 16, "layers": 2},
-    "train": {"steps": 100, "batch_size": 8, "lr": 3e-3},
-    "plusplus_steps": 20,  # GradMetaNet++ costs ~30x a GradMetaNet step here (0: train.steps)
+    "train": {"steps": Range(100, low=1), "batch_size": Range(8, low=1), "lr": Range(3e-3, low=0, low_open=True)},
+    "plusplus_steps": Range(20, low=0),  # GradMetaNet++ costs ~30x a GradMetaNet step here (0: train.steps)
 }
 
 
@@ -230,7 +249,7 @@ def curvature_learned_trace(run: Run) -> dict:
     """Learned Fisher trace of MLPs 64-h-h-10 on digits from 128 gradients: normalised MAE vs the standard estimator."""
     spec = run.spec
     _check_jobs(run, TRACE_MODELS, "widths", "need one or more positive hidden widths")
-    d, t = spec["data"], spec["train"]
+    d = spec["data"]
     if len(d["init_scale"]) != 2:
         raise run.spec_error("data.init_scale", f"need [low, high], got {d['init_scale']}")
     kw = {"set_size": d["set_size"], "num_points": d["num_points"] or None, "init_scale": tuple(d["init_scale"]),
@@ -240,20 +259,13 @@ def curvature_learned_trace(run: Run) -> dict:
         data = {h: (make_trace_dataset(spec["train_size"], hidden=h, seed=d["seed"], **kw),
                     make_trace_dataset(d["test_size"], hidden=h, seed=d["seed"] + 1, **kw)) for h in spec["widths"]}
         data_seconds = time.perf_counter() - t0
-        state = run.restore() or {"results": {}, "losses": {}}
         jobs = {f"{m}/h{h}/seed{s}": (m, h, s) for m in spec["models"] for h in spec["widths"] for s in spec["seeds"]}
-        for key in run.pending(list(jobs), state["results"], desc="trace estimators"):
-            kind, h, seed = jobs[key]
+
+        def job(kind, h, seed):  # the training and held-out zoos of width h
             torch.manual_seed(seed)
-            est = LearnedTraceEstimator(kind, h, spec["model"]["channels"], spec["model"]["layers"])
-            steps = spec["plusplus_steps"] if kind == "gradmetanet++" and spec["plusplus_steps"] else t["steps"]
-            t1 = time.perf_counter()
-            hist = train_trace_estimator(est, data[h][0], steps=steps, batch_size=t["batch_size"], lr=t["lr"],
-                                         seed=seed, log_every=max(1, steps // 50))
-            state["results"][key] = {**evaluate_trace_estimator(est, data[h][1]),
-                                     "train_seconds": time.perf_counter() - t1, "steps": steps}
-            state["losses"][key] = hist["loss"]
-            run.checkpoint(state, len(state["results"]))
+            return LearnedTraceEstimator(kind, h, spec["model"]["channels"], spec["model"]["layers"]), *data[h]
+
+        state = _run_jobs(run, jobs, job, train_trace_estimator, evaluate_trace_estimator, "trace estimators")
     summary = _trace_summary(state, spec, {h: test for h, (_, test) in data.items()})
     summary["data_seconds"] = data_seconds
     plots = [run.save_figure(_trace_figure(spec, summary), "curvature_learned_trace.png")] if state["results"] else []

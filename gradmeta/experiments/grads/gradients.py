@@ -18,7 +18,7 @@ import torch
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
 from gradmeta._runtime import torch_threads
-from gradmeta.specs import OneOf, Required, register_task
+from gradmeta.specs import OneOf, Range, Required, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -26,25 +26,25 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
 __all__ = ["gradients_digits", "gradient_statistics", "DEFAULTS"]
 
 DEFAULTS = {
-    "seed": 0,
+    "seed": Range(0, low=0),
     # torch intra-op threads during the run: a model this small runs fastest on one thread, and
     # several threads on a busy machine were measured 30-100x slower per step (2-core CPU).
-    "threads": 1,
-    "data": {"split_seed": 0},
+    "threads": Range(1, low=1),
+    "data": {"split_seed": Range(0, low=0)},
     "model": {"widths": [64, 64, 32, 10], "activation": OneOf("relu", ("relu", "tanh", "gelu", "sigmoid"))},
     "train": {
         "steps": Required(int, "number of optimizer steps"),
-        "batch_size": 64,
+        "batch_size": Range(64, low=1),
         "optimizer": OneOf("adam", ("adam", "sgd")),
-        "lr": 1e-3,
+        "lr": Range(1e-3, low=0, low_open=True),
         "momentum": 0.9,  # SGD only
         "weight_decay": 0.0,
-        "eval_every": 25,
-        "checkpoint_every": 100,
+        "eval_every": Range(25, low=1),
+        "checkpoint_every": Range(100, low=1),
     },
     "collect": {
-        "every": 25,
-        "batch_size": 256,
+        "every": Range(25, low=1),
+        "batch_size": Range(256, low=2),
         "quantiles": [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0],
     },
 }
@@ -100,12 +100,8 @@ def _check(run: Run, n_features: int, n_classes: int, n_train: int) -> None:
     if len(w) < 2 or w[0] != n_features or w[-1] != n_classes or min(w) < 1:
         raise run.spec_error("model.widths", f"{w} must start with {n_features} (pixels), end with "
                              f"{n_classes} (classes) and be positive")
-    positive = {"train.steps": s["train"]["steps"], "train.batch_size": s["train"]["batch_size"],
-                "train.eval_every": s["train"]["eval_every"], "train.lr": s["train"]["lr"],
-                "train.checkpoint_every": s["train"]["checkpoint_every"], "collect.every": s["collect"]["every"]}
-    for key, v in positive.items():
-        if not v > 0:
-            raise run.spec_error(key, f"must be positive, got {v}")
+    if s["train"]["steps"] < 1:  # the other counts and rates are checked by their Range defaults
+        raise run.spec_error("train.steps", f"must be positive, got {s['train']['steps']}")
     if not 2 <= s["collect"]["batch_size"] <= n_train:
         raise run.spec_error("collect.batch_size", f"must lie in 2..{n_train}, got {s['collect']['batch_size']}")
     if not all(0.0 <= q <= 1.0 for q in s["collect"]["quantiles"]):
@@ -121,8 +117,6 @@ def _evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple
 @register_task("gradients_digits", defaults=DEFAULTS)
 def gradients_digits(run: Run) -> dict:
     """MLP on the scikit-learn digits; gradient norms, noise scale and Fisher spectrum over training."""
-    if run.spec["threads"] < 1:
-        raise run.spec_error("threads", f"must be at least 1, got {run.spec['threads']}")
     with torch_threads(run.spec["threads"]):
         return _train(run)
 
@@ -165,12 +159,16 @@ def _train(run: Run) -> dict:
         timing["collects"] += 1
         record("gradients", step, stats)
 
-    state = run.restore()
+    state = run.restore(keys=("model", "optimizer", "generator", "history"))
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            raise run.checkpoint_error(" ".join(str(e).split())) from None
         history = state["history"]
+        timing = state.get("timing", timing)  # summed over invocations (older checkpoints: none)
     start = run.start_step
     if start == 0:
         evaluate(0)
@@ -189,7 +187,7 @@ def _train(run: Run) -> dict:
         opt.step()
         timing["step_s"] += time.perf_counter() - t0
         timing["steps"] += 1
-        record("train", step, {"batch_loss": loss.item()})
+        record("train", step, {"batch_loss": run.check_finite("train batch loss", loss, step)})
         if step % tr["eval_every"] == 0 or step == total:
             evaluate(step)
         if step % co["every"] == 0 or step == total:
@@ -200,7 +198,7 @@ def _train(run: Run) -> dict:
         stop = run.should_stop(step)
         if step % tr["checkpoint_every"] == 0 or step == total or stop:
             run.checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "generator": gen.get_state(), "history": history}, step)
+                            "generator": gen.get_state(), "history": history, "timing": timing}, step)
         if stop:
             break
     bar.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gradmeta.specs import OneOf, register_task
+from gradmeta.specs import NonEmpty, OneOf, Range, register_task
 from gradmeta.inr import (EDITS, INREditor, apply_edit, build_zoo, evaluate_editor, load_zoo,
                           parse_variant, render, train_editor, zoo_images)
 
@@ -29,14 +29,16 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
 __all__ = ["inr_editing", "DEFAULTS"]
 
 DEFAULTS = {
-    "seeds": [0, 1, 2],
+    "seeds": NonEmpty([Range(0, low=0), 1, 2]),
     "data": {"source": OneOf("digits", ("digits", "mnist", "fashion_mnist", "cifar10")), "root": "",
-             "size": 12, "train_limit": 256, "test_limit": 128, "edit": "dilation"},
-    "zoo": {"dir": "", "steps": 60, "lr": 3e-3, "shard_size": 128, "seed": 0},
+             "size": Range(12, low=0), "train_limit": Range(256, low=0), "test_limit": Range(128, low=0),
+             "edit": "dilation"},
+    "zoo": {"dir": "", "steps": Range(60, low=1), "lr": Range(3e-3, low=0, low_open=True),
+            "shard_size": Range(128, low=1), "seed": Range(0, low=0)},
     "editor": {"features": ["weights", "probing", "gradients"], "channels": 16, "layers": 2, "aux_channels": 4,
                "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu", "grad_grid": 0,
                "grad_target": 0.0, "aux_zero_init": False},
-    "train": {"steps": 300, "batch_size": 32, "lr": 3e-3},
+    "train": {"steps": Range(300, low=1), "batch_size": Range(32, low=1), "lr": Range(3e-3, low=0, low_open=True)},
 }
 
 

@@ -6,80 +6,98 @@ branch) with PES, full-unroll ES or truncated backprop and the Adam meta-optimis
 iterations (meta-parameters, meta-optimiser, particle states and the random generator), so
 ``--resume`` continues to exactly the result of an uninterrupted run. Under ``torchrun`` the
 particles are split over the ranks (:mod:`gradmeta.lopt._distributed`). It writes the trained
-optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(model, checkpoint=...)``),
+optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(params, checkpoint=...)``),
 ``meta_loss.png`` and ``inner_curves.png``.
 
 ``lopt_eval`` compares a checkpoint (or, with ``run = "<folder>"``, the optimizer of any kind in a
 ``lopt_meta_train`` run folder) with lr-tuned Adam (sweep :data:`~gradmeta.lopt.ADAM_LRS`) and
-lr-tuned SGD with momentum on held-out initialisation seeds: step reduction, best test loss and,
-for per-parameter checkpoints, the step-time ratio against Adam (``evaluation.png``).
+lr-tuned SGD with momentum on held-out initialisation seeds: step reduction, best and final test
+loss and, for per-parameter checkpoints, the step-time ratio against Adam (``evaluation.png``).
+
+Both take a built-in inner task (``[inner] name``) or your own: ``[inner] factory =
+"mypkg.tasks:make_task"``, a function of no arguments returning a task
+(:func:`gradmeta.lopt.load_task`); the other ``[inner]`` keys are then unused.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from gradmeta.specs import OneOf, Required, register_task
-
-from gradmeta.lopt import (ADAM_LRS, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, PerParamMLP, TruncatedBackprop,
-                           WeightSpaceLO, adam, comm_from_env, load_checkpoint, make_task, save_checkpoint, sgdm,
-                           step_reduction, step_times, train_curves, train_curves_loop)
+from gradmeta._runtime import torch_threads
+from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, MetaTraining, PerParamMLP,
+                           TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves, load_checkpoint,
+                           load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times, train_curves)
+from gradmeta.specs import OneOf, Range, Required, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
 
 __all__ = ["lopt_meta_train", "lopt_eval", "TRAIN_DEFAULTS", "EVAL_DEFAULTS"]
 
-_TASK = {"name": OneOf("digits", TASK_NAMES), "hidden": [32], "batch_size": 128, "data_root": "", "valid_fraction": 0.0}
+_POS = dict(low=0, low_open=True)  # a positive number
+_TASK = {"name": OneOf("digits", TASK_NAMES), "factory": "", "hidden": [Range(32, low=1)],
+         "batch_size": Range(128, low=1), "data_root": "", "valid_fraction": Range(0.0, low=0, high=1, high_open=True)}
 TRAIN_DEFAULTS = {
-    "seed": 0,
-    "threads": 1,
+    "seed": Range(0, low=0),
+    "threads": Range(1, low=0),
     "inner": _TASK,
     "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace")),
-                  "hidden": 32, "lr": 0.1, "step_mult": 0.03, "max_update": 0.1, "gmn_channels": 4,
-                  "weight_aware": False},
+                  "hidden": Range(32, low=1), "lr": Range(0.1, **_POS), "step_mult": Range(0.03, low=0),
+                  "max_update": Range(0.1, **_POS), "gmn_channels": Range(4, low=1), "weight_aware": False},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
-              "iterations": Required(int, "meta-gradient steps"), "particles": 8, "truncation": 20,
-              "horizon": 200, "sigma": 0.01, "log_loss": False, "meta_lr": 3e-3, "grad_clip": 1.0,
+              "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
+              "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
+              "log_loss": False, "meta_lr": Range(3e-3, **_POS), "grad_clip": Range(1.0, **_POS),
               "objective": OneOf("train", ("train", "valid"))},
-    "eval": {"every": 25, "steps": 200, "eval_every": 10, "seeds": [1000, 1001]},
-    "checkpoint_every": 5,
+    "eval": {"every": Range(25, low=1), "steps": Range(200, low=1), "eval_every": Range(10, low=1),
+             "seeds": [Range(1000, low=0), 1001]},
+    "checkpoint_every": Range(5, low=1),
 }
 EVAL_DEFAULTS = {
     "checkpoint": "",
     "run": "",  # a lopt_meta_train run folder: evaluate its optimizer (any kind) instead of `checkpoint`
-    "threads": 1,
+    "threads": Range(1, low=0),
     "inner": _TASK,
-    "seeds": [1, 2, 3, 4, 5],
-    "steps": 300,
-    "eval_every": 10,
-    "data_seed": 0,
-    "adam_lrs": list(ADAM_LRS),
-    "sgdm_lrs": list(SGDM_LRS),
-    "timing": {"batch_size": 128, "repeats": 200},
+    "seeds": [Range(1, low=0), 2, 3, 4, 5],
+    "steps": Range(300, low=1),
+    "eval_every": Range(10, low=1),
+    "data_seed": Range(0, low=0),
+    "adam_lrs": [Range(x, **_POS) for x in ADAM_LRS],
+    "sgdm_lrs": [Range(x, **_POS) for x in SGDM_LRS],
+    "timing": {"batch_size": Range(128, low=1), "repeats": Range(200, low=1)},
 }
 
 
-def _set_threads(run: Run) -> None:
-    # Small vmapped unrolls are dominated by per-op overhead; intra-op threads only add contention
-    # (on a busy 2-core machine, 2 threads made a PES step 30x slower than 1).
-    if run.spec["threads"] > 0:
-        torch.set_num_threads(run.spec["threads"])
-
-
-def _task(run: Run):
+def _task(run: Run, objective: str = "train"):
+    """The spec's inner task (built-in or from ``inner.factory``), checked for ``objective``."""
     t = run.spec["inner"]
-    return make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"], data_root=t["data_root"] or None,
-                     valid_fraction=t["valid_fraction"])
+    if t["factory"]:
+        try:
+            task = load_task(t["factory"])
+        except (ValueError, TypeError) as e:
+            raise run.spec_error("inner.factory", str(e)) from e
+    else:
+        task = make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"],
+                         data_root=t["data_root"] or None, valid_fraction=t["valid_fraction"])
+    if objective == "valid":
+        if not callable(getattr(task, "valid_loss", None)):
+            raise run.spec_error("outer.objective", f"'valid' needs a task with valid_loss(params); {task.name} has none")
+        try:
+            task.valid_loss(task.init(0))
+        except ValueError as e:
+            raise run.spec_error("outer.objective", f"'valid': {e}") from e
+    return task
 
 
-def _lo_curves(task, lo, meta, seeds, steps, eval_every, data_seed=0):
-    if getattr(lo, "needs_gradient_set", False):
-        return train_curves_loop(task, lo, meta, seeds, steps, eval_every, data_seed)
-    return train_curves(task, lambda _: lo.bind(meta), torch.zeros(1), seeds, steps, eval_every, data_seed)
+def _nonempty(run: Run, *keys: str) -> None:
+    for key in keys:
+        value = run.spec
+        for part in key.split("."):
+            value = value[part]
+        if not value:
+            raise run.spec_error(key, "must not be empty")
 
 
 def _make_lo(task, cfg: dict):
@@ -115,42 +133,42 @@ def _from_run(folder: str, task):
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
 def lopt_meta_train(run: Run) -> dict:
     """Meta-train a learned optimizer of the spec's ``[optimizer] kind`` (PES / ES / truncated backprop)."""
+    # Small vmapped unrolls are dominated by per-op overhead; intra-op threads only add contention
+    # (on a busy 2-core machine, 2 threads made a PES step 30x slower than 1).
+    with torch_threads(run.spec["threads"]):
+        return _meta_train(run)
+
+
+def _meta_train(run: Run) -> dict:
     s, o, ev = run.spec, run.spec["outer"], run.spec["eval"]
-    for key in ("iterations", "particles", "truncation", "horizon"):
-        if o[key] < 1:
-            raise run.spec_error(f"outer.{key}", f"must be positive, got {o[key]}")
-    _set_threads(run)
+    if o["iterations"] < 1:
+        raise run.spec_error("outer.iterations", f"must be positive, got {o['iterations']}")
+    _nonempty(run, "eval.seeds")
     comm = comm_from_env()
-    task = _task(run)
+    task = _task(run, o["objective"])
     lo = _make_lo(task, s["optimizer"])
-    meta = {k: v.requires_grad_() for k, v in lo.init_meta(s["seed"]).items()}
-    opt = torch.optim.Adam(meta.values(), lr=o["meta_lr"])
-    common = dict(particles=o["particles"], log_loss=o["log_loss"], comm=comm, objective=o["objective"])
+    common = dict(particles=o["particles"], horizon=o["horizon"], log_loss=o["log_loss"], comm=comm,
+                  objective=o["objective"])
     if o["method"] == "tbptt":
-        trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], horizon=o["horizon"], backend=o["backend"],
-                                    **common)
+        trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], backend=o["backend"], **common)
+    elif o["method"] == "es":
+        trainer = ES(task, lo, sigma=o["sigma"], **common)
     else:
-        trunc = o["horizon"] if o["method"] == "es" else o["truncation"]
-        trainer = PES(task, lo, truncation=trunc, horizon=o["horizon"], sigma=o["sigma"], **common)
-    gen = torch.Generator().manual_seed(s["seed"])
+        trainer = PES(task, lo, truncation=o["truncation"], sigma=o["sigma"], **common)
+    mt = MetaTraining(lo, trainer, meta_lr=o["meta_lr"], grad_clip=o["grad_clip"], seed=s["seed"])
+    meta = mt.meta
     history = {"meta": {"step": [], "meta_loss": [], "grad_norm": [], "lr": [], "skipped": []},
                "eval": {"step": [], "final_test_loss": [], "best_test_loss": []}}
     saved = run.restore()
     if saved is not None:
-        with torch.no_grad():
-            for k, v in saved["meta"].items():
-                meta[k].copy_(v)
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["generator"])
-        state = trainer.from_leaves(meta, saved["trainer"])
+        mt.load_state_dict(saved)
         history = saved["history"]
-    else:
-        state = trainer.init(meta, gen)
+    mt.start()
     start, total = run.start_step, o["iterations"]
     lr_key = "log_lr" if "log_lr" in meta else "mlp.log_lr"
 
     def evaluate(it: int) -> None:
-        c = _lo_curves(task, lo, {k: v.detach() for k, v in meta.items()}, ev["seeds"], ev["steps"], ev["eval_every"])
+        c = learned_curves(task, lo, {k: v.detach() for k, v in meta.items()}, ev["seeds"], ev["steps"], ev["eval_every"])
         test = c["test_loss"][0]
         for k, v in (("step", it), ("final_test_loss", test[:, -1].mean().item()),
                      ("best_test_loss", test.min(-1).values.mean().item())):
@@ -161,14 +179,9 @@ def lopt_meta_train(run: Run) -> dict:
     it = start
     bar = run.progress(total, initial=start, desc="lopt_meta_train")
     for it in range(start + 1, total + 1) if not run.should_stop(start) else ():
-        g, state, info = trainer.grad({k: v.detach() for k, v in meta.items()}, state, gen)
-        norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
-        scale = min(1.0, o["grad_clip"] / norm) if norm > 0 and math.isfinite(norm) else 0.0
-        for k, v in meta.items():
-            v.grad = g[k] * scale
-        opt.step()
+        info = mt.step()
         h = history["meta"]
-        for k, v in (("step", it), ("meta_loss", info["meta_loss"]), ("grad_norm", norm),
+        for k, v in (("step", it), ("meta_loss", info["meta_loss"]), ("grad_norm", info["grad_norm"]),
                      ("lr", float(meta[lr_key].detach().exp())), ("skipped", info["skipped"])):
             h[k].append(v)
         if it % ev["every"] == 0 or it == total:
@@ -177,9 +190,7 @@ def lopt_meta_train(run: Run) -> dict:
         bar.set_postfix(meta_loss=f"{info['meta_loss']:.3f}")
         stop = run.should_stop(it)
         if (it % s["checkpoint_every"] == 0 or it == total or stop) and comm.rank == 0:
-            run.checkpoint({"meta": {k: v.detach() for k, v in meta.items()}, "opt": opt.state_dict(),
-                            "generator": gen.get_state(), "trainer": trainer.to_leaves(state),
-                            "history": history}, it)
+            run.checkpoint({**mt.state_dict(), "history": history}, it)
         if stop:
             break
     bar.close()
@@ -191,12 +202,13 @@ def lopt_meta_train(run: Run) -> dict:
                "untrained_final_test_loss": history["eval"]["final_test_loss"][0]}
     if comm.rank == 0:
         if isinstance(lo, PerParamMLP):  # GradMetaNet optimizers keep their meta-parameters in checkpoint.pt
-            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it)
+            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it,
+                            horizon=o["horizon"])
         from .plots import plot_curves, plot_meta
 
         run.save_figure(plot_meta(history), plots[0])
-        curves = {"learned (this run)": _lo_curves(task, lo, final, ev["seeds"], ev["steps"], ev["eval_every"]),
-                  f"SGDM lr={lo.lr:g} (untrained)": _lo_curves(task, lo, lo.init_meta(s["seed"]), ev["seeds"],
+        curves = {"learned (this run)": learned_curves(task, lo, final, ev["seeds"], ev["steps"], ev["eval_every"]),
+                  f"SGDM lr={lo.lr:g} (untrained)": learned_curves(task, lo, lo.init_meta(s["seed"]), ev["seeds"],
                                                               ev["steps"], ev["eval_every"])}
         run.save_figure(plot_curves({k: (c["eval_steps"], c["test_loss"][0]) for k, c in curves.items()},
                                     f"{task.name}: test loss on seeds {ev['seeds']}"), plots[1])
@@ -210,51 +222,57 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
 @register_task("lopt_eval", defaults=EVAL_DEFAULTS)
 def lopt_eval(run: Run) -> dict:
     """Evaluate a learned-optimizer checkpoint against lr-tuned Adam and SGDM on held-out seeds."""
+    with torch_threads(run.spec["threads"]):
+        return _eval(run)
+
+
+def _eval(run: Run) -> dict:
     s = run.spec
-    _set_threads(run)
+    _nonempty(run, "seeds", "adam_lrs", "sgdm_lrs")
     task = _task(run)
     lo, meta = _from_run(s["run"], task) if s["run"] else load_checkpoint(s["checkpoint"] or None)
     seeds, steps, every = s["seeds"], s["steps"], s["eval_every"]
-    if not seeds or steps < 1 or every < 1:
-        raise run.spec_error("seeds/steps/eval_every", "need at least one seed and positive steps")
-    bar = run.progress(4, desc="lopt_eval")
-    runs = {}
-    for name, make, grid in (("adam", adam, s["adam_lrs"]), ("sgdm", sgdm, s["sgdm_lrs"])):
-        c = train_curves(task, make, torch.tensor(grid), seeds, steps, every, s["data_seed"])
-        best = torch.nan_to_num(c["test_loss"], nan=float("inf")).min(-1).values.mean(-1)  # (H,)
-        j = int(best.argmin())
-        runs[name] = {"lr": grid[j], "test": c["test_loss"][j], "eval_steps": c["eval_steps"]}
-        bar.update(1)
-    c = _lo_curves(task, lo, meta, seeds, steps, every, s["data_seed"])
-    runs["learned"] = {"test": c["test_loss"][0], "eval_steps": c["eval_steps"], "skipped": int(c["skipped"].sum())}
+    bar = run.progress(3, desc="lopt_eval")
+    ev = evaluate(task, lo, meta, seeds=seeds, steps=steps, eval_every=every, adam_lrs=s["adam_lrs"],
+                  data_seed=s["data_seed"])
     bar.update(1)
-    steps_t = runs["adam"]["eval_steps"]
+    c = train_curves(task, sgdm, torch.tensor(s["sgdm_lrs"]), seeds, steps, every, s["data_seed"])
+    j = int(torch.nan_to_num(c["test_loss"], nan=float("inf")).min(-1).values.mean(-1).argmin())
+    runs = {"adam": {"lr": ev["adam_lr"], "test": ev["adam_test_loss"], "eval_steps": ev["eval_steps"]},
+            "sgdm": {"lr": s["sgdm_lrs"][j], "test": c["test_loss"][j]},
+            "learned": {"test": ev["test_loss"], "skipped": int(ev["skipped"].sum())}}
+    bar.update(1)
+    steps_t = ev["eval_steps"]
     summary = {"adam_lr": runs["adam"]["lr"], "sgdm_lr": runs["sgdm"]["lr"], "seeds": len(seeds)}
     history = {"curves": {"step": steps_t.tolist()}, "per_seed": {"seed": list(seeds)}}
     for name in ("learned", "sgdm", "adam"):
         test = runs[name]["test"]
         red = step_reduction(runs["adam"]["test"], test, steps_t)
-        best = torch.nan_to_num(test, nan=float("inf")).min(-1).values
+        best, final = torch.nan_to_num(test, nan=float("inf")).min(-1).values, test[:, -1]
         summary[f"{name}_step_reduction_mean"], summary[f"{name}_step_reduction_std"] = _mean_std(red)
         summary[f"{name}_best_test_loss_mean"], summary[f"{name}_best_test_loss_std"] = _mean_std(best)
+        summary[f"{name}_final_test_loss_mean"], summary[f"{name}_final_test_loss_std"] = _mean_std(final)
         history["curves"][f"{name}_test_loss_mean"] = test.mean(0).tolist()
         history["per_seed"][f"{name}_step_reduction"] = red.tolist()
         history["per_seed"][f"{name}_best_test_loss"] = best.tolist()
+        history["per_seed"][f"{name}_final_test_loss"] = final.tolist()
     summary["learned_skipped_steps"] = runs["learned"]["skipped"]
-    if not isinstance(lo, PerParamMLP):  # step time: LearnedOptimizer runs PerParamMLP checkpoints only
-        bar.close()
-        return _eval_result(run, task, seeds, steps, summary, history, runs)
-    tb = s["timing"]["batch_size"]
-    gen = torch.Generator().manual_seed(s["data_seed"])
-    timing_task = make_task(s["inner"]["name"], hidden=s["inner"]["hidden"], batch_size=tb,
-                            data_root=s["inner"]["data_root"] or None) if tb != task.batch_size else task
-    x, y = (b[0] for b in timing_task.batches(gen, 1))
-    model = timing_task.model
-    model.load_state_dict(timing_task.init(0))
-    t = step_times(model, timing_task.loss_fn, (x, y), checkpoint=s["checkpoint"] or None,
-                   adam_lr=runs["adam"]["lr"], repeats=s["timing"]["repeats"])
-    summary.update({"step_time_ratio_vs_adam": t["ratio"], "lopt_step_ms": t["lopt_ms"], "adam_step_ms": t["adam_ms"],
-                    "timing_batch_size": tb})
+    # step time: LearnedOptimizer runs PerParamMLP checkpoints, on module-backed tasks
+    if isinstance(lo, PerParamMLP) and hasattr(task, "model") and hasattr(task, "loss_fn"):
+        tb = s["timing"]["batch_size"]
+        if s["inner"]["factory"]:  # a user task: timed at its own batch size
+            timing_task, tb = task, getattr(task, "batch_size", None)
+        else:
+            timing_task = make_task(s["inner"]["name"], hidden=s["inner"]["hidden"], batch_size=tb,
+                                    data_root=s["inner"]["data_root"] or None) if tb != task.batch_size else task
+        gen = torch.Generator().manual_seed(s["data_seed"])
+        x, y = (b[0] for b in timing_task.batches(gen, 1))
+        model = timing_task.model
+        model.load_state_dict(timing_task.init(0))
+        t = step_times(model, timing_task.loss_fn, (x, y), checkpoint=s["checkpoint"] or None,
+                       adam_lr=runs["adam"]["lr"], repeats=s["timing"]["repeats"])
+        summary.update({"step_time_ratio_vs_adam": t["ratio"], "lopt_step_ms": t["lopt_ms"],
+                        "adam_step_ms": t["adam_ms"], "timing_batch_size": tb})
     bar.update(1)
     bar.close()
     return _eval_result(run, task, seeds, steps, summary, history, runs)

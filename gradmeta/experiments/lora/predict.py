@@ -9,7 +9,9 @@ every model in ``models`` for every seed, and reports on the held-out adapters:
   the training targets (a model should not extrapolate a bounded property such as an accuracy
   beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
 * ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
-  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right).
+  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
+* any other ``target``: a numeric column of the labels CSV (``labels``, default ``<zoo>/labels.csv``),
+  as regression with the same metrics as ``accuracy`` (used by the ``lora_llama_zoo`` tasks).
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
@@ -31,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gradmeta.specs import OneOf, Required, register_task
+from gradmeta._training import minibatch_train
+from gradmeta.specs import OneOf, Range, Required, register_task
 
 from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
 
@@ -45,19 +48,21 @@ TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"cla
 
 PREDICT_DEFAULTS = {
     "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
-    "target": OneOf("accuracy", tuple(TARGETS)),
+    "target": "accuracy",  # one of TARGETS, or any numeric column of the labels (regression)
+    "labels": "",  # labels CSV; default <zoo>/labels.csv
     "split": OneOf("random", ("random", "rank")),
-    "test_fraction": 0.2,
+    "test_fraction": Range(0.2, low=0, high=1, low_open=True, high_open=True),
     "train_ranks": [4],
     "test_ranks": [8, 16],
-    "max_adapters": 0,  # 0: all
+    "max_adapters": Range(0, low=0),  # 0: all
     "models": ["GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"],
-    "seeds": [0, 1, 2],
-    "max_rank": 16,  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
-    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64},
-    "train": {"epochs": 40, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4},
-    "speed": {"enabled": True, "n_adapters": 50},
-    "threads": 1,  # tiny models: one thread is fastest on a shared CPU
+    "seeds": [Range(0, low=0), 1, 2],
+    "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
+    "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
+    "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
+              "weight_decay": 1e-4},
+    "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
+    "threads": Range(1, low=1),  # tiny models: one thread is fastest on a shared CPU
 }
 
 
@@ -98,25 +103,15 @@ def _index(pairs, idx):
 
 def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, on_epoch=None) -> AdapterModel:
-    """AdamW on stacked ``pairs`` (``{module: (U (N,n,r), V (N,m,r))}``) and targets ``y (N, k)``."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    N = y.shape[0]
+    """AdamW on stacked ``pairs`` (``{module: (U (N,n,r), V (N,m,r))}``) and targets ``y (N, k)``.
+
+    ``epochs`` passes over a fresh permutation (``seed``) in batches of ``batch_size``, cosine
+    learning rate stepped once an epoch; ``on_epoch(epoch, mean training loss)``.
+    """
     net.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(N, generator=g)
-        total = 0.0
-        for s in range(0, N, batch_size):
-            idx = perm[s:s + batch_size]
-            loss = loss_fn(net(_index(pairs, idx)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        if on_epoch is not None:
-            on_epoch(epoch, total / N)
+    minibatch_train(net, lambda idx: loss_fn(net(_index(pairs, idx)), y[idx]), y.shape[0], epochs=epochs,
+                    batch_size=batch_size, lr=lr, seed=seed, schedule="cosine", optimizer="adamw",
+                    weight_decay=weight_decay, on_log=on_epoch)
     return net.eval()
 
 
@@ -189,11 +184,15 @@ def lora_predict(run: Run) -> dict:
     spec = run.spec
     torch.set_num_threads(spec["threads"])
     zoo = Path(spec["zoo"])
-    if not (zoo / "labels.csv").exists():
-        raise run.spec_error("zoo", f"{zoo / 'labels.csv'} does not exist; build the zoo first: "
+    labels = Path(spec["labels"]) if spec["labels"] else zoo / "labels.csv"
+    if not labels.exists():
+        raise run.spec_error("zoo", f"{labels} does not exist; build the zoo first: "
                                     f"gradmeta run tasks/lora_zoo.toml --out {zoo}")
-    ds = LoraDataset(zoo / "adapters", zoo / "labels.csv")
-    cols = TARGETS[spec["target"]]
+    ds = LoraDataset(zoo / "adapters", labels)
+    cols = TARGETS.get(spec["target"], [spec["target"]])
+    if any(c not in ds.labels[0] for c in cols):
+        raise run.spec_error("target", f"{spec['target']!r} is neither one of {sorted(TARGETS)} nor a column of "
+                                       f"{labels} (columns: {sorted(ds.labels[0])})")
     Y = ds.label_tensor(cols)
     if spec["target"] == "loss":
         Y = Y.log()
@@ -246,7 +245,7 @@ def lora_predict(run: Run) -> dict:
                 save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
                            target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
                            target_max=y_hi.flatten(), regression=regression)
-                if spec["speed"]["enabled"]:
+                if spec["speed"]["enabled"] and spec["target"] in TARGETS:  # needs the digits base model
                     speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
                     summary.update({f"speed/{k}": v for k, v in speed.items()})
             bar.update(1)

@@ -36,27 +36,28 @@ import torch.nn.functional as F
 from gradmeta.data import load_digits
 from gradmeta.models import mlp
 from gradmeta._io import atomic_write
-from gradmeta.specs import register_task
+from gradmeta.specs import Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
 
-__all__ = ["lora_zoo", "ZOO_DEFAULTS", "zoo_hyperparameters", "load_base", "evaluate", "train_base",
+__all__ = ["lora_zoo", "lora_llama_zoo", "LLAMA_ZOO_DEFAULTS", "ZOO_DEFAULTS", "zoo_hyperparameters", "load_base", "evaluate", "train_base",
            "finetune_adapter", "write_labels_csv"]
 
 ZOO_DEFAULTS = {
-    "seed": 0,
-    "n_adapters": 2000,
-    "threads": 1,  # torch threads per process; tiny models run fastest single-threaded
-    "base": {"widths": [64, 64, 32, 10], "steps": 400, "lr": 3e-3, "batch_size": 64},
+    "seed": Range(0, low=0),
+    "n_adapters": Range(2000, low=1),
+    "threads": Range(1, low=1),  # torch threads per process; tiny models run fastest single-threaded
+    "base": {"widths": [64, 64, 32, 10], "steps": Range(400, low=1), "lr": Range(3e-3, low=0, low_open=True),
+             "batch_size": Range(64, low=1)},
     "finetune": {
-        "ranks": [4, 8, 16],
+        "ranks": [Range(4, low=1), 8, 16],
         "alpha_mult": [0.5, 1.0, 2.0, 4.0],  # lora_alpha = mult * rank
-        "lr_min": 1e-3, "lr_max": 3e-2,      # log-uniform
-        "steps_min": 50, "steps_max": 250,
+        "lr_min": Range(1e-3, low=0, low_open=True), "lr_max": Range(3e-2, low=0, low_open=True),  # log-uniform
+        "steps_min": Range(50, low=1), "steps_max": Range(250, low=1),
         "dropout": [0.0, 0.05, 0.1],
         "min_classes": 1, "max_classes": 10,
-        "batch_size": 32,
+        "batch_size": Range(32, low=1),
     },
 }
 
@@ -208,3 +209,72 @@ def lora_zoo(run: Run) -> dict:
                "adapters_per_s_this_process": round(built / wall, 3) if built and wall > 0 else None,
                "base_test_acc": base_eval["acc"], "base_test_loss": base_eval["loss"]}
     return {"summary": summary, "history": {}, "plots": [], "step": total_done, "total_steps": n}
+
+
+LLAMA_ZOO_DEFAULTS = {
+    "seed": 0,
+    "n_adapters": 300,
+    "threads": 1,
+    "model": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "vocab_size": 32},
+    "ranks": [2, 4, 8],
+    "targets": ["q_proj", "v_proj"],
+    "log_scale_min": -2.0,  # each module's lora_B is multiplied by exp(U(min, max))
+    "log_scale_max": 1.0,
+    "probe_tokens": 64,
+}
+
+
+@register_task("lora_llama_zoo", defaults=LLAMA_ZOO_DEFAULTS)
+def lora_llama_zoo(run: Run) -> dict:
+    """Random-factor PEFT adapters of a tiny random-init Llama with spectral labels.
+
+    Adapter ``i``: real PEFT (``init_lora_weights=False``: random A and B) on ``targets``, rank
+    ``ranks[i % len(ranks)]``, ``lora_alpha = r``, each module's ``lora_B`` scaled by
+    ``exp(U(log_scale_min, log_scale_max))``. Labels (``labels.csv``): ``lognorm`` = log of the
+    Frobenius norm of all deltas together, ``logshift`` = log mean ‖logits(adapted) − logits(base)‖
+    on ``probe_tokens`` fixed random tokens, ``rank``.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = run.spec
+    torch.set_num_threads(spec["threads"])
+    g = torch.Generator().manual_seed(spec["seed"])
+    cfg = LlamaConfig(num_key_value_heads=spec["model"]["num_attention_heads"], **spec["model"])
+    probe = torch.randint(0, cfg.vocab_size, (4, spec["probe_tokens"] // 4), generator=g)
+    adir = run.out / "adapters"
+    rows, n = [], spec["n_adapters"]
+    bar = run.progress(n, desc="lora_llama_zoo")
+    for i in range(n):
+        torch.manual_seed(spec["seed"])
+        base = LlamaForCausalLM(cfg).eval()
+        r = spec["ranks"][i % len(spec["ranks"])]
+        torch.manual_seed(spec["seed"] * 100_003 + i + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, target_modules=list(spec["targets"]),
+                                                 init_lora_weights=False))
+        sq = 0.0
+        with torch.no_grad():
+            for _, m in pm.named_modules():
+                if hasattr(m, "lora_B") and "default" in m.lora_B:
+                    u = torch.empty(()).uniform_(spec["log_scale_min"], spec["log_scale_max"], generator=g)
+                    m.lora_B["default"].weight.mul_(u.exp())
+                    sq += float((m.get_delta_weight("default") ** 2).sum())
+            adapted = pm(probe).logits
+            with pm.disable_adapter():
+                plain = pm(probe).logits
+        shift = float((adapted - plain).norm(dim=-1).mean())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(str(adir / f"{i:05d}"))
+        rows.append({"adapter": f"{i:05d}", "lognorm": 0.5 * math.log(sq), "logshift": math.log(shift), "rank": r})
+        bar.update(1)
+    bar.close()
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["adapter", "lognorm", "logshift", "rank"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(run.out / "labels.csv", lambda fh: fh.write(buf.getvalue()), mode="w")
+    return {"summary": {"adapters_done": n}, "history": {}, "plots": [], "step": n, "total_steps": n}

@@ -1,4 +1,4 @@
-"""Task ``nn_capability``: regress per-parameter statistics of a gradient set (issue #4).
+"""Task ``nn_capability``: regress per-parameter statistics of a gradient set.
 
 From a set of ``data.set_size`` per-example gradients of a random MLP (scikit-learn digits as
 inputs), every model is trained to output, per parameter entry, one of
@@ -37,10 +37,11 @@ import time
 import torch
 
 import gradmeta.nn as gnn
+from gradmeta._training import minibatch_train
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
 from gradmeta._runtime import torch_threads
-from gradmeta.specs import OneOf, register_task
+from gradmeta.specs import OneOf, Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -55,10 +56,10 @@ _EXTRA = {"none": 0, "square": 2, "square_log": 4}
 _DEGREE = {"mean_grad": 1, "fisher_diag": 2, "adam_direction": 0, "natural_grad_last_layer": -1}
 
 DEFAULTS = {
-    "seed": 0,
-    "threads": 1,
-    "data": {"inner_widths": [64, 24, 10], "set_size": 32, "train_sets": 256, "test_sets": 48,
-             "train_seed": 0, "test_seed": 1},
+    "seed": Range(0, low=0),
+    "threads": Range(1, low=1),
+    "data": {"inner_widths": [64, 24, 10], "set_size": Range(32, low=1), "train_sets": Range(256, low=1),
+             "test_sets": Range(48, low=1), "train_seed": Range(0, low=0), "test_seed": Range(1, low=0)},
     "targets": list(TARGETS),
     "models": list(MODELS),
     "natural_grad": {"damping": 0.1},
@@ -69,8 +70,9 @@ DEFAULTS = {
               # learned-optimizer preprocessing); elementwise, so every symmetry is kept
               "features": OneOf("square", ("none", "square", "square_log")),
 },
-    "train": {"steps": 300, "batch_sets": 4, "lr": 3e-3, "warmup": 30, "clip": 1.0,
-              "normalise": OneOf("neuron", ("neuron", "layer", "set")), "log_every": 10},
+    "train": {"steps": Range(300, low=1), "batch_sets": Range(4, low=1), "lr": Range(3e-3, low=0, low_open=True),
+              "warmup": Range(30, low=0), "clip": 1.0,
+              "normalise": OneOf("neuron", ("neuron", "layer", "set")), "log_every": Range(10, low=1)},
 }
 
 
@@ -256,34 +258,19 @@ def _evaluate(net, items, chunk: int = 8) -> float:
 
 
 def train_eval(net, train, test, tr: dict, seed: int, log=None) -> dict:
-    """Adam with linear warm-up and cosine decay on the mean squared relative error; test error at the end."""
-    opt = torch.optim.Adam(net.parameters(), lr=tr["lr"])
-    steps, warm = tr["steps"], tr["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
-    g = torch.Generator().manual_seed(seed)
-    hist = {"step": [], "train_loss": []}
-    t0, acc = time.perf_counter(), []
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(train), (tr["batch_sets"],), generator=g).tolist()
-        items = [train[i] for i in idx]
-        loss = sum(rel_err(p, it[2], sq=True) for p, it in zip(_predict(net, items), items)) / len(items)
-        opt.zero_grad()
-        loss.backward()
-        if tr["clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), tr["clip"])
-        opt.step()
-        sched.step()
-        acc.append(loss.item())
-        if step % tr["log_every"] == 0 or step == steps:
-            hist["step"].append(step)
-            hist["train_loss"].append(statistics.mean(acc))
-            acc = []
-            if log:
-                log(step, hist["train_loss"][-1])
+    """Adam with linear warm-up and cosine decay on the mean squared relative error of ``tr["batch_sets"]``
+    training sets drawn uniformly (``seed``); test error at the end. ``log(step, mean train loss)``."""
+    def batch_loss(idx):
+        items = [train[i] for i in idx.tolist()]
+        return sum(rel_err(p, it[2], sq=True) for p, it in zip(_predict(net, items), items)) / len(items)
+
+    t0 = time.perf_counter()
+    hist = minibatch_train(net, batch_loss, len(train), steps=tr["steps"], batch_size=tr["batch_sets"], lr=tr["lr"],
+                           seed=seed, sampling="uniform", schedule="cosine", warmup=tr["warmup"], clip=tr["clip"],
+                           log_every=tr["log_every"], average=True, on_log=log)
     secs = time.perf_counter() - t0
     return {"rel_error": _evaluate(net, test), "train_rel_error": _evaluate(net, train[:len(test)]),
-            "train_seconds": secs, "history": hist}
+            "train_seconds": secs, "history": {"step": hist["step"], "train_loss": hist["loss"]}}
 
 
 # ------------------------------------------------------------------------------------- task
@@ -300,6 +287,8 @@ def _check(run: Run) -> None:
                    "threads": s["threads"], "model.channels": s["model"]["channels"]}.items():
         if not v > 0:
             raise run.spec_error(key, f"must be positive, got {v}")
+    if tr["batch_sets"] > d["train_sets"]:
+        raise run.spec_error("train.batch_sets", f"{tr['batch_sets']} is more than data.train_sets = {d['train_sets']}")
     if len(d["inner_widths"]) < 3:
         raise run.spec_error("data.inner_widths", f"needs a hidden layer, got {d['inner_widths']}")
 

@@ -1,4 +1,4 @@
-"""Learned Fisher-trace estimator on MLPs (issue #5 part 4): target, standard estimator, symmetry, task."""
+"""Learned Fisher-trace estimator on MLPs: target, standard estimator, symmetry, task."""
 import json
 
 import pytest

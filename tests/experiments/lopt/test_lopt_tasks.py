@@ -44,6 +44,7 @@ def _ckpt_step(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow  # a killed subprocess and three runs
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     spec = tmp_path / "lopt.toml"
     spec.write_text(SPEC.format(iterations=14))

@@ -82,3 +82,50 @@ def test_shipped_specs_resolve():
     assert len(specs) >= 5
     for p in specs:
         resolve_spec(load_spec(p), p)
+
+
+def _old_train_model(net, pairs, y, loss_fn, epochs, batch_size, lr, weight_decay, seed, on_epoch=None):
+    """The loop ``train_model`` used before ``gradmeta._training`` (reference)."""
+    from gradmeta.experiments.lora.predict import _index
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    N = y.shape[0]
+    net.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        total = 0.0
+        for s in range(0, N, batch_size):
+            idx = perm[s:s + batch_size]
+            loss = loss_fn(net(_index(pairs, idx)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, total / N)
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", ["GLNet", "DenseMLP"])
+def test_training_loop_is_bitwise_the_old_loop(name):
+    import torch.nn.functional as F
+
+    from gradmeta.experiments.lora.predict import train_model
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (5, 4), "b": (3, 5)}
+    pairs = {k: (torch.randn(10, n, 2, generator=g), torch.randn(10, m, 2, generator=g)) for k, (n, m) in shapes.items()}
+    y = torch.randn(10, 1, generator=g)
+    nets, curves = [], ([], [])
+    for _ in range(2):
+        torch.manual_seed(1)
+        nets.append(lora.MODELS[name](shapes, 1).fit_input_scale(pairs))
+    kw = dict(epochs=3, batch_size=4, lr=1e-2, weight_decay=1e-2, seed=5)
+    train_model(nets[0], pairs, y, F.mse_loss, on_epoch=lambda e, l: curves[0].append((e, l)), **kw)
+    _old_train_model(nets[1], pairs, y, F.mse_loss, on_epoch=lambda e, l: curves[1].append((e, l)), **kw)
+    assert curves[0] == curves[1] and [e for e, _ in curves[0]] == [0, 1, 2]
+    assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
+    assert not nets[0].training

@@ -111,3 +111,53 @@ def test_stop_and_resume_give_the_full_run(tmp_path):
 def test_spec_errors_name_the_key(tmp_path):
     with pytest.raises(SpecError, match="models"):
         run_spec(_tiny_spec(tmp_path, 'models = ["GradMetaNet+++"]\n'), tmp_path / "c", progress=False)
+    with pytest.raises(SpecError, match="train.batch_sets"):
+        run_spec(_tiny_spec(tmp_path), tmp_path / "d", progress=False, overrides=["train.batch_sets=4"])
+
+
+def _old_train(net, train, tr, seed):
+    """The loop ``train_eval`` used before ``gradmeta._training`` (reference): returns the history."""
+    import math
+    import statistics
+
+    from gradmeta.experiments.nn.capability import _predict, rel_err
+
+    opt = torch.optim.Adam(net.parameters(), lr=tr["lr"])
+    steps, warm = tr["steps"], tr["warmup"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    g = torch.Generator().manual_seed(seed)
+    hist, acc = {"step": [], "train_loss": []}, []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(train), (tr["batch_sets"],), generator=g).tolist()
+        items = [train[i] for i in idx]
+        loss = sum(rel_err(p, it[2], sq=True) for p, it in zip(_predict(net, items), items)) / len(items)
+        opt.zero_grad()
+        loss.backward()
+        if tr["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tr["clip"])
+        opt.step()
+        sched.step()
+        acc.append(loss.item())
+        if step % tr["log_every"] == 0 or step == steps:
+            hist["step"].append(step)
+            hist["train_loss"].append(statistics.mean(acc))
+            acc = []
+    return hist
+
+
+def test_training_loop_is_bitwise_the_old_loop():
+    warmup, clip = 2, 0.5
+    from gradmeta.experiments.nn.capability import capability_models, train_eval
+    from gradmeta.models import mlp
+
+    widths = [64, 6, 10]
+    sets = make_sets(4, widths, 4, seed=0)
+    m = {"channels": 4, "set_layers": 1, "neuron_layers": 1, "heads": 1, "flat_hidden": 8, "deepsets_hidden": 4,
+         "features": "square"}
+    tr = {"steps": 5, "batch_sets": 3, "lr": 3e-2, "warmup": warmup, "clip": clip, "log_every": 2}
+    new, old = (capability_models(mlp(widths), m, ["GradMetaNet"], seed=0)["GradMetaNet"] for _ in range(2))
+    items = _prepare(sets, "fisher_diag", "neuron", new.spec, "square")
+    got = train_eval(new, items, items[:1], tr, seed=7)["history"]
+    assert got == _old_train(old, items, tr, seed=7) and got["step"] == [2, 4, 5]
+    assert all(torch.equal(p, q) for p, q in zip(new.parameters(), old.parameters()))

@@ -1,0 +1,152 @@
+"""Step time and state size of ``gradmeta.lopt.LearnedOptimizer`` side by side with ``torch.optim.Adam``.
+
+For each model (the 2,410-parameter digits MLP 64-32-10 and an MLP 784-1024-1024-10, 1.86M
+parameters; random inputs and labels, B = 128, cross-entropy) a full training step (forward,
+backward, optimizer step) is timed for both optimizers, interleaved step by step so that machine
+load affects both alike; medians over ``--repeats``. Also timed: the optimizer step alone. State
+size is the bytes of the optimizer state over the bytes of the parameters. "Rule's MLP products
+alone" times just the three matrix products of the learned rule on as many entries as the model has
+parameters (interleaved too), and "floor: (fwd+bwd + MLP) vs Adam" is Adam's forward+backward plus
+that time, over Adam's full step: no implementation of this rule can go below it on this device.
+The "arithmetic floor" column is the lower bound of the learned step relative to a training step: the learned rule
+runs an MLP ``F → h → h → 2`` on every parameter entry (``F·h + h² + 2h`` multiply-adds) while
+forward and backward cost about ``3·B`` per parameter, so the ratio cannot go below
+``1 + (F·h + h² + 2h) / (3·B)`` on a compute-bound device.
+
+Usage::
+
+    python benchmarks/lopt.py                      # -> benchmarks/results/lopt_step.{json,md}
+    python benchmarks/lopt.py --quick --out DIR    # small sizes (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import environment, write_results
+from gradmeta.lopt import LearnedOptimizer
+from gradmeta.models import classification_loss, mlp
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {"digits": 1.5, "mlp1024": 2.0}
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    for s in opt.state.values():
+        for v in s.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                key = (v.untyped_storage().data_ptr(), v.storage_offset(), v.numel())
+                if key not in seen:
+                    seen.add(key)
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def _mlp_only(opt: LearnedOptimizer, n: int):
+    """The learned rule's three matrix products on ``n`` entries, chunked as in the fused update."""
+    from gradmeta.lopt._fused import CHUNK_ROWS
+
+    meta = opt._meta_for(torch.device("cpu"), torch.float32)
+    F = opt.lo.n_base_features - 9
+    x = torch.randn(F, n)
+    w0t, w1t, w2t = meta["w0"][:F].T, meta["w1"].T, meta["w2"].T
+    b0, b1, b2 = meta["b0"].unsqueeze(1), meta["b1"].unsqueeze(1), meta["b2"].unsqueeze(1)
+
+    def run():
+        for a in range(0, n, CHUNK_ROWS):
+            h = torch.addmm(b0, w0t, x[:, a:a + CHUNK_ROWS]).relu_()
+            h = torch.addmm(b1, w1t, h).relu_()
+            torch.addmm(b2, w2t, h)
+    return run
+
+
+def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    models = {"adam": mlp(widths), "learned": mlp(widths)}
+    models["learned"].load_state_dict(models["adam"].state_dict())
+    opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
+            "learned": LearnedOptimizer(models["learned"].parameters())}
+    x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    full = {k: [] for k in opts}
+    update = {k: [] for k in opts}
+    n_params = sum(p.numel() for p in models["adam"].parameters())
+    mlp_run, mlp_times = _mlp_only(opts["learned"], n_params), []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        mlp_run()
+        if i >= warmup:
+            mlp_times.append(time.perf_counter() - t0)
+        for k, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            classification_loss(models[k](x), y).mean().backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                full[k].append(t2 - t0)
+                update[k].append(t2 - t1)
+    param_bytes = sum(p.numel() * p.element_size() for p in models["adam"].parameters())
+    lo = opts["learned"].lo
+    F = lo.n_base_features - 9  # features per entry entering the first layer (the step encoding is a bias)
+    macs = F * lo.hidden + lo.hidden ** 2 + 2 * lo.hidden
+    ms = {k: statistics.median(v) for k, v in full.items()}  # seconds
+    ms_up = {k: statistics.median(v) for k, v in update.items()}
+    rows = []
+    for k, label in (("adam", "torch.optim.Adam"), ("learned", "LearnedOptimizer (shipped checkpoint)")):
+        rows.append({"label": label, "step_s": ms[k], "update_s": ms_up[k], "ratio": ms[k] / ms["adam"],
+                     "state_ratio": _state_bytes(opts[k]) / param_bytes,
+                     "floor": 1 + macs / (3 * batch) if k == "learned" else 1.0,
+                     "mlp_s": statistics.median(mlp_times) if k == "learned" else None,
+                     "measured_floor": (ms["adam"] - ms_up["adam"] + statistics.median(mlp_times)) / ms["adam"]
+                     if k == "learned" else None,
+                     "target": TARGETS.get(name) if k == "learned" else None})
+    desc = (f"MLP {'-'.join(map(str, widths))} (ReLU), {n_params:,} parameters, B={batch}, random data; "
+            f"full step (forward, backward, update), median of {repeats} interleaved steps after {warmup} warm-up. "
+            f"Learned rule: MLP {F}→{lo.hidden}→{lo.hidden}→2 per entry = {macs} multiply-adds per parameter "
+            f"vs ≈ 3·B = {3 * batch} for forward+backward.")
+    return {"name": name, "description": desc, "n_params": n_params, "results": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small models and few repeats (smoke test)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--stem", default="lopt_step")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        cases = [("digits", [64, 32, 10], 5, 2), ("mlp1024", [784, 64, 64, 10], 3, 1)]
+    else:
+        cases = [("digits", [64, 32, 10], 300, 30), ("mlp1024", [784, 1024, 1024, 10], 15, 3)]
+    results = [run_case(n, w, args.batch, r, wu) for n, w, r, wu in cases]
+    data = {
+        "benchmark": "lopt_step", "title": "LearnedOptimizer vs torch.optim.Adam: step time and state size",
+        "environment": environment("cpu"), "settings": {"batch": args.batch, "threads": args.threads,
+                                                        "quick": args.quick},
+        "columns": [{"key": "label", "header": "optimizer"},
+                    {"key": "step_s", "header": "full step", "format": "ms"},
+                    {"key": "update_s", "header": "optimizer step alone", "format": "ms"},
+                    {"key": "ratio", "header": "full step vs Adam", "format": "ratio"},
+                    {"key": "target", "header": "target", "format": "ratio"},
+                    {"key": "mlp_s", "header": "rule's MLP products alone", "format": "ms"},
+                    {"key": "measured_floor", "header": "floor: (fwd+bwd + MLP) vs Adam", "format": "ratio"},
+                    {"key": "floor", "header": "arithmetic floor (MACs)", "format": "ratio"},
+                    {"key": "state_ratio", "header": "state / params", "format": "ratio"}],
+        "cases": results,
+    }
+    js, md = write_results(data, args.out, args.stem)
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

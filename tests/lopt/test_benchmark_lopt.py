@@ -1,0 +1,26 @@
+"""Smoke test of benchmarks/lopt.py (quick sizes, subprocess): it runs and writes consistent results."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a subprocess (> 10 s on a shared CPU)
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt.py"
+
+
+def test_quick_lopt_benchmark(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "lopt_step.json").read_text())
+    assert [c["name"] for c in data["cases"]] == ["digits", "mlp1024"]
+    for case in data["cases"]:
+        adam, learned = case["results"]
+        assert adam["ratio"] == 1.0 and learned["step_s"] > 0 and learned["update_s"] <= learned["step_s"]
+        assert adam["state_ratio"] == 2.0 and learned["state_ratio"] == 7.0  # Adam: m, v; learned: 6 momenta, v
+        assert learned["floor"] == 1 + 1536 / 384 and learned["mlp_s"] > 0
+        want = (adam["step_s"] - adam["update_s"] + learned["mlp_s"]) / adam["step_s"]
+        assert abs(learned["measured_floor"] - want) < 1e-12
+    assert "LearnedOptimizer" in (tmp_path / "lopt_step.md").read_text()

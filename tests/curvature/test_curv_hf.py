@@ -84,3 +84,16 @@ def test_kfac_lists_the_parameters_it_does_not_cover():
     with pytest.warns(RuntimeWarning, match="not covered"):
         kf = gc.kfac(model, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), (x, y))
     assert set(kf.missing) == {"0.weight", "0.bias"} and set(kf) == {"2"}
+
+
+def test_mc_fisher_of_a_token_averaged_loss_estimates_ggn_over_T():
+    torch.manual_seed(0)
+    T = 3
+    model = nn.Linear(3, 4).double()
+    x, y = torch.randn(2, T, 3, dtype=torch.float64), torch.randint(0, 4, (2, T))
+    loss = lambda out, t: nn.functional.cross_entropy(out.transpose(1, 2), t, reduction="none").mean(1)  # noqa: E731
+    mc = gc.fisher_diagonal(model, loss, (x, y), kind="mc", likelihood="categorical", mc_samples=4000, generator=0)
+    ggn = gc.GGNOperator(model, loss, (x, y)).to_dense().diagonal()
+    mc_flat = torch.cat([mc[n].flatten() for n, _ in model.named_parameters()])
+    ratio = (mc_flat.sum() * T / ggn.sum()).item()
+    assert 0.95 < ratio < 1.05, ratio          # E[g gᵀ] = GGN / T, not the GGN

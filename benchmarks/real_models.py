@@ -1,7 +1,8 @@
 """Per-example gradients on real models, side by side in one process: a plain forward+backward of
 the mean loss, gradmeta's factor capture (``collect_gradients``), per-example gradient norms from
 the factors, materialised per-example gradients from the factors, and ``torch.func``
-``vmap(grad)`` — on Hugging Face GPT-2 (6 layers, d=256, T=128, B=8), Hugging Face Llama
+``vmap(grad)``, Opacus (``GradSampleModule`` hooks, and per-sample norms from
+``GradSampleModuleFastGradientClipping`` with ghost clipping) — on Hugging Face GPT-2 (6 layers, d=256, T=128, B=8), Hugging Face Llama
 (4 layers, d=256, T=128, B=8) and a ResNet-like CNN (B=64). Random init, vocabulary 2048.
 
 Time: median over ``--repeats`` calls after one warm-up, contestants interleaved round-robin;
@@ -16,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -84,8 +86,34 @@ def contestants(model, loss_fn, inputs, targets):
                                            kwargs=x1 if isinstance(x1, dict) else None), y[None])[0]
         return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
 
+    def train_copy():
+        """Opacus captures activations only in train mode: a copy in train mode without dropout."""
+        m = copy.deepcopy(model).train()
+        for mod in m.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+        return m
+
+    def opacus_hooks():
+        from opacus import GradSampleModule
+        gsm = state.setdefault("gsm", GradSampleModule(train_copy(), batch_first=True, loss_reduction="sum"))
+        gsm.zero_grad(set_to_none=True)
+        loss_fn(_call(gsm, inputs), targets).sum().backward()
+        return [p.grad_sample for p in gsm.parameters() if p.requires_grad]
+
+    def opacus_ghost_norms():
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        gsm = state.setdefault("ghost", GradSampleModuleFastGradientClipping(
+            train_copy(), batch_first=True, loss_reduction="sum", max_grad_norm=1e9, use_ghost_clipping=True))
+        gsm.zero_grad(set_to_none=True)
+        loss_fn(_call(gsm, inputs), targets).sum().backward()
+        return gsm.get_norm_sample()
+
+    state: dict = {}
     return {
         "plain_fwd_bwd": plain,
+        "opacus grad_sample": opacus_hooks,
+        "opacus ghost norms": opacus_ghost_norms,
         "factors": lambda: gm.collect_gradients(model, loss_fn, inputs, targets),
         "factors+norms": lambda: gm.collect_gradients(model, loss_fn, inputs, targets).grad_norms(),
         "factors+per_example_grads": lambda: gm.collect_gradients(model, loss_fn, inputs, targets).per_example_grads(),
@@ -140,15 +168,18 @@ def run(quick: bool, repeats: int) -> dict:
 
 def markdown(data: dict) -> str:
     env = data["environment"]
-    names = ["plain_fwd_bwd", "factors", "factors+norms", "factors+per_example_grads", "torch.func vmap(grad)"]
+    names = ["plain_fwd_bwd", "factors", "factors+norms", "factors+per_example_grads", "torch.func vmap(grad)",
+             "opacus grad_sample", "opacus ghost norms"]
     lines = [f"Device: {env.get('device')} ({env.get('cpu')}, {env.get('torch_threads')} torch thread(s), {env.get('cpu_count')} cores shared), torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}; median of {data['repeats']} calls.", "",
              "| model | B | params | " + " | ".join(names) + " | factors MB | per-example grads MB |",
              "|---|---|---|" + "---|" * len(names) + "---|---|"]
     for r in data["rows"]:
-        cells = [f"{r['ms'][k]:.0f} ms ({r['ratio'][k]:.2f}x)" if k in r["ms"] else "error" for k in names]
+        cells = [f"{r['ms'][k]:.0f} ms ({r['ratio'][k]:.2f}x)" if k in r["ms"] else "error¹" for k in names]
         lines.append(f"| {r['model']} | {r['batch']} | {r['params']:,} | " + " | ".join(cells)
                      + f" | {r['factor_mb']:.1f} | {r['per_example_grads_mb']:.1f} |")
+    errs = sorted({f"{r['model']} / {k}: {e}" for r in data["rows"] for k, e in r["errors"].items()})
+    lines += ["", "¹ " + "; ".join(errs)] if errs else []
     return "\n".join(lines) + "\n"
 
 

@@ -178,9 +178,12 @@ class Session:
     def hook(self, name: str):
         module, rule, bd = self.plan.hooked[name], self.plan.rules[name], self.plan.batch_dims[name]
 
-        def fn(mod, args, kwargs, output):
+        def fn(mod, args, *rest):
+            # ``rest`` is ``(kwargs, output)``, or ``(output,)`` when another thread's forward sees this
+            # hook half-registered (torch records the with_kwargs flag in a second step).
             if _ACTIVE.get() is not self:
                 return None     # another call's forward (other thread, or plain inference)
+            kwargs, output = (rest[0], rest[1]) if len(rest) == 2 else ({}, rest[0])
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() <= bd:
                 raise GradientCollectionError(

@@ -217,7 +217,7 @@ class RMSNormRule(ElementwiseAffineRule):
 
 
 @register_rule(r"transformers\.models\..*\.(Llama|Mistral|Mixtral|Qwen2|Qwen3|Phi3|Olmo2|Granite)RMSNorm",
-               label="transformers Llama-style `*RMSNorm` (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, OLMo-2, Granite)")
+               label="transformers Llama-style *RMSNorm (Llama, Mistral, Mixtral, Qwen2/3, Phi-3, OLMo-2, Granite)")
 class HFRMSNormRule(ElementwiseAffineRule):
     """``weight ∘ (x·rsqrt(mean(x²) + eps))`` computed in float32 and cast back, as these classes do;
     checked against the module's output at every capture (outside torch.func transforms)."""

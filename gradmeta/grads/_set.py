@@ -13,7 +13,10 @@ class GradientSet:
     """Per-example gradients of a batch of ``B`` examples, kept as factors per layer.
 
     Returned by ``gm.collect_gradients``. Indexing by module name gives a ``LayerFactors`` with
-    ``.activations (B, T, d_in)`` and ``.backprops (B, T, d_out)``. Every method below works from
+    ``.activations (B, T, d_in)`` and ``.backprops (B, T, d_out)``; a parameter of the exact
+    fallback is its own entry (keyed by the parameter name, ``module_type == "fallback"``) holding
+    its per-example gradients ``(B, *shape)`` as ``backprops``. A parameter used by several modules
+    (``shared_params``) gets the sum of its uses everywhere. Every method below works from
     the factors; only ``per_example_grads`` returns tensors of size ``B × parameters``. Parameter
     dicts are keyed by ``model.named_parameters()`` names. The examples are unordered: permuting
     them permutes every output along its batch axis.

@@ -95,3 +95,15 @@ def test_causal_lm_losses_ignore_minus_100_and_average_per_example():
     want0 = -(lp[0, 0, 2] + lp[0, 1, 3] + lp[0, 2, 4]) / 3
     want1 = -lp[1, 0, 1]
     torch.testing.assert_close(got, torch.stack([want0, want1]))
+
+
+def test_torch_func_path_with_attention_mask_eager_works_sdpa_says_what_to_do():
+    inputs, labels = _batch()
+    sdpa = _gpt2().double().eval()
+    with pytest.raises(gm.GradientCollectionError, match="attn_implementation='eager'"):
+        gm.per_example_grads(sdpa, causal_lm_losses, inputs, labels)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0, attn_implementation="eager")
+    eager = transformers.GPT2LMHeadModel(cfg).double().eval()
+    assert_dicts_close(gm.per_example_grads(eager, causal_lm_losses, inputs, labels),
+                       naive(eager, causal_lm_losses, inputs, labels))

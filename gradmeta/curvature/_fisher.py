@@ -1,7 +1,7 @@
 """Fisher diagonal (empirical / Monte-Carlo) and K-FAC, read from factored gradient sets.
 
 Empirical Fisher: ``F = (1/N) Σ_n g_n g_nᵀ`` with ``g_n = ∇ℓ_n`` at the given targets; its diagonal
-is one matmul per layer on the factors (DESIGN §1): ``(1/B)(Δ∘Δ)ᵀ(A∘A)``.
+is one matmul per layer on the factors: ``(1/B)(Δ∘Δ)ᵀ(A∘A)``.
 Monte-Carlo Fisher: the same with targets drawn from the model's predictive distribution, an
 unbiased estimate of the GGN for cross-entropy ("categorical") and squared error ("gaussian").
 """

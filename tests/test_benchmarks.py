@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/grads.py (quick mode, in subprocesses) and benchmarks/tables.py."""
+import pytest
 import importlib.util
 import json
 import subprocess
@@ -23,6 +24,7 @@ def _tables():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_consistent_results(tmp_path):
     # The memory probes (one fresh process per contestant) are exercised separately below.
     _run("--quick", "--no-memory", "--models", "mlp_b128", "gpt", "--out", str(tmp_path))

@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/curvature.py --quick: every contestant runs and agrees with gradmeta."""
+import pytest
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "curvature.py"
 
 
+@pytest.mark.slow
 def test_curvature_benchmark_quick(tmp_path):
     res = subprocess.run([sys.executable, str(BENCH), "--quick", "--cases", "mlp", "--trace-rounds", "1",
                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True,

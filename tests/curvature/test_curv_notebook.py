@@ -1,4 +1,5 @@
 """The curvature notebook runs top to bottom (nbmake, as CI runs it)."""
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "curvature_of_your_model.ipynb"
 
 
+@pytest.mark.slow
 def test_curvature_notebook_executes(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbmake", "--nbmake-timeout=300",
                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(NOTEBOOK)],

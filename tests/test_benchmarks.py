@@ -1,10 +1,11 @@
 """Smoke test of benchmarks/grads.py (quick mode, in subprocesses) and benchmarks/tables.py."""
-import pytest
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CONTESTANTS = {"plain", "hooks", "gm_func", "opacus", "backpack", "func_vmap", "naive"}

@@ -1,9 +1,10 @@
 """Smoke test of benchmarks/curvature.py --quick: every contestant runs and agrees with gradmeta."""
-import pytest
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "curvature.py"
 

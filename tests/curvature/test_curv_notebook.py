@@ -1,8 +1,9 @@
 """The curvature notebook runs top to bottom (nbmake, as CI runs it)."""
-import pytest
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "curvature_of_your_model.ipynb"
 

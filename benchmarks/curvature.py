@@ -1,7 +1,7 @@
 """Curvature side by side: gradmeta.curvature against curvlinops, PyHessian, BackPACK and
 hand-written autograd / torch.func routes, on one model and batch per case, in one run.
 
-Measured (issue #5, "Performance"):
+Measured:
 * time per Hessian-vector product (median of ``--repeats``, contestants interleaved round-robin),
   as a ratio to a plain forward+backward of the mean loss; every product is checked against
   gradmeta's (max relative difference);

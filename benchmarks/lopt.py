@@ -13,9 +13,14 @@ runs an MLP ``F → h → h → 2`` on every parameter entry (``F·h + h² + 2h`
 forward and backward cost about ``3·B`` per parameter, so the ratio cannot go below
 ``1 + (F·h + h² + 2h) / (3·B)`` on a compute-bound device.
 
+``--suite pes`` times one PES meta-training iteration (``PES.grad``: every particle unrolled
+``truncation`` inner steps, vectorised with ``vmap``) of the GradMetaNet learned optimizers side by
+side with the per-parameter one (same task, particles, truncation; interleaved; medians), as ratios.
+
 Usage::
 
-    python benchmarks/lopt.py                      # -> benchmarks/results/lopt_step.{json,md}
+    python benchmarks/lopt.py                      # both suites -> benchmarks/results/lopt_{step,pes}.{json,md}
+    python benchmarks/lopt.py --suite pes          # the PES-iteration table only
     python benchmarks/lopt.py --quick --out DIR    # small sizes (smoke test)
 """
 from __future__ import annotations
@@ -29,11 +34,24 @@ from pathlib import Path
 import torch
 
 from _common import environment, write_results
-from gradmeta.lopt import LearnedOptimizer
+from gradmeta.lopt import PES, GradMetaNetLO, LearnedOptimizer, PerParamMLP, WeightSpaceLO, digits_mlp
 from gradmeta.models import classification_loss, mlp
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"digits": 1.5, "mlp1024": 2.0}
+PES_TARGETS = {"base": 2.0, "plusplus": 5.0}
+#: (label, kind, GradMetaNetLO / WeightSpaceLO arguments) of the PES suite
+PES_RULES = [
+    ("per-parameter MLP (PerParamMLP)", "per_param", {}),
+    ("GradMetaNet, all {B} examples", "base", {}),
+    ("GradMetaNet, 32 of {B} examples", "base", {"examples": 32}),
+    ("GradMetaNet, 16 of {B} examples", "base", {"examples": 16}),
+    ("GradMetaNet++, 32 of {B} examples", "plusplus", {"examples": 32}),
+    ("GradMetaNet++, 16 of {B} examples", "plusplus", {"examples": 16}),
+    ("GradMetaNet++, 16 of {B} examples, 2 blocks", "plusplus", {"examples": 16, "layers": 2}),
+    ("GradMetaNet++, 8 of {B} examples, 2 blocks", "plusplus", {"examples": 8, "layers": 2}),
+    ("weight-space (WeightSpaceLO)", "weightspace", {}),
+]
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -114,6 +132,45 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     return {"name": name, "description": desc, "n_params": n_params, "results": rows}
 
 
+def _pes_rule(task, kind: str, kwargs: dict):
+    if kind == "per_param":
+        return PerParamMLP()
+    if kind == "weightspace":
+        return WeightSpaceLO(task, **kwargs)
+    return GradMetaNetLO(task, variant=kind, **kwargs)
+
+
+def run_pes(hidden: int, batch: int, particles: int, truncation: int, repeats: int, warmup: int) -> dict:
+    """One PES iteration per rule, interleaved rule by rule; medians; ratios to the per-parameter rule."""
+    import warnings
+
+    task = digits_mlp(hidden=[hidden], batch_size=batch)
+    runs = []
+    for label, kind, kwargs in PES_RULES:
+        lo = _pes_rule(task, kind, kwargs)
+        meta = lo.init_meta(0)
+        pes = PES(task, lo, particles=particles, truncation=truncation, horizon=10 ** 6)
+        gen = torch.Generator().manual_seed(0)
+        runs.append({"label": label.format(B=batch), "kind": kind, "pes": pes, "meta": meta, "gen": gen,
+                     "state": pes.init(meta, gen), "times": []})
+    with warnings.catch_warnings():  # GradMetaNet++'s attention has no vmap batching rule on CPU (loops; timed as is)
+        warnings.simplefilter("ignore", UserWarning)
+        for i in range(warmup + repeats):
+            for r in runs:
+                t0 = time.perf_counter()
+                _, r["state"], _ = r["pes"].grad(r["meta"], r["state"], r["gen"])
+                if i >= warmup:
+                    r["times"].append(time.perf_counter() - t0)
+    ref = statistics.median(runs[0]["times"])
+    rows = [{"label": r["label"], "iter_s": statistics.median(r["times"]),
+             "ratio": statistics.median(r["times"]) / ref, "target": PES_TARGETS.get(r["kind"]),
+             "n_meta": sum(v.numel() for v in r["meta"].values())} for r in runs]
+    desc = (f"Digits MLP 64-{hidden}-10, batch {batch}; one PES iteration = {particles} particles (vmapped) × "
+            f"{truncation} inner steps; median of {repeats} interleaved iterations after {warmup} warm-up. "
+            "GradMetaNet width 8, E = 4 outputs per entry; per-parameter MLP hidden 32.")
+    return {"name": "pes_digits", "description": desc, "results": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small models and few repeats (smoke test)")
@@ -121,8 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem", default="lopt_step")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.suite in ("all", "pes"):
+        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, 7, 1))
+        data = {"benchmark": "lopt_pes",
+                "title": "One PES meta-training iteration: GradMetaNet learned optimizers vs the per-parameter one",
+                "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick},
+                "columns": [{"key": "label", "header": "learned optimizer"},
+                            {"key": "iter_s", "header": "PES iteration", "format": "ms"},
+                            {"key": "ratio", "header": "vs per-parameter", "format": "ratio"},
+                            {"key": "target", "header": "target", "format": "ratio"},
+                            {"key": "n_meta", "header": "meta-parameters"}],
+                "cases": [pes]}
+        js, md = write_results(data, args.out, "lopt_pes")
+        print(md.read_text())
+    if args.suite == "pes":
+        return 0
     if args.quick:
         cases = [("digits", [64, 32, 10], 5, 2), ("mlp1024", [784, 64, 64, 10], 3, 1)]
     else:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CONTESTANTS = {"plain", "hooks", "gm_func", "opacus", "backpack", "func_vmap", "naive"}
 
@@ -23,6 +25,7 @@ def _tables():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_consistent_results(tmp_path):
     # The memory probes (one fresh process per contestant) are exercised separately below.
     _run("--quick", "--no-memory", "--models", "mlp_b128", "gpt", "--out", str(tmp_path))

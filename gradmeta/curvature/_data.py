@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Mapping
 from typing import Iterable
 
 import torch
@@ -18,19 +19,33 @@ class CurvatureError(ValueError):
 
 
 def _is_inputs(x) -> bool:
+    if isinstance(x, Mapping):
+        return len(x) > 0 and all(isinstance(t, torch.Tensor) or t is None for t in x.values())
     return isinstance(x, torch.Tensor) or (
         isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x))
+
+
+def _is_targets(y) -> bool:
+    return isinstance(y, torch.Tensor) or _is_inputs(y)
 
 
 def batches(data) -> list[Batch]:
     """Normalise ``data`` to a list of ``(inputs, targets)`` pairs.
 
-    ``data`` is one pair (``inputs`` a tensor or a tuple of tensors, batch-first; ``targets`` a
-    tensor) or an iterable of such pairs.
+    ``data`` is one pair or an iterable of pairs. ``inputs`` is a batch-first tensor, a tuple of
+    them (positional arguments) or a dict (keyword arguments, e.g. ``input_ids`` and
+    ``attention_mask``); ``targets`` a tensor, or a tuple / dict of tensors. A pair whose inputs
+    and targets are both tuples of tensors reads like two batches: pass it as ``[(inputs, targets)]``.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
-            and _is_inputs(data[0]):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and (
+            (isinstance(data[1], torch.Tensor) and _is_inputs(data[0]))
+            or (isinstance(data[0], Mapping) and _is_targets(data[1]))):
         out = [tuple(data)]
+    elif isinstance(data, tuple) and len(data) == 2 and all(
+            isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b) for b in data):
+        raise CurvatureError(
+            "data is a pair of tuples of tensors, which reads both as one (inputs, targets) pair with tuple "
+            "inputs and targets and as two batches: pass [(inputs, targets)] for one batch or a list of batches")
     else:
         try:
             out = [tuple(b) for b in data]
@@ -38,25 +53,67 @@ def batches(data) -> list[Batch]:
             raise CurvatureError(f"data must be an (inputs, targets) pair or an iterable of pairs, "
                                  f"got {type(data).__name__}") from e
     for i, b in enumerate(out):
-        if len(b) != 2 or not _is_inputs(b[0]) or not isinstance(b[1], torch.Tensor):
+        if len(b) != 2 or not _is_inputs(b[0]) or not _is_targets(b[1]):
             raise CurvatureError(f"batch {i} of data is not an (inputs, targets) pair of tensors")
+        if batch_size(b[0]) == 0:
+            raise CurvatureError(f"batch {i} of data is empty (inputs of shape {tuple(_first(b[0]).shape)}); "
+                                 "curvature needs at least one example")
+        for what, t in (("inputs", b[0]), ("targets", b[1])):
+            for x in _leaves(t):
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    raise CurvatureError(f"batch {i} of data: {what} of shape {tuple(x.shape)} contain NaN or "
+                                         "infinite values")
     if not out:
         raise CurvatureError("data is empty")
     return out
 
 
+def _leaves(t) -> list[torch.Tensor]:
+    return [x for x in torch.utils._pytree.tree_leaves(t) if isinstance(x, torch.Tensor)]
+
+
+def _first(inputs) -> torch.Tensor:
+    return _leaves(inputs)[0]
+
+
 def batch_size(inputs) -> int:
-    return (inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0]
+    return _first(inputs).shape[0]
 
 
-def call_model(model: nn.Module, inputs) -> torch.Tensor:
-    return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
+def call_model(model: nn.Module, inputs):
+    """Run the model with sdpa attention on its math backend: the fused CPU/flash kernels have no
+    double backward, which Hessian products need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
+
+
+def output_tensor(outputs) -> tuple[torch.Tensor, object]:
+    """``(f, rebuild)``: the model's prediction tensor (logits of an output object, first item of a
+    tuple) and a function giving the same output structure with ``f`` replaced."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, lambda f: f
+    if hasattr(outputs, "logits") and isinstance(outputs.logits, torch.Tensor):
+        if isinstance(outputs, Mapping):
+            return outputs.logits, lambda f: type(outputs)(**{**outputs, "logits": f})
+        return outputs.logits, lambda f: _replace_attr(outputs, "logits", f)
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0], lambda f: type(outputs)([f, *outputs[1:]])
+    raise CurvatureError(f"cannot find the model's prediction in {type(outputs).__name__}: expected a tensor, "
+                         "an object with .logits or a tuple whose first item is a tensor")
+
+
+def _replace_attr(obj, name, value):
+    import copy
+    new = copy.copy(obj)
+    setattr(new, name, value)
+    return new
 
 
 def to_device(inputs, device):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    return tuple(t.to(device) for t in inputs)
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def mean_loss(model, loss_fn, inputs, targets, total: int) -> tuple[torch.Tensor, torch.Tensor]:

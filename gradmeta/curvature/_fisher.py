@@ -1,18 +1,19 @@
 """Fisher diagonal (empirical / Monte-Carlo) and K-FAC, read from factored gradient sets.
 
 Empirical Fisher: ``F = (1/N) Σ_n g_n g_nᵀ`` with ``g_n = ∇ℓ_n`` at the given targets; its diagonal
-is one matmul per layer on the factors (DESIGN §1): ``(1/B)(Δ∘Δ)ᵀ(A∘A)``.
+is one matmul per layer on the factors: ``(1/B)(Δ∘Δ)ᵀ(A∘A)``.
 Monte-Carlo Fisher: the same with targets drawn from the model's predictive distribution, an
 unbiased estimate of the GGN for cross-entropy ("categorical") and squared error ("gaussian").
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ._data import CurvatureError, batch_size, batches, call_model, checked, trainable
+from ._data import CurvatureError, batch_size, batches, call_model, checked, output_tensor, trainable
 from ._estimators import _gen
 from ..params import ParamLayout
 from ._linop import LinearOperator
@@ -56,14 +57,14 @@ def _fisher_batches(model, loss_fn, data, kind, likelihood, mc_samples, generato
     N = sum(batch_size(x) for x, _ in bs)
     gen = _gen(generator, None)
     for x, y in bs:
-        x = x if isinstance(x, torch.Tensor) else tuple(x)
+        x = x if isinstance(x, (torch.Tensor, Mapping)) else tuple(x)
         if kind == "empirical":
             yield batch_size(x) / N, x, y
             continue
         with torch.no_grad(), checked(model, eval_batchnorm):
             out = call_model(model, x)
         for _ in range(mc_samples):
-            yield batch_size(x) / (N * mc_samples), x, sample_targets(out, loss_fn, likelihood, gen)
+            yield batch_size(x) / (N * mc_samples), x, sample_targets(output_tensor(out)[0], loss_fn, likelihood, gen)
 
 
 def fisher_diagonal(model: nn.Module, loss_fn, data, kind: str = "empirical", *, likelihood: str | None = None,
@@ -74,7 +75,12 @@ def fisher_diagonal(model: nn.Module, loss_fn, data, kind: str = "empirical", *,
     Args:
         model, loss_fn, data: as for ``hvp``; ``loss_fn`` returns per-example losses ``(B,)``.
         kind: ``"empirical"`` (the given targets) or ``"mc"`` (targets sampled from the model,
-            ``mc_samples`` draws per example; an estimate of the GGN diagonal).
+            ``mc_samples`` draws per example; an estimate of the GGN diagonal). Scaling: for a
+            per-example loss that *averages* ``T`` token losses (``ℓ = (1/T) Σ_t ℓ_t``, e.g. a
+            language model), cross-token terms vanish in expectation and ``E[g gᵀ] = GGN / T``;
+            multiply by ``T`` (or sum the token losses) to estimate the GGN of the mean loss. The
+            sampled targets are aligned with the logits (one per position), so ``loss_fn`` must not
+            shift them (``causal_lm_losses(..., shift=False)``).
         likelihood: for ``kind="mc"``: ``"categorical"`` (cross-entropy on logits) or ``"gaussian"``.
         generator: ``torch.Generator`` (CPU) or int seed for the MC draws.
         route: ``"factors"`` (``gm.collect_gradients(...).fisher_diagonal()``, one matmul per layer),
@@ -117,15 +123,19 @@ class KFAC(Mapping):
 
     For a Linear layer with weight ``W (d_out, d_in)`` and optional bias, the block of the Fisher
     over ``M = [W | b]`` (``d_out × (d_in + 1)``) is approximated by ``G_cov ⊗ A_cov`` in row-major
-    ``vec(M)`` order, i.e. ``F̂ vec(M) = vec(G_cov M A_cov)``. Other layers are not covered.
+    ``vec(M)`` order, i.e. ``F̂ vec(M) = vec(G_cov M A_cov)``. Other parameters (convolutions,
+    norms, embeddings, weights tied to another module) are not covered: ``missing`` lists them.
 
     Attributes:
         param_names: ``{layer_name: {"weight": param_name, "bias": param_name}}``.
     """
 
-    def __init__(self, factors: dict, param_names: dict, param_shapes: dict):
+    def __init__(self, factors: dict, param_names: dict, param_shapes: dict, missing: dict | None = None):
         self._factors = factors
         self.param_names = param_names
+        self.missing: dict[str, str] = dict(missing or {})
+        """``{param_name: why}`` for the trainable parameters these factors do not cover (they are
+        absent from ``matvec`` / ``to_dense``)."""
         names = [p for layer in factors for p in param_names[layer].values()]
         self.layout = ParamLayout(tuple(names), tuple(param_shapes[n] for n in names))
 
@@ -192,6 +202,8 @@ def kfac(model: nn.Module, loss_fn, data, kind: str = "empirical", *, likelihood
          mc_samples: int = 1, generator=None, eval_batchnorm: bool = False) -> KFAC:
     """K-FAC factors of every ``nn.Linear`` layer, averaged over ``data`` (weighted by batch size).
 
+    Parameters of other layers are not covered: they are listed in ``KFAC.missing`` (with a warning).
+
     ``A_cov = E[a aᵀ]`` (``a`` with a trailing 1 for a bias; tokens averaged), ``G_cov = E_b[Σ_t δ δᵀ]``
     from ``gm.collect_gradients(...).kfac_factors()``; ``kind``/``likelihood`` as for ``fisher_diagonal``
     (``"mc"`` gives the usual K-FAC of the Fisher/GGN).
@@ -201,6 +213,7 @@ def kfac(model: nn.Module, loss_fn, data, kind: str = "empirical", *, likelihood
     """
     from gradmeta import grads as gg
 
+    _, layout = trainable(model)
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     if not linear:
         raise CurvatureError(f"{type(model).__name__} has no trainable nn.Linear layers for K-FAC")
@@ -210,8 +223,18 @@ def kfac(model: nn.Module, loss_fn, data, kind: str = "empirical", *, likelihood
         with checked(model, eval_batchnorm):
             gs = gg.collect_gradients(model, loss_fn, x, y, layers=linear)
         for layer, (A, G) in gs.kfac_factors().items():
+            if layer not in linear:
+                continue
             pnames[layer] = dict(gs[layer].param_names)
             a0, g0 = acc.get(layer, (0, 0))
             acc[layer] = (a0 + w * A.detach(), g0 + w * G.detach())
     shapes = dict((n, p.shape) for n, p in model.named_parameters())
-    return KFAC(acc, pnames, shapes)
+    covered = {p for names in pnames.values() for p in names.values()}
+    missing = {n: "not an nn.Linear weight or bias (no K-FAC block here)" for n in layout.names if n not in covered}
+    for n in missing:
+        if any(n in f.param_names.values() for f in (gs[layer] for layer in gs.layer_names)):
+            missing[n] = "nn.Linear parameter shared with another module (weight tying)"
+    if missing:
+        warnings.warn(f"kfac: {len(missing)} trainable parameters are not covered (see KFAC.missing): "
+                      f"{sorted(missing)[:6]}{' ...' if len(missing) > 6 else ''}", RuntimeWarning, stacklevel=2)
+    return KFAC(acc, pnames, shapes, missing)

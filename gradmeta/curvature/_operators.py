@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._data import batch_size, batches, call_model, checked, mean_loss, trainable
+from ._data import batch_size, batches, call_model, checked, mean_loss, output_tensor, trainable
 from ._linop import LinearOperator
 
 
@@ -129,9 +129,9 @@ class GGNOperator(_CurvatureOperator):
 
     def _build(self, x, y):
         with checked(self.model, self.eval_batchnorm):
-            outputs = call_model(self.model, x)
+            outputs, rebuild = output_tensor(call_model(self.model, x))
         f = outputs.detach().requires_grad_(True)
-        losses = self.loss_fn(f, y)
+        losses = self.loss_fn(rebuild(f), y)
         if losses.ndim != 1 or losses.shape[0] != batch_size(x):
             raise ValueError(f"loss_fn must return per-example losses of shape (B,), got {tuple(losses.shape)}")
         (gf,) = torch.autograd.grad(losses.sum() / self.num_data, f, create_graph=True)

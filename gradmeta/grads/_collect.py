@@ -1,155 +1,104 @@
-"""Hooks path: factors of every supported layer from one forward and one backward pass."""
+"""Hooks path: factors of every supported layer from one forward and one backward pass, plus the
+exact fallback for every other trainable parameter."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 
+from ._capture import (Plan, Session, batch_size_of, call_model, capturing, check_losses, check_no_batch_mixing,
+                       make_plan, root_batch_dim, route_outside_uses)
 from ._errors import GradientCollectionError
 from ._factors import LayerFactors
-from ._rules import rule_for
+from ._rules import DenseRule
 from ._set import GradientSet
-
-
-def check_no_batch_mixing(model: nn.Module) -> None:
-    """Raise ``GradientCollectionError`` for modules whose output mixes the examples of a batch."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
-            raise GradientCollectionError(
-                f"module '{name}' ({type(m).__name__}) normalises with batch statistics, so one "
-                "example's output depends on the others and per-example gradients are undefined. "
-                "Call model.eval() (with running statistics) or replace it by GroupNorm/LayerNorm.")
-
-
-def as_tuple(inputs) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def batch_size_of(inputs: tuple) -> int:
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return x.shape[0]
-    raise GradientCollectionError("inputs contain no tensor with a batch dimension")
-
-
-def check_losses(losses, batch_size: int) -> torch.Tensor:
-    if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
-        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise GradientCollectionError(
-            f"loss_fn must return per-example losses of shape (B,) = ({batch_size},), got {got}. "
-            "Use reduction='none' and reduce any token axis inside loss_fn.")
-    return losses
-
-
-def _select_modules(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
-    """Modules with trainable parameters to collect; unsupported ones are an error."""
-    named = dict(model.named_modules())
-    if layers is not None:
-        layers = list(layers)
-        missing = [n for n in layers if n not in named]
-        if missing:
-            raise GradientCollectionError(f"layers {missing} are not modules of {type(model).__name__}")
-        candidates = {n: named[n] for n in layers}
-    else:
-        candidates = {n: m for n, m in named.items()
-                      if any(p.requires_grad for p in m.parameters(recurse=False))}
-    owner: dict[int, str] = {}
-    for name, m in candidates.items():
-        rule = rule_for(m)
-        if rule is None:
-            own = [k for k, p in m.named_parameters(recurse=False) if p.requires_grad]
-            raise GradientCollectionError(
-                f"module '{name}' ({type(m).__name__}) has trainable parameters {own} that the hooks "
-                "path cannot factor. Use gm.per_example_grads(...) (torch.func path, any module), or "
-                "pass layers=[...] naming only supported modules.")
-        rule.check(m, name)
-        for p in m.parameters(recurse=False):
-            if id(p) in owner:
-                raise GradientCollectionError(
-                    f"modules '{owner[id(p)]}' and '{name}' share a parameter (weight tying); factored "
-                    "gradients are per module. Use gm.per_example_grads(...) for tied models.")
-            owner[id(p)] = name
-    return candidates
 
 
 def collect_gradients(model: nn.Module, loss_fn: Callable, inputs, targets,
                       layers: Iterable[str] | None = None) -> GradientSet:
-    """Factored per-example gradients of every supported layer, from one forward+backward.
+    """Factored per-example gradients of every trainable parameter, from one forward pass.
+
+    Parameters of supported layers (``gradmeta.grads.supported_layers()``) are kept as factors
+    ``(A, Δ)`` from one backward pass; every other trainable parameter (raw ``nn.Parameter``s,
+    RNN weights, unknown modules, weights also used outside their module) takes the exact fallback:
+    its per-example gradients from one batched backward (``GradientSet.fallback_params`` lists them).
+    A parameter shared by several modules (weight tying) gets the sum of all its uses.
 
     Args:
-        model: any module whose examples do not interact (no BatchNorm in train mode).
-        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-example losses.
-        inputs: a batch-first tensor, or a tuple of them (passed as positional arguments).
-        targets: passed to ``loss_fn`` unchanged.
-        layers: module names to collect; ``None`` = every module with trainable parameters
-            (all of which must be supported, see ``gradmeta.grads.supported_layers``).
+        model: any module whose examples do not interact (no BatchNorm in train mode). Modules
+            under a ``batch_first=False`` module (``nn.TransformerEncoderLayer``, ...) are read
+            sequence-first.
+        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-example losses; ``outputs`` is whatever the
+            model returns (e.g. a Hugging Face output object).
+        inputs: a tensor, a tuple of them (positional arguments) or a dict (keyword arguments); the
+            batch size ``B`` is the first axis of the first tensor.
+        targets: passed to ``loss_fn`` unchanged (any pytree).
+        layers: module names whose parameters (recursively) to collect; ``None`` = all trainable
+            parameters. Restricting never changes a number: all uses of a selected parameter count.
 
     Returns:
-        A ``GradientSet``. Parameter ``.grad`` fields are left untouched; weight-gradient matmuls
-        are skipped (only gradients at layer outputs are computed).
+        A ``GradientSet``. Parameter ``.grad`` fields are left untouched; weight-gradient matmuls of
+        factored layers are skipped.
     """
     if torch.is_inference_mode_enabled():
         raise GradientCollectionError("collect_gradients cannot run under torch.inference_mode()")
     check_no_batch_mixing(model)
-    inputs = as_tuple(inputs)
-    B = batch_size_of(inputs)
-    modules = _select_modules(model, layers)
-    calls: dict[str, list] = {n: [] for n in modules}
-
-    def make_hook(name):
-        rule = rule_for(modules[name])
-
-        def hook(module, args, output):
-            x = args[0]
-            if x.dim() == 0 or x.shape[0] != B or not isinstance(output, torch.Tensor):
-                raise GradientCollectionError(
-                    f"module '{name}' ({type(module).__name__}) got input of shape {tuple(x.shape)}; "
-                    f"expected batch-first inputs with batch size {B}")
-            if not output.requires_grad:
-                raise GradientCollectionError(
-                    f"module '{name}' ({type(module).__name__}) produced an output that does not "
-                    "require grad; are its parameters frozen or is it under torch.no_grad()?")
-            calls[name].append((rule.capture(module, x.detach()), get_gradient_edge(output),
-                                output.shape))
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    try:
-        with torch.enable_grad():
-            losses = check_losses(loss_fn(model(*inputs), targets), B)
-            edges = [(n, i) for n in modules for i in range(len(calls[n]))]
-            grads = torch.autograd.grad(losses.sum(), [calls[n][i][1] for n, i in edges],
-                                        allow_unused=True, materialize_grads=True) if edges else ()
-    finally:
-        for h in handles:
-            h.remove()
-    return GradientSet(_assemble(model, modules, calls, dict(zip(edges, grads))), losses.detach())
+    B = batch_size_of(inputs, root_batch_dim(model))
+    plan = make_plan(model, layers)
+    session = Session(plan, B)
+    with torch.enable_grad():
+        with capturing(session):
+            outputs = call_model(model, inputs)
+        losses = check_losses(loss_fn(outputs, targets), B)
+        session.check_batch(B)
+        reachable = route_outside_uses(session, losses)
+        records = [r for r in session.records if r.name in plan.report and plan.report[r.name]
+                   and r.edge.node in reachable]
+        fallback = dict(plan.fallback)
+        deltas = torch.autograd.grad(losses.sum(), [r.edge for r in records], retain_graph=bool(fallback),
+                                     allow_unused=True) if records else ()
+        dense = {}
+        if fallback:
+            eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
+            got = torch.autograd.grad(losses, list(fallback.values()), eye, is_grads_batched=True,
+                                      allow_unused=True)
+            dense = {n: torch.zeros((B,) + p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                     for (n, p), g in zip(fallback.items(), got)}
+    return assemble(plan, records, deltas, dense, losses.detach())
 
 
-def _assemble(model, modules, calls, grads) -> dict[str, LayerFactors]:
-    """Concatenate the calls of each module along the token axis (a gradient sums over calls)."""
-    param_name = {id(p): n for n, p in model.named_parameters()}
+def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses,
+             detach: bool = True) -> GradientSet:
+    """One ``LayerFactors`` per factored module (its calls concatenated along the token axis: a
+    gradient sums over calls) and one per fallback parameter."""
+    per_module: dict[str, tuple[list, list]] = {}
+    for r, d in zip(records, deltas):
+        rule, m = plan.rules[r.name], plan.hooked[r.name]
+        if d is None:
+            d = torch.zeros_like(r.output)
+        d = rule.backprop(m, d.movedim(r.batch_dim, 0))
+        d = rule.finish(m, r.stored, d.detach() if detach else d)
+        a_list, d_list = per_module.setdefault(r.name, ([], []))
+        a_list.append(r.stored)
+        d_list.append(d)
     out: dict[str, LayerFactors] = {}
-    for name, m in modules.items():
-        rule = rule_for(m)
-        stored, deltas = [], []
-        for i, (x, _, shape) in enumerate(calls[name]):
-            stored.append(x)
-            deltas.append(rule.finish(m, x, rule.backprop(m, grads[(name, i)].reshape(shape)).detach()))
-        if not stored:
-            continue  # never called in this forward: its per-example gradients are zero
+    for name in [n for n in plan.hooked if n in per_module]:      # module registration order
+        a_list, d_list = per_module[name]
+        m = plan.hooked[name]
         own = dict(m.named_parameters(recurse=False))
-        out[name] = LayerFactors(
-            module_type=type(m).__name__,
-            param_names={k: param_name[id(p)] for k, p in own.items() if p.requires_grad},
-            param_shapes={k: p.shape for k, p in own.items()},
-            backprops=_cat_tokens(deltas),
-            _inputs=_cat_tokens(stored),
-            _rule=rule,
-        )
-    return out
+        out[name] = LayerFactors(module_type=type(m).__name__, param_names=dict(plan.report[name]),
+                                 param_shapes={k: p.shape for k, p in own.items()},
+                                 backprops=_cat_tokens(d_list), _inputs=_cat_tokens(a_list), _rule=plan.rules[name])
+    for pname, g in dense.items():
+        local = pname.rsplit(".", 1)[-1]
+        out[pname] = LayerFactors(module_type="fallback", param_names={local: pname},
+                                  param_shapes={local: g.shape[1:]}, backprops=g.detach() if detach else g, _inputs=None,
+                                  _rule=_DENSE)
+    return GradientSet(out, losses)
+
+
+_DENSE = DenseRule()
 
 
 def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:

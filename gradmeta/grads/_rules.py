@@ -7,41 +7,63 @@ table is generated from this registry (``supported_layers``).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
-from torch.nn import functional as F
-
 from ._errors import GradientCollectionError
 from ._factors import (LayerFactors, append_one, bilinear_gram, bilinear_per_example,
                        bilinear_sq_norms, bilinear_sq_sum, split_bias)
 
 _REGISTRY: dict[type[nn.Module], "FactorRule"] = {}
+# Rules for classes of optional packages, matched by ``module.qualname`` or a class-name pattern
+# (so ``transformers`` is never imported here): ``(label, pattern, rule)``.
+_NAMED: list[tuple[str, "re.Pattern[str]", "FactorRule"]] = []
 
 
-def register_rule(module_cls: type[nn.Module]):
-    """Class decorator: register a rule for ``module_cls`` (and subclasses that keep its forward)."""
+def register_rule(module_cls: "type[nn.Module] | str", label: str | None = None):
+    """Class decorator: register a rule for ``module_cls`` (and subclasses that keep its forward).
+
+    ``module_cls`` may also be a regular expression matched (``fullmatch``) against
+    ``f"{cls.__module__}.{cls.__qualname__}"`` of a module's class, for classes of packages that
+    gradmeta does not import (e.g. ``r"transformers\\.pytorch_utils\\.Conv1D"``); ``label`` names it in
+    the support table.
+    """
     def wrap(rule_cls):
-        _REGISTRY[module_cls] = rule_cls()
+        if isinstance(module_cls, str):
+            _NAMED.append((label or module_cls, re.compile(module_cls), rule_cls()))
+        else:
+            _REGISTRY[module_cls] = rule_cls()
         return rule_cls
     return wrap
 
 
 def rule_for(module: nn.Module) -> "FactorRule | None":
-    """The rule for ``module``: its class or the nearest registered base whose ``forward`` it keeps."""
+    """The rule for ``module``: its class or the nearest registered base whose ``forward`` it keeps,
+    else the first name pattern matching its class."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls] if type(module).forward is cls.forward else None
+    cls = type(module)
+    qual = f"{cls.__module__}.{cls.__qualname__}"
+    for _, pattern, rule in _NAMED:
+        if pattern.fullmatch(qual):
+            return rule
     return None
 
 
 def supported_layers() -> dict[str, str]:
-    """``{module class name: what the factors are}`` for every registered rule."""
-    return {cls.__name__: rule.summary for cls, rule in _REGISTRY.items()}
+    """``{layer: what the factors are}`` for every registered rule (classes, then name patterns)."""
+    out = {f"nn.{cls.__name__}": rule.summary for cls, rule in _REGISTRY.items()}
+    out.update({label: rule.summary for label, _, rule in _NAMED})
+    return out
 
 
 def support_table() -> str:
     """Markdown table of the supported layers (the README's table is this text)."""
-    rows = [f"| `nn.{name}` | {summary} |" for name, summary in supported_layers().items()]
+    rows = [f"| `{name}` | {summary} |" for name, summary in supported_layers().items()]
+    rows.append("| any other trainable parameter | exact fallback: per-example gradients `(B, *shape)` "
+                "from one batched backward (listed in `GradientSet.fallback_params`) |")
     return "\n".join(["| layer | factors kept per example |", "|---|---|", *rows])
 
 
@@ -58,7 +80,16 @@ class FactorRule:
     dense_inputs = True
 
     def check(self, module: nn.Module, name: str) -> None:
-        """Raise ``GradientCollectionError`` if this module's configuration is not supported."""
+        """Raise ``GradientCollectionError`` if this module's configuration can give no correct
+        per-example gradient at all (e.g. it changes its weight during the forward pass)."""
+
+    def covers(self, module: nn.Module) -> str | None:
+        """``None`` if the rule factors this module, else why not (its parameters then go to the
+        exact fallback)."""
+        return None
+
+    def verify(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor, name: str) -> None:
+        """Optional check, at capture time, that the module computes what the rule assumes."""
 
     def capture(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Layer input ``x`` (batch-first) -> what is stored, batch-first."""
@@ -94,6 +125,9 @@ class FactorRule:
     def sq_sum(self, f: LayerFactors) -> dict[str, torch.Tensor]:
         return {k: (g ** 2).sum(0) for k, g in self.per_example(f).items()}
 
+    def kfac_ok(self, f: LayerFactors) -> bool:
+        return self.has_kfac
+
     def kfac(self, f: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
         raise GradientCollectionError(f"K-FAC factors are not defined for {f.module_type} layers")
 
@@ -107,9 +141,12 @@ class BilinearRule(FactorRule):
         a = f._inputs
         return (append_one(a) if "bias" in f.param_shapes else a), f.backprops
 
+    def _weight(self, f: LayerFactors, w: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        return w.reshape(lead + f.param_shapes["weight"])
+
     def _to_params(self, f: LayerFactors, g: torch.Tensor, lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
         w, b = split_bias(g, "bias" in f.param_shapes)
-        out = {"weight": w.reshape(lead + f.param_shapes["weight"])}
+        out = {"weight": self._weight(f, w, lead)}
         if b is not None:
             out["bias"] = b
         return {k: v for k, v in out.items() if k in f.param_names}
@@ -147,140 +184,20 @@ class BilinearRule(FactorRule):
         return a_cov, g_cov
 
 
-@register_rule(nn.Linear)
-class LinearRule(BilinearRule):
-    summary = "inputs `(B, T, d_in)` for any leading dims, output gradients `(B, T, d_out)`"
+class DenseRule(FactorRule):
+    """The exact fallback: per-example gradients ``(B, *shape)`` kept as they are (no factors)."""
 
-    def capture(self, module, x):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-class _ConvRule(BilinearRule):
-    dims = 2
-
-    def check(self, module, name):
-        if module.groups != 1:
-            raise GradientCollectionError(
-                f"module '{name}' ({type(module).__name__}) has groups={module.groups}; factors are "
-                "implemented for groups=1 only. Use gm.per_example_grads (torch.func path).")
-        if module.padding_mode != "zeros":
-            raise GradientCollectionError(
-                f"module '{name}' ({type(module).__name__}) uses padding_mode={module.padding_mode!r}; "
-                "only 'zeros' is supported. Use gm.per_example_grads (torch.func path).")
-
-    def _padding(self, module):
-        if module.padding == "valid":
-            return (0,) * self.dims
-        if module.padding == "same":
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            if any(t % 2 for t in total):
-                raise GradientCollectionError(
-                    f"{type(module).__name__} with padding='same' and an even effective kernel pads "
-                    "asymmetrically, which unfold cannot express. Use gm.per_example_grads.")
-            return tuple(t // 2 for t in total)
-        return module.padding
-
-    def capture(self, module, x):
-        if self.dims == 1:
-            x = x.unsqueeze(-2)
-            kernel, pad = (1,) + module.kernel_size, (0,) + self._padding(module)
-            dil, stride = (1,) + module.dilation, (1,) + module.stride
-        else:
-            kernel, pad, dil, stride = module.kernel_size, self._padding(module), module.dilation, module.stride
-        cols = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)   # (B, C·k, L)
-        return cols.transpose(1, 2)
-
-    def backprop(self, module, grad_output):
-        return grad_output.flatten(2).transpose(1, 2)   # (B, C_out, *spatial) -> (B, L, C_out)
-
-
-@register_rule(nn.Conv2d)
-class Conv2dRule(_ConvRule):
-    summary = "unfolded patches `(B, H'·W', C_in·kh·kw)`, output gradients `(B, H'·W', C_out)`; groups=1"
-    dims = 2
-
-
-@register_rule(nn.Conv1d)
-class Conv1dRule(_ConvRule):
-    summary = "unfolded patches `(B, L', C_in·k)`, output gradients `(B, L', C_out)`; groups=1"
-    dims = 1
-
-
-@register_rule(nn.Embedding)
-class EmbeddingRule(FactorRule):
-    """``weight (V, D)``: example gradient row ``v`` is ``Σ_{t: x_t = v} δ_t``. Stored as indices."""
-
-    summary = "token indices `(B, T)` (one-hot rows on request), output gradients `(B, T, D)`"
-    has_kfac = True
+    summary = "per-example gradients `(B, *shape)`"
     dense_inputs = False
 
-    def check(self, module, name):
-        if module.max_norm is not None:
-            raise GradientCollectionError(
-                f"module '{name}' (Embedding) has max_norm set, which renormalises its weight in place "
-                "during the forward pass; use gm.per_example_grads (torch.func path).")
+    def activations(self, f: LayerFactors) -> torch.Tensor:
+        raise GradientCollectionError(
+            f"parameter {list(f.param_names.values())} came through the exact fallback and has no "
+            "factors; use per_example_grads() or the norms instead")
 
-    def capture(self, module, x):
-        return x.reshape(x.shape[0], -1)
-
-    def finish(self, module, stored, d):
-        if module.padding_idx is None:
-            return d
-        return d * (stored != module.padding_idx).unsqueeze(-1).to(d.dtype)  # no gradient at padding
-
-    def _idx_d(self, f):
-        return f._inputs, f.backprops
-
-    def activations(self, f):
-        return F.one_hot(f._inputs, f.param_shapes["weight"][0]).to(f.backprops.dtype)
-
-    def per_example(self, f):
-        idx, d = self._idx_d(f)
-        V = f.param_shapes["weight"][0]
-        out = d.new_zeros((d.shape[0], V, d.shape[-1]))
-        out.scatter_add_(1, idx.unsqueeze(-1).expand_as(d), d)
-        return {"weight": out}
-
-    def mean(self, f):
-        idx, d = self._idx_d(f)
-        out = d.new_zeros(f.param_shapes["weight"])
-        out.index_add_(0, idx.reshape(-1), d.reshape(-1, d.shape[-1]))
-        return {"weight": out / f.batch_size}
-
-    def gram(self, f):
-        idx, d = self._idx_d(f)
-        same = (idx[:, :, None, None] == idx[None, None]).to(d.dtype)          # (B, T, B, T)
-        return (torch.einsum("bto,cso->btcs", d, d) * same).sum((1, 3))
-
-    def sq_norms(self, f):
-        idx, d = self._idx_d(f)
-        same = (idx[:, :, None] == idx[:, None, :]).to(d.dtype)                 # (B, T, T)
-        return (torch.einsum("bto,bso->bts", d, d) * same).sum((1, 2))
-
-    def kfac(self, f):
-        idx, d = self._idx_d(f)
-        B, T = idx.shape
-        counts = torch.bincount(idx.reshape(-1), minlength=f.param_shapes["weight"][0]).to(d.dtype)
-        return torch.diag(counts / (B * T)), torch.einsum("bto,btp->op", d, d) / B
+    def per_example(self, f: LayerFactors) -> dict[str, torch.Tensor]:
+        return {k: f.backprops for k in f.param_names}
 
 
-@register_rule(nn.LayerNorm)
-class LayerNormRule(FactorRule):
-    """Elementwise affine ``γ ∘ x̂ + β``: example gradients ``Σ_t δ_t ∘ x̂_t`` and ``Σ_t δ_t``."""
-
-    summary = "normalised inputs `(B, T, d)`, output gradients `(B, T, d)` (elementwise affine)"
-
-    def check(self, module, name):
-        if len(module.normalized_shape) != 1:
-            raise GradientCollectionError(
-                f"module '{name}' (LayerNorm) normalises over {len(module.normalized_shape)} dims; "
-                "only the last dim is supported. Use gm.per_example_grads (torch.func path).")
-
-    def capture(self, module, x):
-        xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-        return xhat.reshape(x.shape[0], -1, x.shape[-1])
-
-    def per_example(self, f):
-        d = f.backprops
-        out = {"weight": (d * f._inputs).sum(1), "bias": d.sum(1)}
-        return {k: v for k, v in out.items() if k in f.param_names}
+# Concrete layer rules register themselves on import.
+from . import _layer_rules  # noqa: E402,F401

@@ -13,7 +13,10 @@ class GradientSet:
     """Per-example gradients of a batch of ``B`` examples, kept as factors per layer.
 
     Returned by ``gm.collect_gradients``. Indexing by module name gives a ``LayerFactors`` with
-    ``.activations (B, T, d_in)`` and ``.backprops (B, T, d_out)``. Every method below works from
+    ``.activations (B, T, d_in)`` and ``.backprops (B, T, d_out)``; a parameter of the exact
+    fallback is its own entry (keyed by the parameter name, ``module_type == "fallback"``) holding
+    its per-example gradients ``(B, *shape)`` as ``backprops``. A parameter used by several modules
+    (``shared_params``) gets the sum of its uses everywhere. Every method below works from
     the factors; only ``per_example_grads`` returns tensors of size ``B × parameters``. Parameter
     dicts are keyed by ``model.named_parameters()`` names. The examples are unordered: permuting
     them permutes every output along its batch axis.
@@ -23,6 +26,44 @@ class GradientSet:
         self._layers = dict(layers)
         self.losses = losses
         """``(B,)`` per-example losses of the batch (detached)."""
+        uses: dict[str, int] = {}
+        for f in self._layers.values():
+            for n in f.param_names.values():
+                uses[n] = uses.get(n, 0) + 1
+        self._shared = {n for n, c in uses.items() if c > 1}
+
+    @property
+    def fallback_params(self) -> list[str]:
+        """Parameters that came through the exact fallback (per-example gradients kept as they are)."""
+        return [n for f in self._layers.values() if f.module_type == "fallback" for n in f.param_names.values()]
+
+    @property
+    def shared_params(self) -> list[str]:
+        """Parameters used by several collected modules (weight tying); their contributions are summed."""
+        return sorted(self._shared)
+
+    def _unshared(self, f: LayerFactors) -> LayerFactors | None:
+        """``f`` without its shared parameters (``None`` if nothing is left)."""
+        if not self._shared.intersection(f.param_names.values()):
+            return f
+        keep = {k: v for k, v in f.param_names.items() if v not in self._shared}
+        return dataclasses.replace(f, param_names=keep) if keep else None
+
+    def _shared_grads(self, names=None) -> dict[str, torch.Tensor]:
+        """Materialised per-example gradients ``(B, *shape)`` of the shared parameters (sums over uses)."""
+        want = self._shared if names is None else self._shared.intersection(names)
+        out: dict[str, torch.Tensor] = {}
+        for f in self._layers.values():
+            if want.intersection(f.param_names.values()):
+                for local, g in f._rule.per_example(f).items():
+                    n = f.param_names[local]
+                    if n in want:
+                        out[n] = out[n] + g if n in out else g
+        return out
+
+    def _sq_norms(self, f: LayerFactors) -> torch.Tensor | float:
+        u = self._unshared(f)
+        return 0.0 if u is None else u._rule.sq_norms(u)
 
     @property
     def layer_names(self) -> list[str]:
@@ -36,8 +77,8 @@ class GradientSet:
 
     @property
     def param_names(self) -> list[str]:
-        """Names of the collected parameters, in layer order."""
-        return [n for f in self._layers.values() for n in f.param_names.values()]
+        """Names of the collected parameters, in layer order (each once)."""
+        return list(dict.fromkeys(n for f in self._layers.values() for n in f.param_names.values()))
 
     def __getitem__(self, name: str) -> LayerFactors:
         try:
@@ -55,7 +96,8 @@ class GradientSet:
         return len(self._layers)
 
     def __repr__(self) -> str:
-        rows = ", ".join(f"{n}: {f.module_type} T={f.backprops.shape[1]}" for n, f in self._layers.items())
+        rows = ", ".join(f"{n}: {f.module_type}" + ("" if f.module_type == "fallback" else f" T={f.backprops.shape[1]}")
+                         for n, f in self._layers.items())
         return f"GradientSet(B={self.batch_size}, layers=[{rows}])"
 
     def map_factors(self, fn: Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -82,10 +124,12 @@ class GradientSet:
         return GradientSet(layers, self.losses)
 
     def _per_param(self, method: str) -> dict[str, torch.Tensor]:
+        """Linear quantities summed over the uses of each parameter."""
         out = {}
         for f in self._layers.values():
             for local, g in getattr(f._rule, method)(f).items():
-                out[f.param_names[local]] = g
+                n = f.param_names[local]
+                out[n] = out[n] + g if n in out else g
         return out
 
     def per_example_grads(self) -> dict[str, torch.Tensor]:
@@ -98,19 +142,42 @@ class GradientSet:
 
     def grad_norms(self) -> torch.Tensor:
         """``(B,)`` L2 norms of the per-example gradients over all collected parameters."""
-        return sum(f._rule.sq_norms(f) for f in self._layers.values()).sqrt()
+        sq = sum(self._sq_norms(f) for f in self._layers.values())
+        sq = sq + sum(g.flatten(1).square().sum(1) for g in self._shared_grads().values())
+        return sq.sqrt()
 
     def layer_grad_norms(self) -> dict[str, torch.Tensor]:
-        """``{layer_name: (B,)}`` per-example gradient norms of each layer's parameters."""
-        return {n: f._rule.sq_norms(f).sqrt() for n, f in self._layers.items()}
+        """``{layer_name: (B,)}`` per-example gradient norms of each layer's parameters (a shared
+        parameter counts with its full gradient in every layer that uses it)."""
+        out = {}
+        shared = self._shared_grads()
+        for n, f in self._layers.items():
+            sq = self._sq_norms(f) + sum(shared[p].flatten(1).square().sum(1)
+                                         for p in f.param_names.values() if p in shared)
+            out[n] = torch.as_tensor(sq).sqrt()
+        return out
 
     def gram(self) -> torch.Tensor:
         """``(B, B)`` Gram matrix ``⟨g_b, g_c⟩`` of per-example gradients, summed over layers."""
-        return sum(f._rule.gram(f) for f in self._layers.values())
+        total = 0.0
+        for f in self._layers.values():
+            u = self._unshared(f)
+            if u is not None:
+                total = total + u._rule.gram(u)
+        for g in self._shared_grads().values():
+            g = g.flatten(1)
+            total = total + g @ g.T
+        return total
 
     def fisher_diagonal(self) -> dict[str, torch.Tensor]:
         """``{param_name: param.shape}``: empirical Fisher diagonal ``(1/B) Σ_b g_b ∘ g_b``."""
-        return {k: v / self.batch_size for k, v in self._per_param("sq_sum").items()}
+        out = {}
+        for f in self._layers.values():
+            u = self._unshared(f)
+            if u is not None:
+                out.update({u.param_names[k]: v for k, v in u._rule.sq_sum(u).items()})
+        out.update({n: g.square().sum(0) for n, g in self._shared_grads().items()})
+        return {k: v / self.batch_size for k, v in out.items()}
 
     def kfac_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer_name: (A_cov, G_cov)}`` for Linear, convolution and Embedding layers.
@@ -119,4 +186,20 @@ class GradientSet:
         ``G_cov = (1/B) Σ_{b,t} δ δᵀ``; for ``T = 1``, ``A_cov ⊗ G_cov`` is the K-FAC approximation
         of the empirical Fisher ``(1/B) Σ_b vec(g_b) vec(g_b)ᵀ`` (weights in ``(d_out, d_in)`` layout).
         """
-        return {n: f._rule.kfac(f) for n, f in self._layers.items() if f._rule.has_kfac}
+        return {n: f._rule.kfac(f) for n, f in self._layers.items() if f._rule.kfac_ok(f)
+                and not self._shared.intersection(f.param_names.values())}
+
+    def kfac_missing(self) -> dict[str, str]:
+        """``{parameter name: why}`` for the collected parameters that ``kfac_factors`` does not cover."""
+        out = {}
+        for n, f in self._layers.items():
+            if f.module_type == "fallback":
+                why = "exact fallback (no factors)"
+            elif not f._rule.kfac_ok(f):
+                why = f"{f.module_type} layers (this configuration) have no K-FAC factors"
+            else:
+                continue
+            out.update({p: why for p in f.param_names.values()})
+        for p in self._shared:
+            out[p] = "shared by several modules (weight tying)"
+        return out

@@ -18,15 +18,16 @@
 * **meta-training from Python** -- :func:`meta_train` (progress, atomic checkpoints, resume) and
   :func:`evaluate` (against lr-tuned Adam), built on :class:`MetaTraining`;
 * **user API** -- :class:`LearnedOptimizer`, a ``torch.optim.Optimizer`` that reads ``p.grad`` and
-  loads a shipped checkpoint by default; :class:`GradientSetOptimizer` for rules that read the
-  batch's gradient set (its closure returns the batch).
+  loads a shipped checkpoint by default; :class:`GradientSetOptimizer` for rules built on the
+  model's structure (its closure returns the batch; ``from_checkpoint`` rebuilds a saved rule for
+  an MLP of any size).
 
 Meta-training and evaluation run as ``gradmeta run tasks/lopt_digits.toml`` and
 ``gradmeta run tasks/lopt_eval_digits.toml`` (tasks in :mod:`gradmeta.experiments.lopt`).
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
-from ._gmn import GMNState, GradMetaNetLO, WeightSpaceLO
+from ._gmn import GMNState, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
 from ._meta import MetaTraining, evaluate, meta_train
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
@@ -42,6 +43,7 @@ __all__ = [
     "digits_mlp", "image_mlp", "char_lm", "make_task", "load_task", "check_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
     "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
+    "RelativeNeuronIds",
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "GradientSetOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon",

@@ -1,39 +1,44 @@
-"""The per-parameter MLP learned optimizer plus a GradMetaNet branch.
+"""The per-parameter MLP learned optimizer plus an equivariant branch.
 
-At every inner step the factored gradient set of the batch is collected
-(:func:`gradmeta.collect_gradients`, one forward+backward) and a
-:class:`gradmeta.nn.GradMetaNet` with a ``"weight"`` readout maps it to ``E`` features per
-parameter entry. Those features and their running average (EMA, decay ``avg_decay``, bias
-corrected) are concatenated to the per-parameter features of :class:`PerParamMLP`
-(``extra_features = 2E``). The update keeps the residual form, so an untrained optimizer is still
-SGD with momentum, whatever the GradMetaNet outputs. Meta-parameters are the MLP's (``"mlp.*"``)
-and the GradMetaNet's (``"gmn.*"``).
-
-The gradient set is collected with hooks on a real module (a private copy of the task's model, so
-the task is never modified), so inner runs are stepped one at a time (its :meth:`map` loops over
-particles instead of using ``vmap``) and there is no backpropagation through the unroll: use it
-with :class:`PES` or :class:`ES`.
+:class:`GradMetaNetLO`: at every inner step the factored gradient set of the batch (or of its
+first ``examples`` examples) is computed as a pure function of the parameters
+(:func:`gradmeta.grads.functional_factors`), and a :class:`gradmeta.nn.GradMetaNet` with a
+``"weight"`` readout maps it to ``E`` features per parameter entry. Those features and their
+running average over past steps (EMA, decay ``avg_decay``, bias corrected) are concatenated to the
+per-parameter features of :class:`PerParamMLP` (``extra_features = 2E``). The update keeps the
+residual form, so an untrained optimizer is still SGD with momentum, whatever the GradMetaNet
+outputs. Meta-parameters are the MLP's (``"mlp.*"``) and the GradMetaNet's (``"gmn.*"``). The
+whole step is pure, so the outer trainers run its particles under ``torch.func.vmap``.
 
 :class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant: the branch is an
-equivariant network on the parameters and the mean gradient only (no gradient set), so its update
-is a pure function that runs under ``vmap`` like :class:`PerParamMLP`.
+equivariant network on the parameters and the mean gradient only (no gradient set).
+
+Both are built for one architecture (``for_model`` rebuilds one for another) but their
+meta-parameters do not depend on the widths of an MLP: hidden neurons are permutable, and the
+input / output neurons (whose order matters) are told apart by a size-independent code of their
+relative position ``(i + ½)/n`` (:class:`RelativeNeuronIds`), so an optimizer meta-trained on a
+64-32-10 MLP runs on a 784-64-64-10 one. Supported inner models: MLPs (``nn.Linear`` and
+elementwise activations) and :class:`gradmeta.models.GPT`; anything else (e.g. ``nn.Conv2d``) is
+refused with a ``ValueError`` naming the layer.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, NamedTuple
+import math
+import warnings
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
-from torch.func import functional_call
-from torch.utils import _pytree as pytree
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value
 
 from ._learned import LOState, PerParamMLP
 from ._rule import LearnedRule
 
-__all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO"]
+__all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO", "RelativeNeuronIds"]
 
 Params = dict[str, Tensor]
+NEURON_IDS = ("relative", "learned")
 
 
 class GMNState(NamedTuple):
@@ -43,11 +48,75 @@ class GMNState(NamedTuple):
     avg: Params
 
 
+class RelativeNeuronIds(nn.Module):
+    """Neuron ids of the fixed (input / output) spaces from their relative position, for any size.
+
+    ``ids[name]`` is ``code((i + ½)/n) @ weightᵀ`` for ``i < n`` (``n``, that space's size), with
+    ``code(r) = (sin πkr, cos πkr)_{k=1..K}`` and ``weight (c, 2K)``: ``(n, c)``, the same
+    meta-parameter for every ``n``. Neuron ``i`` of ``n`` and neuron ``2i`` of ``2n`` get nearly the
+    same id (exactly so as ``n`` grows), so a rule trained on 64 inputs reads 784 as a finer grid.
+    Replaces the per-neuron table (``nn.ParameterDict`` of ``(n, c)``) of a
+    :class:`gradmeta.nn.NeuronEncoder`, which ties a network to one input and output size.
+    """
+
+    def __init__(self, sizes: dict[str, int], c: int, frequencies: int = 4):
+        super().__init__()
+        self.sizes, self.K = dict(sizes), frequencies
+        self.weight = nn.Parameter(torch.empty(c, 2 * frequencies))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``N(0, 0.1²)`` entries, the scale of the per-neuron id table it replaces."""
+        with torch.no_grad():
+            self.weight.normal_(0, 0.1)
+
+    def __getitem__(self, key: str) -> Tensor:
+        n, w = self.sizes[key], self.weight
+        r = (torch.arange(n, dtype=w.dtype, device=w.device) + 0.5) / n
+        ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=w.dtype, device=w.device)
+        return torch.cat([ang.sin(), ang.cos()], -1) @ w.T
+
+
+def _size_free(net: nn.Module, neuron_ids: str) -> nn.Module:
+    """``net`` with its fixed-neuron id table replaced by :class:`RelativeNeuronIds` (``"relative"``)."""
+    if neuron_ids not in NEURON_IDS:
+        raise ValueError(f"neuron_ids must be one of {NEURON_IDS}, got {neuron_ids!r}")
+    enc = net.encoder
+    if neuron_ids == "relative" and len(enc.ids):
+        c = enc.pos_map.weight.shape[0]
+        enc.ids = RelativeNeuronIds({s.name.replace(".", "_"): s.size for s in enc.layout.spec.spaces
+                                     if not s.permutable}, c)
+    return net
+
+
+def _model_of(task_or_model, who: str) -> tuple[nn.Module, str]:
+    if isinstance(task_or_model, nn.Module):
+        return task_or_model, type(task_or_model).__name__
+    if not hasattr(task_or_model, "model"):
+        raise ValueError(f"{who} needs a module-backed task or an nn.Module; {task_or_model.name} has no model")
+    return task_or_model.model, task_or_model.name
+
+
+def _spec_for(model: nn.Module, who: str, where: str):
+    """The model's symmetry spec, or a ``ValueError`` naming the unsupported layer and what is supported."""
+    from gradmeta.nn import SymmetrySpecError, symmetry_spec
+
+    try:
+        spec = symmetry_spec(model)
+        spec.check(model)
+    except SymmetrySpecError as e:
+        raise ValueError(f"{who}: the inner model of {where} is not supported: {e}. Supported inner models: MLPs "
+                         "(nn.Linear layers and elementwise activations, any widths and depth) and "
+                         "gradmeta.models.GPT; convolutional layers are not") from None
+    return spec
+
+
 class _BranchLO(LearnedRule):
     """Shared by the learned optimizers made of a :class:`PerParamMLP` (``self.base``, meta-parameters
     ``"mlp.*"``) and an equivariant network (``self.net``, meta-parameters ``"<prefix>.*"``)."""
 
     prefix = "gmn"
+    kind = ""
 
     def init_meta(self, seed: int = 0) -> Params:
         """``{"mlp.<name>": ...}`` (last layer zero: untrained = SGDM) and ``{"<prefix>.<name>": ...}``."""
@@ -64,76 +133,116 @@ class _BranchLO(LearnedRule):
         n = len(prefix) + 1
         return {k[n:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
 
+    def config(self) -> dict:
+        """Constructor arguments but the model: ``type(self)(model, **config)`` rebuilds this optimizer."""
+        base = {k: v for k, v in self.base.config().items() if k != "extra_features"}
+        return {**self._own_config, **base}
+
+    def for_model(self, model: nn.Module):
+        """The same optimizer (same meta-parameter names and shapes for MLPs of any widths) built for ``model``."""
+        return type(self)(model, **self.config())
+
+    def gradients(self, model: nn.Module, loss_fn, params: Params, inputs, targets):
+        """``(mean_grad, gradient_set or None, mean_loss)`` of ``loss_fn(model(inputs), targets) -> (B,)`` at ``params``."""
+        g, loss = grad_and_value(lambda p: loss_fn(functional_call(model, p, (inputs,)), targets).mean())(params)
+        return g, None, loss
+
+    def step(self, task, meta: Params, params: Params, state, batch: tuple[Tensor, ...]):
+        """One inner step on a batch of a module-backed ``task`` (pure; runs under ``vmap``)."""
+        x, y = task.split(batch)
+        grads, gs, loss = self.gradients(getattr(self, "model", task.model), task.loss_fn, params, x, y)
+        new, state = self.update(meta, grads, state, params, gradient_set=gs)
+        return new, state, loss
+
 
 class GradMetaNetLO(_BranchLO):
     """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
 
     Args:
-        task: a module-backed task (its ``model`` gives the symmetry spec and runs the hooks).
+        model: the inner model (or a module-backed task, whose ``model`` is used): gives the
+            symmetry spec; an MLP of any widths or a :class:`gradmeta.models.GPT`.
         gmn_channels: ``E``, GradMetaNet outputs per parameter entry.
         variant: ``"base"`` or ``"plusplus"`` (GradMetaNet++).
         weight_aware: also feed the weights into the GradMetaNet.
         avg_decay: decay of the running average of past readouts.
         channels: GradMetaNet width.
+        layers: its set×neuron layers (``"base"``) or attention blocks (``"plusplus"``).
+        heads: attention heads of GradMetaNet++ (1: head dimension = ``channels``; on a CPU, 4
+            heads of dimension 2 made a PES iteration 1.9× slower).
+        examples: feed the GradMetaNet the gradient set of the first ``examples`` examples of each
+            batch only (batches drawn at random: a random subsample); the mean gradient is still
+            the whole batch's. ``None``: the whole batch.
+        neuron_ids: ``"relative"`` (size-independent ids of input / output neurons,
+            :class:`RelativeNeuronIds`) or ``"learned"`` (one learned vector per neuron: tied to
+            the model's input and output sizes).
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
     """
 
-    def __init__(self, task, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
-                 avg_decay: float = 0.9, channels: int = 8, **kwargs):
+    kind = "gradmetanet"
+
+    def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
+                 avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
+                 neuron_ids: str = "relative", **kwargs):
         from gradmeta.nn import GradMetaNet
 
-        if not hasattr(task, "model"):
-            raise ValueError(f"GradMetaNetLO needs a module-backed task; {task.name} has no model")
-        self.task, self.E, self.avg_decay, self.weight_aware = task, gmn_channels, avg_decay, weight_aware
+        model, where = _model_of(model, "GradMetaNetLO")
+        if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+            raise ValueError(f"GradMetaNetLO: examples must be a positive integer or None, got {examples!r}")
+        spec = _spec_for(model, "GradMetaNetLO", where)
+        self.E, self.avg_decay, self.weight_aware, self.examples = gmn_channels, avg_decay, weight_aware, examples
+        self._own_config = {"gmn_channels": gmn_channels, "variant": variant, "weight_aware": weight_aware,
+                            "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
+                            "examples": examples,
+                            "neuron_ids": neuron_ids}
         self.base = PerParamMLP(extra_features=2 * gmn_channels, **kwargs)
-        self.net = GradMetaNet.for_model(task.model, readout="weight", out_dim=gmn_channels, variant=variant,
-                                         weight_aware=weight_aware, channels=channels)
+        # functional_factors runs a structure pass on the model's own parameters, which must require
+        # grad (a task's skeleton model does not): a private copy, never written
+        self.model = copy.deepcopy(model).requires_grad_(True)
+        self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
+                                          weight_aware=weight_aware, channels=channels, set_layers=layers,
+                                          heads=heads),
+                              neuron_ids)
         self.lr = self.base.lr
-        self._model = copy.deepcopy(task.model)  # runs the hooks; the task's own model is never written
-        self._loss_fn, self._split = task.loss_fn, task.split
 
     def init(self, params: Params) -> GMNState:
         """Fresh state; readout averages start at zero."""
-        return GMNState(self.base.init(params), {k: torch.zeros(*v.shape, self.E) for k, v in params.items()})
+        first = next(iter(params.values()))
+        return GMNState(self.base.init(params), {k: torch.zeros(*v.shape, self.E, dtype=first.dtype,
+                                                                device=first.device) for k, v in params.items()})
 
-    def step(self, task, meta: Params, params: Params, state: GMNState, batch: tuple[Tensor, ...]):
-        """Collect the gradient set of ``batch`` at ``params`` and apply one update.
+    def gradients(self, model: nn.Module, loss_fn, params: Params, inputs, targets):
+        """``(mean_grad, gradient_set, mean_loss)``: the set is of the first ``examples`` examples
+        (all when ``examples`` is ``None`` or at least the batch size). Pure in ``params`` and the
+        batch (``functional_factors``), so it runs under ``vmap``."""
+        from gradmeta.grads import functional_factors
 
-        ``task`` must be the task this optimizer was built for (its batches feed the private copy
-        of the task's model). Returns ``(new_params, new_state, mean_loss)``.
-        """
-        import gradmeta as gm
-
-        model = self._model
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(params[n])
-                p.requires_grad_(True)
-        try:
-            x, y = self._split(batch)
-            gs = gm.collect_gradients(model, self._loss_fn, x, y)
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(False)
-        new, state = self.update(meta, gs.mean_grad(), state, params, gradient_set=gs)
-        return new, state, gs.losses.mean()
+        B = len(targets)
+        if self.examples is None or self.examples >= B:
+            gs = functional_factors(model, loss_fn, params, inputs, targets)
+            return gs.mean_grad(), gs, gs.losses.mean()
+        # the whole batch's mean gradient (plain autograd), the first `examples` examples' factors
+        grads, loss = super().gradients(model, loss_fn, params, inputs, targets)[::2]
+        return grads, functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples]), loss
 
     def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
                gradient_set=None) -> tuple[Params, GMNState]:
-        """One step from the batch's gradient set (``grads`` is its mean gradient).
+        """One step from the batch's gradient set (``grads`` is the whole batch's mean gradient).
 
         Raises:
             ValueError: without ``gradient_set`` (this rule reads more than the mean gradient;
-                :meth:`step` collects it).
+                :meth:`step` and :meth:`gradients` give it).
         """
         if gradient_set is None:
-            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (gradmeta.collect_gradients); "
-                             "GradMetaNetLO.step(task, meta, params, state, batch) collects it")
+            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (GradMetaNetLO.gradients or "
+                             "gradmeta.grads.functional_factors); GradMetaNetLO.step(task, meta, params, state, "
+                             "batch) computes it")
         gmn_meta = self._part(meta, "gmn")
         args = (gradient_set, params) if self.weight_aware else (gradient_set,)
-        with torch.no_grad():
+        with warnings.catch_warnings():  # GradMetaNet++'s CPU attention kernel has no vmap rule: it loops, correctly
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                    "the batching rule")
             out = functional_call(self.net, gmn_meta, args)
-        out = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
+        out = {k: v.reshape(*params[k].shape, self.E).to(params[k].dtype) for k, v in out.items()}
         t = state.base.step + 1
         avg = {k: torch.lerp(state.avg[k], out[k], 1 - self.avg_decay) for k in params}
         extra = {k: torch.cat([out[k], avg[k] / (1 - self.avg_decay ** t)], -1) for k in params}
@@ -142,21 +251,12 @@ class GradMetaNetLO(_BranchLO):
         avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
         return new, GMNState(base, avg)
 
-    def map(self, fn: Callable, in_dims: tuple) -> Callable:
-        """``fn`` run over the stacked inner runs one at a time (hooks are not vmappable), stacked."""
-        def looped(*args):
-            n = next(pytree.tree_leaves(a)[0].shape[d] for a, d in zip(args, in_dims) if d is not None)
-            take = lambda a, d, i: a if d is None else pytree.tree_map(lambda x: x.select(d, i), a)  # noqa: E731
-            outs = [fn(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
-            return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-        return looped
-
     def skipped(self, state: GMNState) -> Tensor:
         return state.base.skipped.sum()
 
     def check_differentiable(self, who: str) -> None:
-        raise ValueError(f"{who}: GradMetaNetLO collects gradient sets with hooks and cannot be differentiated "
-                         "through; meta-train it with PES or es_grad / ES")
+        raise ValueError(f"{who}: backpropagation through GradMetaNetLO unrolls is not supported (untested); "
+                         "meta-train it with PES or es_grad / ES")
 
 
 class WeightSpaceLO(_BranchLO):
@@ -167,36 +267,43 @@ class WeightSpaceLO(_BranchLO):
     means / mean squares) and the parameters (per-entry features), each divided by its RMS per
     tensor, and gives ``E`` features per parameter entry, concatenated to the per-parameter
     features of :class:`PerParamMLP` (``extra_features = E``). Residual form: untrained = SGD with
-    momentum. Pure and ``vmap``-able (no gradient set), so outer trainers vectorise its particles.
+    momentum. Pure and ``vmap``-able.
 
     Args:
-        task: a module-backed task (its ``model`` gives the symmetry spec).
+        model: the inner model (or a module-backed task): an MLP of any widths or a GPT.
         out_channels: ``E``, branch outputs per parameter entry.
         channels, layers: width and depth of the weight-space net.
+        neuron_ids: as :class:`GradMetaNetLO`.
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
     """
 
     prefix = "ws"
+    kind = "weightspace"
 
-    def __init__(self, task, out_channels: int = 4, channels: int = 8, layers: int = 2, **kwargs):
-        from gradmeta.nn import AveragedGradientNet, symmetry_spec
+    def __init__(self, model, out_channels: int = 4, channels: int = 8, layers: int = 2,
+                 neuron_ids: str = "relative", **kwargs):
+        from gradmeta.nn import AveragedGradientNet
 
-        if not hasattr(task, "model"):
-            raise ValueError(f"WeightSpaceLO needs a module-backed task; {task.name} has no model")
+        model, where = _model_of(model, "WeightSpaceLO")
+        spec = _spec_for(model, "WeightSpaceLO", where)
         self.E = out_channels
+        self._own_config = {"out_channels": out_channels, "channels": channels, "layers": layers,
+                            "neuron_ids": neuron_ids}
         self.base = PerParamMLP(extra_features=out_channels, **kwargs)
-        self.net = AveragedGradientNet(symmetry_spec(task.model), readout="weight", out_dim=out_channels,
-                                       weight_aware=True, channels=channels, layers=layers)
+        self.net = _size_free(AveragedGradientNet(spec, readout="weight", out_dim=out_channels, weight_aware=True,
+                                                  channels=channels, layers=layers), neuron_ids)
         self.lr = self.base.lr
 
     def init(self, params: Params) -> LOState:
         """The per-parameter optimizer's fresh state."""
         return self.base.init(params)
 
-    def update(self, meta: Params, grads: Params, state: LOState, params: Params) -> tuple[Params, LOState]:
-        """One step, as :meth:`PerParamMLP.update`, with the branch's features as ``extra``."""
+    def update(self, meta: Params, grads: Params, state: LOState, params: Params, *,
+               gradient_set=None) -> tuple[Params, LOState]:
+        """One step, as :meth:`PerParamMLP.update`, with the branch's features as ``extra``
+        (``gradient_set`` is accepted and unused: this rule reads the mean gradient only)."""
         rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
         out = functional_call(self.net, self._part(meta, self.prefix),
                               ({k: rms(v) for k, v in grads.items()},), {"params": {k: rms(v) for k, v in params.items()}})
-        extra = {k: v.reshape(*params[k].shape, self.E) for k, v in out.items()}
+        extra = {k: v.reshape(*params[k].shape, self.E).to(params[k].dtype) for k, v in out.items()}
         return self.base.update(self._part(meta, "mlp"), grads, state, params, extra)

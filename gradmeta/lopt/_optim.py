@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._fused import fused_update, segment_matrix
+from ._gmn import GradMetaNetLO, WeightSpaceLO
 from ._learned import DECAYS, PerParamMLP
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon", "DEFAULT_CHECKPOINT",
@@ -33,15 +34,22 @@ __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint
 CHECKPOINT_FORMAT = "gradmeta.lopt/1"
 #: The checkpoint loaded by ``LearnedOptimizer(params)`` (meta-trained on the digits MLP task).
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_digits.pt"
-_KINDS = {"per_param_mlp": PerParamMLP}
+_KINDS = {"per_param_mlp": PerParamMLP, "gradmetanet": GradMetaNetLO, "weightspace": WeightSpaceLO}
 
 
-def save_checkpoint(path: str | os.PathLike, lo: PerParamMLP, meta: dict[str, Tensor], **info) -> Path:
-    """Write ``lo``'s config and ``meta`` (plus scalar/string ``info``) to ``path`` atomically."""
+def save_checkpoint(path: str | os.PathLike, lo, meta: dict[str, Tensor], **info) -> Path:
+    """Write ``lo``'s kind, config and ``meta`` (plus scalar/string ``info``) to ``path`` atomically.
+
+    ``lo``: a :class:`PerParamMLP` (used by :class:`LearnedOptimizer`), a :class:`GradMetaNetLO`
+    or a :class:`WeightSpaceLO` (used by :class:`~gradmeta.lopt.GradientSetOptimizer`).
+    """
     from gradmeta._io import atomic_write
 
-    kind = {v: k for k, v in _KINDS.items()}[type(lo)]
-    blob = {"format": CHECKPOINT_FORMAT, "kind": kind, "config": lo.config(),
+    kinds = {v: k for k, v in _KINDS.items()}
+    if type(lo) not in kinds:
+        raise TypeError(f"save_checkpoint: cannot save a {type(lo).__name__}; kinds: "
+                        + ", ".join(f"{k} ({v.__name__})" for k, v in _KINDS.items()))
+    blob = {"format": CHECKPOINT_FORMAT, "kind": kinds[type(lo)], "config": lo.config(),
             "meta": {k: v.detach().clone().cpu() for k, v in meta.items()}, "info": dict(info)}
     return atomic_write(path, lambda f: torch.save(blob, f))
 
@@ -64,8 +72,20 @@ def checkpoint_horizon(path: str | os.PathLike | None = None) -> int | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[PerParamMLP, dict[str, Tensor]]:
-    """``(optimizer, meta)`` from a checkpoint file (default :data:`DEFAULT_CHECKPOINT`), ``weights_only``."""
+def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | None = None):
+    """``(optimizer, meta)`` from a checkpoint file (default :data:`DEFAULT_CHECKPOINT`), ``weights_only``.
+
+    Args:
+        path: a file from :func:`save_checkpoint`.
+        model: the model to optimise; needed by (and only by) the rules built on the model's structure
+            (``gradmetanet``, ``weightspace``), which are rebuilt for it: an MLP of any widths works
+            with a checkpoint meta-trained on another width (input / output neurons are encoded by
+            their relative position).
+
+    Raises:
+        ValueError: not a learned-optimizer checkpoint; a structured rule without ``model``; the
+            meta-parameters do not fit the rule rebuilt for ``model`` (names the first mismatch).
+    """
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"gradmeta.lopt: learned-optimizer checkpoint {path} does not exist")
@@ -73,11 +93,24 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[PerParamMLP,
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or blob.get("kind") not in _KINDS:
         raise ValueError(f"gradmeta.lopt: {path} is not a learned-optimizer checkpoint ({CHECKPOINT_FORMAT}, "
                          f"kinds {sorted(_KINDS)})")
-    lo = _KINDS[blob["kind"]](**blob["config"])
-    expected = set(lo.init_meta(0))
-    if set(blob["meta"]) != expected:
+    cls = _KINDS[blob["kind"]]
+    if cls is PerParamMLP:
+        lo = cls(**blob["config"])
+    elif model is None:
+        raise ValueError(f"gradmeta.lopt: {path} holds a {blob['kind']!r} learned optimizer, which reads more than "
+                         "p.grad and is built for the model it optimises: use GradientSetOptimizer.from_checkpoint("
+                         "model, loss_fn, path), or load_checkpoint(path, model=model)")
+    else:
+        lo = cls(model, **blob["config"])
+    expected = lo.init_meta(0)
+    if set(blob["meta"]) != set(expected):
         raise ValueError(f"gradmeta.lopt: {path}: meta-parameters {sorted(blob['meta'])} do not match "
                          f"{blob['kind']} ({sorted(expected)})")
+    for k, v in expected.items():
+        if blob["meta"][k].shape != v.shape:
+            raise ValueError(f"gradmeta.lopt: {path}: meta-parameter {k!r} has shape {tuple(blob['meta'][k].shape)}, "
+                             f"but the {blob['kind']} rule built for this model needs {tuple(v.shape)} (a rule with "
+                             "neuron_ids='learned' only fits models with the input and output sizes it was trained on)")
     return lo, dict(blob["meta"])
 
 

@@ -1,4 +1,4 @@
-"""Baselines on LoRA adapters (DESIGN §2.3), each with the symmetry it has (or lacks).
+"""Baselines on LoRA adapters, each with the symmetry it has (or lacks).
 
 =====================  =======================================  ===========================
 model                  input                                    invariant to

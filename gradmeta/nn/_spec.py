@@ -229,12 +229,15 @@ def register_spec(cls: type, builder: Callable[[nn.Module], SymmetrySpec]) -> No
 def symmetry_spec(model: nn.Module) -> SymmetrySpec:
     """Derive the neuron-permutation symmetry of ``model``.
 
-    Supported: classes registered with :func:`register_spec` (e.g. ``gradmeta.models.GPT``) and
+    Supported: classes registered with :func:`register_spec` (e.g. ``gradmeta.models.GPT``; Hugging
+    Face ``GPT2LMHeadModel`` and ``LlamaForCausalLM``, see ``gradmeta.nn._hf_spec``) and
     MLPs (``nn.Sequential`` or any module whose traced forward is a chain of ``nn.Linear`` and
     elementwise activations). Anything else raises ``SymmetrySpecError`` saying what failed; write
     a ``SymmetrySpec`` by hand (``SymmetrySpec.chain`` for custom MLPs) and pass it as ``spec=`` to
     the models, or register a builder for the class.
     """
+    from ._hf_spec import register_loaded_hf_specs
+    register_loaded_hf_specs()      # Hugging Face GPT-2 / Llama, if transformers is loaded
     for cls in type(model).__mro__:
         if cls in _SPEC_BUILDERS:
             return _SPEC_BUILDERS[cls](model)

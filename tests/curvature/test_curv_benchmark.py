@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "curvature.py"
 
 
+@pytest.mark.slow
 def test_curvature_benchmark_quick(tmp_path):
     res = subprocess.run([sys.executable, str(BENCH), "--quick", "--cases", "mlp", "--trace-rounds", "1",
                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True,

@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "curvature_of_your_model.ipynb"
 
 
+@pytest.mark.slow
 def test_curvature_notebook_executes(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbmake", "--nbmake-timeout=300",
                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(NOTEBOOK)],

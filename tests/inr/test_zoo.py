@@ -76,6 +76,7 @@ def test_zoo_images_digits_upsampled():
         inr.zoo_images("imagenet", "train")
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     import os
     import subprocess

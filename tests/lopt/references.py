@@ -68,3 +68,29 @@ def per_param_mlp_update(lo, meta, grads, state, params, extra=None):
         step = meta["log_lr"].exp() * (s.exp() * m_sgd + lo.step_mult * d)
         new[k] = p - step.clamp(-lo.max_update, lo.max_update).view_as(p)
     return new, momenta, second
+
+
+def gmn_step_with_hooks(lo, task, meta, params, state, batch, examples=None):
+    """``GradMetaNetLO.step`` the old way: the gradient set collected with hooks on a live copy of the model
+    (``collect_gradients``), one inner run at a time; the set of the first ``examples`` examples."""
+    import copy
+
+    import gradmeta as gm
+
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(params)
+    model.requires_grad_(True)
+    x, y = task.split(batch)
+    gs = gm.collect_gradients(model, task.loss_fn, x, y)
+    sub = gs if examples is None else gm.collect_gradients(model, task.loss_fn, x[:examples], y[:examples])
+    new, state = lo.update(meta, gs.mean_grad(), state, params, gradient_set=sub)
+    return new, state, gs.losses.mean()
+
+
+def looped(fn, n, *args):
+    """``fn`` on the ``i``-th slice of every stacked argument (``None``: shared), for ``i < n``, stacked."""
+    from torch.utils import _pytree as pytree
+
+    take = lambda a, i: a if a is None else pytree.tree_map(lambda x: x[i], a)  # noqa: E731
+    outs = [fn(*(take(a, i) for a in args)) for i in range(n)]
+    return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)

@@ -24,3 +24,7 @@ def test_quick_lopt_benchmark(tmp_path):
         want = (adam["step_s"] - adam["update_s"] + learned["mlp_s"]) / adam["step_s"]
         assert abs(learned["measured_floor"] - want) < 1e-12
     assert "LearnedOptimizer" in (tmp_path / "lopt_step.md").read_text()
+    pes = json.loads((tmp_path / "lopt_pes.json").read_text())["cases"][0]["results"]
+    assert pes[0]["label"].startswith("per-parameter") and pes[0]["ratio"] == 1.0
+    assert all(r["iter_s"] > 0 and abs(r["ratio"] - r["iter_s"] / pes[0]["iter_s"]) < 1e-12 for r in pes)
+    assert {r["target"] for r in pes} == {None, 2.0, 5.0}

@@ -119,7 +119,9 @@ def test_diffusers_lora_down_up_keys(trained):
                 deltas(te, prefix="text_encoder.", unscaled=True))
     ad = lora.Adapter({k: f for k, f in both.items() if k.startswith("unet.")})
     applied = diffusers_applies(file)  # diffusers 0.42 applies only the conv modules of this legacy layout
-    assert applied and all(torch.equal(ad[k].delta(), d) for k, d in applied.items())
+    assert applied
+    for k, d in applied.items():  # get_delta_weight's matmul may take another kernel path: not bitwise
+        torch.testing.assert_close(ad[k].delta(), d, rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
     assert_same(ad, deltas(unet, prefix="unet.", unscaled=True))  # no alphas: scale 1
 
 

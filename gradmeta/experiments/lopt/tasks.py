@@ -6,7 +6,8 @@ branch) with PES, full-unroll ES or truncated backprop and the Adam meta-optimis
 iterations (meta-parameters, meta-optimiser, particle states and the random generator), so
 ``--resume`` continues to exactly the result of an uninterrupted run. Under ``torchrun`` the
 particles are split over the ranks (:mod:`gradmeta.lopt._distributed`). It writes the trained
-optimizer as ``learned_optimizer.pt`` (loadable by ``LearnedOptimizer(params, checkpoint=...)``),
+optimizer as ``learned_optimizer.pt`` (per-parameter kind: ``LearnedOptimizer(params, checkpoint=...)``;
+GradMetaNet / weight-space kinds: ``GradientSetOptimizer.from_checkpoint(model, loss_fn, path)``),
 ``meta_loss.png`` and ``inner_curves.png``.
 
 ``lopt_eval`` compares a checkpoint (or, with ``run = "<folder>"``, the optimizer of any kind in a
@@ -45,7 +46,11 @@ TRAIN_DEFAULTS = {
     "inner": _TASK,
     "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace")),
                   "hidden": Range(32, low=1), "lr": Range(0.1, **_POS), "step_mult": Range(0.03, low=0),
-                  "max_update": Range(0.1, **_POS), "gmn_channels": Range(4, low=1), "weight_aware": False},
+                  "max_update": Range(0.1, **_POS), "gmn_channels": Range(4, low=1), "weight_aware": False,
+                  # GradMetaNet / weight-space branch: width, depth, heads (GradMetaNet++), examples of the
+                  # batch fed to GradMetaNet (0: all), ids of input/output neurons ("relative": any size)
+                  "gmn_width": Range(8, low=1), "gmn_layers": Range(4, low=1), "gmn_heads": Range(1, low=1),
+                  "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned"))},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
               "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
@@ -105,11 +110,14 @@ def _make_lo(task, cfg: dict):
     base = {k: cfg[k] for k in ("hidden", "lr", "step_mult", "max_update")}
     if cfg["kind"] == "per_param_mlp":
         return PerParamMLP(**base)
+    ids = cfg.get("neuron_ids", "relative")
     if cfg["kind"] == "weightspace":
-        return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], **base)
+        return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], channels=cfg.get("gmn_width", 8),
+                             neuron_ids=ids, **base)
     variant = "plusplus" if cfg["kind"] == "gradmetanet++" else "base"
     return GradMetaNetLO(task, gmn_channels=cfg["gmn_channels"], variant=variant, weight_aware=cfg["weight_aware"],
-                         **base)
+                         channels=cfg.get("gmn_width", 8), layers=cfg.get("gmn_layers", 4),
+                         heads=cfg.get("gmn_heads", 1), examples=cfg.get("examples") or None, neuron_ids=ids, **base)
 
 
 def _from_run(folder: str, task):
@@ -201,9 +209,8 @@ def _meta_train(run: Run) -> dict:
                "lr": float(final[lr_key].exp()), "final_test_loss": history["eval"]["final_test_loss"][-1],
                "untrained_final_test_loss": history["eval"]["final_test_loss"][0]}
     if comm.rank == 0:
-        if isinstance(lo, PerParamMLP):  # GradMetaNet optimizers keep their meta-parameters in checkpoint.pt
-            save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it,
-                            horizon=o["horizon"])
+        save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it,
+                        horizon=o["horizon"])
         from .plots import plot_curves, plot_meta
 
         run.save_figure(plot_meta(history), plots[0])
@@ -230,7 +237,10 @@ def _eval(run: Run) -> dict:
     s = run.spec
     _nonempty(run, "seeds", "adam_lrs", "sgdm_lrs")
     task = _task(run)
-    lo, meta = _from_run(s["run"], task) if s["run"] else load_checkpoint(s["checkpoint"] or None)
+    if s["run"]:
+        lo, meta = _from_run(s["run"], task)
+    else:
+        lo, meta = load_checkpoint(s["checkpoint"] or None, model=getattr(task, "model", None))
     seeds, steps, every = s["seeds"], s["steps"], s["eval_every"]
     bar = run.progress(3, desc="lopt_eval")
     ev = evaluate(task, lo, meta, seeds=seeds, steps=steps, eval_every=every, adam_lrs=s["adam_lrs"],

@@ -93,14 +93,26 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 def test_meta_train_the_gradmetanet_branch_on_validation_loss(tmp_path):
     spec = tmp_path / "gmn.toml"
-    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = "gradmetanet++"\ngmn_channels = 2')
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = "gradmetanet++"'
+                                                      '\ngmn_channels = 2\nexamples = 8\ngmn_layers = 1')
                     .replace("batch_size = 16", "batch_size = 16\nvalid_fraction = 0.2")
                     .replace("log_loss = true", 'log_loss = true\nobjective = "valid"'))
     out = gr.run_spec(spec, tmp_path / "gmn", progress=False)
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and len(m["history"]["meta"]["meta_loss"]) == 2
     meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
-    assert any(k.startswith("gmn.") for k in meta) and not (out / "learned_optimizer.pt").exists()
+    assert any(k.startswith("gmn.") for k in meta)
+    from gradmeta.lopt import GradMetaNetLO, load_checkpoint, make_task
+
+    wider = make_task("digits", hidden=[12], batch_size=16)
+    lo, saved = load_checkpoint(out / "learned_optimizer.pt", model=wider.model)  # another hidden width
+    assert isinstance(lo, GradMetaNetLO) and lo.examples == 8 and lo.config()["variant"] == "plusplus"
+    assert all(torch.equal(saved[k], meta[k]) for k in meta)
+    ev = tmp_path / "eval.toml"
+    ev.write_text(f'task = "lopt_eval"\ncheckpoint = "{out / "learned_optimizer.pt"}"\nseeds = [1]\nsteps = 4\n'
+                  "eval_every = 2\nadam_lrs = [0.01]\nsgdm_lrs = [0.1]\n[inner]\nhidden = [12]\nbatch_size = 16\n")
+    s = json.loads((gr.run_spec(ev, tmp_path / "eval", progress=False) / "metrics.json").read_text())["summary"]
+    assert s["learned_best_test_loss_mean"] > 0 and "step_time_ratio_vs_adam" not in s
 
 
 def test_meta_train_the_weight_space_lo_and_evaluate_its_run_folder(tmp_path):

@@ -1,0 +1,95 @@
+"""Functional capture: the factors of ``collect_gradients`` from a pure function of a parameter
+dict and a batch, so meta-learning code can ``torch.func.vmap`` over many inner models."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from ._capture import (Session, _wrapped, batch_size_of, capturing, check_losses, check_no_batch_mixing,
+                       make_plan, root_batch_dim, route_outside_uses, split_inputs)
+from ._collect import assemble
+from ._errors import GradientCollectionError
+from ._set import GradientSet
+
+
+def _placeholder(t):
+    """A plain tensor of ``t``'s logical shape (for the structure pass under a transform)."""
+    if isinstance(t, torch.Tensor) and _wrapped(t):
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t
+
+
+def functional_factors(model: nn.Module, loss_fn: Callable, params: Mapping[str, torch.Tensor], inputs, targets,
+                       layers: Iterable[str] | None = None) -> GradientSet:
+    """``collect_gradients`` of ``model`` evaluated at ``params``, as a pure function of ``params``
+    and the batch: usable under ``torch.func.vmap`` (over parameter sets and/or batches) and
+    ``torch.func.grad``.
+
+    Args:
+        model: the architecture; its parameters not in ``params``, and its buffers, are used as they are.
+        loss_fn, inputs, targets, layers: as for ``collect_gradients``.
+        params: ``{name: tensor}`` keyed like ``model.named_parameters()``.
+
+    Returns:
+        A ``GradientSet`` equal to ``collect_gradients`` on a model holding ``params``. Under ``vmap``
+        return its tensors (e.g. ``.grad_norms()``, ``.per_example_grads()``), not the set itself.
+
+    How: a structure pass (the model's own parameters, plain autograd; under a transform the inputs
+    are replaced by zeros of the same shape) fixes which modules are factored, the output shapes of
+    their calls and which parameters need the exact fallback; the factored pass adds a zero probe
+    ``z_i`` to the i-th layer output and takes ``Δ_i = ∂(Σ_b ℓ_b)/∂z_i`` with ``torch.func.vjp`` (the
+    fallback parameters' per-example gradients with a ``vmap`` of the same vjp over one-hot
+    cotangents). The model's control flow must not depend on parameter values.
+    """
+    check_no_batch_mixing(model)
+    B = batch_size_of(inputs, root_batch_dim(model))
+    plan = make_plan(model, layers)
+    # Structure pass.
+    structure = Session(plan, B)
+    args, kwargs = split_inputs(torch.utils._pytree.tree_map(_placeholder, inputs))
+    with torch._C._DisableFuncTorch(), torch.enable_grad():   # plain autograd even inside torch.func.grad
+        with capturing(structure):
+            out = model(*args, **kwargs)
+        losses0 = check_losses(loss_fn(out, torch.utils._pytree.tree_map(_placeholder, targets)), B)
+        structure.check_batch(B)
+        route_outside_uses(structure, losses0)
+    shapes = [(r.output.shape, r.output.dtype, r.output.device) for r in structure.records]
+    del out, losses0, structure
+    # Factored pass.
+    args, kwargs = split_inputs(inputs)
+    fb_names = list(plan.fallback)
+    given = dict(params)
+    for n in fb_names:
+        given.setdefault(n, plan.fallback[n].detach())
+    probes = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in shapes]
+
+    sessions = []
+
+    def run(zs, fb):
+        session = Session(plan, B, mode="functional", probes=zs)
+        sessions.append(session)
+        with capturing(session):
+            o = functional_call(model, {**given, **fb}, args, kwargs, strict=False)
+        ls = check_losses(loss_fn(o, targets), B)
+        return ls, [r.stored for r in session.records]
+
+    # Nothing is detached: under torch.func.grad the factors stay differentiable in ``params``.
+    losses, pullback, stored = vjp(run, probes, {n: given[n] for n in fb_names}, has_aux=True)
+    records = sessions[-1].records
+    if len(records) != len(probes):
+        raise GradientCollectionError(
+            f"the model made {len(records)} calls to factored modules, {len(probes)} in the structure pass; "
+            "its control flow must not depend on parameter values")
+    ones = torch.ones_like(losses)
+    deltas, _ = pullback(ones)
+    dense = {}
+    if fb_names:
+        eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
+        _, dense = vmap(pullback)(eye)
+    keep = [i for i, r in enumerate(records) if plan.report.get(r.name)]
+    for i, s in zip(range(len(records)), stored):
+        records[i].stored = s
+    return assemble(plan, [records[i] for i in keep], [deltas[i] for i in keep], dense, losses, detach=False)

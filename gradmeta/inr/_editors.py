@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
-from ._features import FactorSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets
+from ..nn import PRODUCTS, GradMetaNet, NeuronDeepSets, NeuronLayout, ProductReadout, SymmetrySpec
+from ._features import FeatureSet, factor_rms, gradient_factor_sets, probe_coordinates, probe_factor_sets, rescale_sets
 from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid, siren_spec
 
-__all__ = ["INREditor", "FEATURES", "PRODUCTS", "edit", "parse_variant"]
+__all__ = ["INREditor", "FEATURES", "PRODUCTS", "EDITOR_FORMAT", "edit", "parse_variant"]
 
 FEATURES = ("weights", "probing", "gradients", "gradients++")
-PRODUCTS = ("gelu", "bilinear")
 
 
 def parse_variant(name: str, product: str = "gelu") -> tuple[str, str]:
@@ -103,6 +102,14 @@ class INREditor(nn.Module):
                  omega0: float = DEFAULT_OMEGA0, zero_init: bool = True, product: str = "gelu",
                  grad_grid: int = 0, grad_target: float = 0.0, aux_zero_init: bool = False):
         super().__init__()
+        #: the constructor arguments (what :meth:`save` stores to rebuild the editor)
+        self.config = dict(out_channels=out_channels, hidden=hidden, num_layers=num_layers, features=features,
+                           channels=channels, layers=layers, aux_channels=aux_channels, set_layers=set_layers,
+                           num_coords=num_coords, coord_seed=coord_seed, probe_grid=probe_grid, omega0=omega0,
+                           zero_init=zero_init, product=product, grad_grid=grad_grid, grad_target=grad_target,
+                           aux_zero_init=aux_zero_init)
+        #: what the editor was trained for (``edit``, ``image_size``, ``fit``, ...), or ``None``
+        self.trained_for: dict | None = None
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         if product not in PRODUCTS:
@@ -152,17 +159,17 @@ class INREditor(nn.Module):
             self.feature_rms.copy_(torch.tensor([rms[f"layers.{i}"] for i in range(len(rms))]))
         return self
 
-    def _raw_sets(self, params: dict[str, Tensor]) -> list[FactorSet]:
+    def _raw_sets(self, params: dict[str, Tensor]) -> list[FeatureSet]:
         if self.features == "probing":
             return probe_factor_sets(params, self.probe_grid, self.omega0)
         return gradient_factor_sets(params, self.coords.to(params["layers.0.weight"]), self.omega0, self.grad_target)
 
-    def aux_sets(self, params: dict[str, Tensor]) -> list[FactorSet] | None:
-        """The (rescaled) factor sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""
+    def aux_sets(self, params: dict[str, Tensor]) -> list[FeatureSet] | None:
+        """The (rescaled) gradient or probing sets the GradMetaNet branch reads, one per INR; ``None`` for ``"weights"``."""
         if self.features == "weights":
             return None
         scales = {f"layers.{i}": tuple(float(x) for x in r) for i, r in enumerate(self.feature_rms)}
-        return [s.scaled(scales) for s in self._raw_sets(params)]
+        return rescale_sets(self._raw_sets(params), scales)
 
     # ------------------------------------------------------------------------------ forward
     def _neuron_features(self, w: dict[str, Tensor]) -> Tensor:
@@ -192,11 +199,14 @@ class INREditor(nn.Module):
             feats.append(y)
         return torch.cat(feats, 1)
 
-    def forward(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+    def forward(self, params: dict[str, Tensor] | Siren, sets: list[FeatureSet] | None = None):
         """``Δθ`` ``{name: (G, ...)}`` for a stack of INRs ``{name: (G, ...)}``.
 
         ``sets``: precomputed :meth:`aux_sets` of these INRs (else computed here).
+        Called on one :class:`Siren` instead, returns the edited ``Siren`` (``edit(siren, self)``).
         """
+        if isinstance(params, Siren):
+            return edit(params, self)
         w = {n: params[n] / self.param_std[k] for k, n in enumerate(self.names)}
         h = self._neuron_features(w)
         for ds, msg in zip(self.deepsets, self.messages):
@@ -210,16 +220,80 @@ class INREditor(nn.Module):
         out = self.head(h, edges)
         return {n: out[n] * self.param_std[k] for k, n in enumerate(self.names)}
 
-    def edit(self, params: dict[str, Tensor], sets: list[FactorSet] | None = None) -> dict[str, Tensor]:
+    def edit(self, params: dict[str, Tensor], sets: list[FeatureSet] | None = None) -> dict[str, Tensor]:
         """Edited parameters ``θ + Δθ`` of a stack of INRs."""
         delta = self(params, sets)
         return {n: params[n] + delta[n] for n in self.names}
 
 
+    # ------------------------------------------------------------------------------ users
+    def describe(self) -> str:
+        """One line: the SIREN architecture edited and, if known, what the editor was trained for."""
+        c = self.config
+        arch = (f"SIRENs with {c['out_channels']} channel(s), {c['num_layers']} layers of {c['hidden']} hidden, "
+                f"omega0={c['omega0']:g}")
+        t = self.trained_for or {}
+        if "edit" in t:
+            H, W = t.get("image_size", ("?", "?"))
+            return f"{t['edit']} editor ({c['features']}) for {H}x{W} images: {arch}"
+        return f"editor ({c['features']}) for {arch}"
+
+    def check(self, inr: Siren | dict[str, Tensor]) -> None:
+        """Raise ``ValueError`` naming the mismatch if ``inr`` is not a SIREN this editor was made for.
+
+        Checked: parameter names and shapes (channels, hidden width, depth), ``ω₀``, and, when both
+        are known, the image size the INR was fitted to (``Siren.image_size``, set by ``inr.fit``).
+        """
+        params = dict(inr.named_parameters()) if isinstance(inr, Siren) else inr
+        want = {n: tuple(s) for n, s in _param_shapes(self.config).items()}
+        got = {n: tuple(v.shape) for n, v in params.items()}
+        if got != want:
+            raise ValueError(f"this {self.describe()}; the INR has parameters {got} instead of {want}. "
+                             "Fit the image with the same SIREN (inr.fit(image) uses the default one)")
+        if isinstance(inr, Siren):
+            if float(inr.omega0) != float(self.omega0):
+                raise ValueError(f"this {self.describe()}; the INR has omega0={inr.omega0:g}")
+            size = (self.trained_for or {}).get("image_size")
+            if size is not None and inr.image_size is not None and tuple(inr.image_size) != tuple(size):
+                raise ValueError(f"this {self.describe()}; the INR was fitted to a "
+                                 f"{inr.image_size[0]}x{inr.image_size[1]} image. Resize the image to "
+                                 f"{size[0]}x{size[1]} before inr.fit (an editor is tied to its pixel grid)")
+
+    def save(self, path) -> None:
+        """Write the editor (constructor config, ``trained_for`` and weights) to ``path``.
+
+        Read back with ``gradmeta.inr.load_editor(path)`` (``torch.load(weights_only=True)``).
+        """
+        from .._io import atomic_write
+
+        blob = {"format": EDITOR_FORMAT, "config": dict(self.config), "trained_for": self.trained_for,
+                "state": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
+        atomic_write(path, lambda f: torch.save(blob, f))
+
+
+EDITOR_FORMAT = "gradmeta.inr.editor/1"
+
+
+def _param_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    widths = [2] + [config["hidden"]] * (config["num_layers"] - 1) + [config["out_channels"]]
+    out = {}
+    for i in range(config["num_layers"]):
+        out[f"layers.{i}.weight"], out[f"layers.{i}.bias"] = (widths[i + 1], widths[i]), (widths[i + 1],)
+    return out
+
+
 def edit(inr: Siren | dict[str, Tensor], editor: INREditor) -> Siren | dict[str, Tensor]:
-    """Edit one INR: a ``Siren`` gives a new ``Siren``; a ``{name: tensor}`` dict of one INR gives a dict."""
+    """Edit one INR: a ``Siren`` gives a new ``Siren``; a ``{name: tensor}`` dict of one INR gives a dict.
+
+    Raises ``ValueError`` (see :meth:`INREditor.check`) for an INR of another shape.
+    """
+    editor.check(inr)
     params = inr.params() if isinstance(inr, Siren) else inr
     p = {k: v.to(editor.param_std).unsqueeze(0) for k, v in params.items()}
     with torch.no_grad():
         new = {k: v[0] for k, v in editor.edit(p).items()}
-    return Siren.from_params(new, editor.omega0) if isinstance(inr, Siren) else new
+    if not isinstance(inr, Siren):
+        return new
+    out = Siren.from_params(new, editor.omega0)
+    out.image_size = inr.image_size
+    return out

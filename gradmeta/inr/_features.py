@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -19,8 +20,8 @@ from torch import Tensor
 from ..grads import GradientSet, collect_gradients
 from ._siren import DEFAULT_OMEGA0, Siren, pixel_grid
 
-__all__ = ["probe_coordinates", "inr_gradient_set", "FactorSet", "gradient_factor_sets", "probe_factor_sets",
-           "factor_rms"]
+__all__ = ["probe_coordinates", "inr_gradient_set", "ProbeSet", "ProbeFactors", "FeatureSet", "gradient_factor_sets",
+           "probe_factor_sets", "factor_rms", "rescale_sets"]
 
 
 def probe_coordinates(n: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -47,20 +48,24 @@ def inr_gradient_set(inr: Siren, coords: Tensor, targets: Tensor | None = None) 
 
 
 @dataclass(frozen=True)
-class _Factors:
+class ProbeFactors:
+    """One layer of a :class:`ProbeSet`: ``activations (P, 1, d_in)``, ``backprops (P, 1, d_out)``."""
+
     activations: Tensor
     backprops: Tensor
 
 
-class FactorSet:
-    """Per-layer ``(A, Δ)`` factors with the interface GradMetaNet reads from a ``GradientSet``.
+class ProbeSet:
+    """Probing activations of one INR, laid out like a ``GradientSet`` so GradMetaNet reads either.
 
-    Used for gradient sets rescaled per layer (a scalar per layer keeps every symmetry) and for
-    probing sets, whose ``backprops`` slot holds pre-activations rather than gradients.
+    Layer ``k``: ``self[k].activations`` = its inputs at the probe points, ``self[k].backprops`` =
+    its pre-activations (not a gradient, so this is deliberately *not* a ``GradientSet``: it has
+    none of the gradient methods). Holds only what GradMetaNet reads: ``layer_names``,
+    ``batch_size``, indexing and ``map_factors`` (same contract as ``GradientSet.map_factors``).
     """
 
-    def __init__(self, layers: dict[str, tuple[Tensor, Tensor]]):
-        self._layers = {k: _Factors(a, d) for k, (a, d) in layers.items()}
+    def __init__(self, layers: dict[str, ProbeFactors]):
+        self._layers = dict(layers)
 
     @property
     def layer_names(self) -> list[str]:
@@ -68,24 +73,32 @@ class FactorSet:
 
     @property
     def batch_size(self) -> int:
-        return next(iter(self._layers.values())).backprops.shape[0]
+        return next(iter(self._layers.values())).activations.shape[0]
 
-    def __getitem__(self, name: str) -> _Factors:
+    def __getitem__(self, name: str) -> ProbeFactors:
         return self._layers[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._layers
 
-    def scaled(self, scales: dict[str, tuple[float, float]] | None) -> "FactorSet":
-        """A copy with layer ``k``'s ``A`` divided by ``scales[k][0]`` and ``Δ`` by ``scales[k][1]``."""
-        if scales is None:
-            return self
-        return FactorSet({k: (f.activations / scales[k][0], f.backprops / scales[k][1])
-                          for k, f in self._layers.items()})
+    def map_factors(self, fn: Callable[[str, Tensor, Tensor], tuple[Tensor, Tensor]]) -> "ProbeSet":
+        """A new set whose layer ``name`` holds ``fn(name, activations, backprops)``."""
+        return ProbeSet({k: ProbeFactors(*fn(k, f.activations, f.backprops)) for k, f in self._layers.items()})
+
+
+FeatureSet = Union[GradientSet, ProbeSet]
+
+
+def rescale_sets(sets: list[FeatureSet], scales: dict[str, tuple[float, float]]) -> list[FeatureSet]:
+    """Layer ``k``'s ``A`` divided by ``scales[k][0]`` and ``Δ`` by ``scales[k][1]`` (via ``map_factors``).
+
+    A positive scalar per layer commutes with every neuron permutation, so symmetries are kept.
+    """
+    return [s.map_factors(lambda k, a, d: (a / scales[k][0], d / scales[k][1])) for s in sets]
 
 
 def gradient_factor_sets(params: dict[str, Tensor], coords: Tensor, omega0: float = DEFAULT_OMEGA0,
-                         target: float = 0.0) -> list[FactorSet]:
+                         target: float = 0.0) -> list[GradientSet]:
     """Gradient sets (:func:`inr_gradient_set`) of a stack of INRs ``{name: (G, ...)}``.
 
     ``target``: the constant ``t`` of ``ℓ_p = ‖f(x_p) − t‖²``. With ``t = 0`` the backprops
@@ -97,12 +110,11 @@ def gradient_factor_sets(params: dict[str, Tensor], coords: Tensor, omega0: floa
     for g in range(G):
         inr = Siren.from_params({k: v[g].detach() for k, v in params.items()}, omega0)
         C = inr.layers[-1].out_features
-        gs = inr_gradient_set(inr, coords, coords.new_full((coords.shape[0], C), target) if target else None)
-        out.append(FactorSet({n: (gs[n].activations, gs[n].backprops) for n in gs.layer_names}))
+        out.append(inr_gradient_set(inr, coords, coords.new_full((coords.shape[0], C), target) if target else None))
     return out
 
 
-def probe_factor_sets(params: dict[str, Tensor], grid: int = 8, omega0: float = DEFAULT_OMEGA0) -> list[FactorSet]:
+def probe_factor_sets(params: dict[str, Tensor], grid: int = 8, omega0: float = DEFAULT_OMEGA0) -> list[ProbeSet]:
     """Probing sets of a stack of INRs: activations at the ``grid × grid`` pixel-centre points.
 
     Layer ``i``: ``activations`` = its input ``(P, 1, d_in)``, ``backprops`` slot = its
@@ -120,12 +132,12 @@ def probe_factor_sets(params: dict[str, Tensor], grid: int = 8, omega0: float = 
         per_layer[f"layers.{i}"] = (x, pre)
         x = torch.sin(pre)
     G = w0.shape[0]
-    return [FactorSet({k: (a[g].unsqueeze(1), d[g].unsqueeze(1)) for k, (a, d) in per_layer.items()})
+    return [ProbeSet({k: ProbeFactors(a[g].unsqueeze(1), d[g].unsqueeze(1)) for k, (a, d) in per_layer.items()})
             for g in range(G)]
 
 
-def factor_rms(sets: list[FactorSet]) -> dict[str, tuple[float, float]]:
-    """Per layer ``(rms A, rms Δ)`` over a list of factor sets (for :meth:`FactorSet.scaled`)."""
+def factor_rms(sets: list[FeatureSet]) -> dict[str, tuple[float, float]]:
+    """Per layer ``(rms A, rms Δ)`` over a list of factor sets (for :func:`rescale_sets`)."""
     out = {}
     for k in sets[0].layer_names:
         a = torch.stack([s[k].activations for s in sets])

@@ -90,6 +90,8 @@ class Siren(nn.Module):
         super().__init__()
         widths = [in_features] + [hidden] * (num_layers - 1) + [out_channels]
         self.omega0 = omega0
+        #: ``(H, W)`` of the image this INR was fitted to (set by ``inr.fit``; ``None`` if unknown)
+        self.image_size: tuple[int, int] | None = None
         self.layers = nn.ModuleList(nn.Linear(widths[i], widths[i + 1], dtype=dtype) for i in range(num_layers))
         self.load_params(siren_init(None, out_channels, hidden, num_layers, in_features, omega0, generator, dtype))
 
@@ -127,10 +129,19 @@ class Siren(nn.Module):
                 x = torch.sin(self.omega0 * x)
         return x
 
-    def render(self, size: tuple[int, int]) -> Tensor:
-        """The image ``(C, H, W)`` on the pixel-centre grid of ``size``."""
-        H, W = size
-        out = self(pixel_grid(H, W, dtype=self.layers[0].weight.dtype))
+    def render(self, H: int | tuple[int, int] | None = None, W: int | None = None) -> Tensor:
+        """The image ``(C, H, W)`` on the ``H × W`` pixel-centre grid (no gradient).
+
+        ``render(H, W)``, ``render((H, W))``, ``render(n)`` (``n × n``), or ``render()`` at :attr:`image_size`.
+        """
+        if H is None:
+            if self.image_size is None:
+                raise ValueError("Siren.render(): pass H, W (this INR does not know the size it was fitted to)")
+            H, W = self.image_size
+        elif W is None:
+            H, W = H if isinstance(H, tuple) else (H, H)
+        with torch.no_grad():
+            out = self(pixel_grid(H, W, dtype=self.layers[0].weight.dtype).to(self.layers[0].weight.device))
         return out.T.reshape(-1, H, W)
 
 

@@ -7,20 +7,21 @@ import torch
 from torch import Tensor
 
 from ._editors import INREditor
-from ._features import FactorSet
+from ._features import FeatureSet
 from ._fit import render
 
-__all__ = ["train_editor", "evaluate_editor"]
+__all__ = ["fit_editor", "evaluate_editor"]
 
 
 def _batches(sets, idx):
     return None if sets is None else [sets[i] for i in idx.tolist()]
 
 
-def train_editor(editor: INREditor, params: dict[str, Tensor], targets: Tensor, *, steps: int = 500,
+def fit_editor(editor: INREditor, params: dict[str, Tensor], targets: Tensor, *, steps: int = 500,
                  batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-                 sets: list[FactorSet] | None = None) -> dict:
-    """Train ``editor`` so that ``render(θ + Δθ)`` matches ``targets``.
+                 sets: list[FeatureSet] | None = None) -> dict:
+    """Train ``editor`` in place so that ``render(θ + Δθ)`` matches ``targets`` (the loop under
+    :func:`gradmeta.inr.train_editor`).
 
     Args:
         editor: an :class:`INREditor` (calibrated here on ``params``).
@@ -60,7 +61,7 @@ def train_editor(editor: INREditor, params: dict[str, Tensor], targets: Tensor, 
 
 @torch.no_grad()
 def evaluate_editor(editor: INREditor | None, params: dict[str, Tensor], targets: Tensor, *,
-                    batch_size: int = 128, sets: list[FactorSet] | None = None) -> Tensor:
+                    batch_size: int = 128, sets: list[FeatureSet] | None = None) -> Tensor:
     """Per-INR pixel MSE ``(N,)`` of the edited INRs' renderings vs ``targets`` (``editor=None``: no edit)."""
     size = tuple(targets.shape[-2:])
     out = []

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_write
+from .._runtime import distributed_context
 from ._fit import fit_inrs
 
-__all__ = ["INRZoo", "ZooError", "build_zoo", "load_zoo", "write_shard", "zoo_images", "distributed_context"]
+__all__ = ["INRZoo", "ZooError", "build_zoo", "load_zoo", "write_shard", "zoo_images"]
 
 INDEX = "index.json"
 
@@ -162,20 +163,6 @@ def load_zoo(folder: str | os.PathLike, *, skip_corrupt: bool = False, verify: b
     return INRZoo(params, cat["images"], cat["ids"], splits, cat["labels"], cat["psnr"], index["config"])
 
 
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)``: from ``torch.distributed`` (initialised here with gloo when
-    ``torchrun`` set ``WORLD_SIZE``/``RANK`` and no process group exists yet), else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def zoo_images(source: str, split: str, *, root: str | None = None, size: int | None = None,
                limit: int | None = None) -> Tensor:
     """Images ``(N, C, H, W)`` in ``[0, 1]`` of a zoo source.
@@ -217,7 +204,7 @@ def build_zoo(folder: str | os.PathLike, images: dict[str, Tensor], *, shard_siz
         progress: tqdm bar over shards (rank 0).
         labels: ``{split: (N,)}`` class labels (default -1).
         config: extra entries recorded in the index's ``config``.
-        rank, world_size: default from :func:`distributed_context` (``torchrun``).
+        rank, world_size: default from ``torchrun`` (``gradmeta._runtime.distributed_context``).
 
     Returns:
         ``{"fitted", "skipped", "seconds", "inrs_per_s", "index"}`` for this rank (``index`` on rank 0).

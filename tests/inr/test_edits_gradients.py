@@ -65,6 +65,27 @@ def test_gradient_set_equals_naive_per_coordinate_gradients(channels):
     # a constant target t: the factors give the naive gradients of ‖f(x) − t‖²
     sets = inr.gradient_factor_sets(stack, coords, target=-1.0)
     want = naive_per_example_grads(m, loss, coords, torch.full((64, channels), -1.0, dtype=torch.float64))
-    got = {f"{k}.weight": torch.einsum("bto,bti->boi", sets[0][k].backprops, sets[0][k].activations)
-           for k in gs.layer_names}
-    assert_dicts_close(got, {k: v for k, v in want.items() if k.endswith("weight")}, atol=1e-9)
+    assert_dicts_close(sets[0].per_example_grads(), want, atol=1e-9)
+    # per-layer rescaling (through GradientSet.map_factors) divides each layer's weight gradients by s_a s_d
+    scales = {k: (2.0 + i, 0.5 + i) for i, k in enumerate(gs.layer_names)}
+    scaled = inr.rescale_sets(sets, scales)[0]
+    assert isinstance(scaled, type(gs))
+    for i, k in enumerate(gs.layer_names):
+        torch.testing.assert_close(scaled.per_example_grads()[f"{k}.weight"],
+                                   want[f"{k}.weight"] / (scales[k][0] * scales[k][1]), atol=1e-9, rtol=1e-9)
+
+
+def test_probe_sets_hold_layer_inputs_and_preactivations():
+    torch.manual_seed(0)
+    m = inr.Siren(1, hidden=8, dtype=torch.float64)
+    stack = inr.stack_params([m.params(), m.params()])
+    sets = inr.probe_factor_sets(stack, grid=3, omega0=m.omega0)
+    x = inr.pixel_grid(3, 3, torch.float64)
+    p = sets[1]
+    assert p.layer_names == ["layers.0", "layers.1", "layers.2"] and p.batch_size == 9 and "layers.1" in p
+    torch.testing.assert_close(p["layers.0"].activations[:, 0], x)
+    torch.testing.assert_close(p["layers.0"].backprops[:, 0], m.omega0 * m.layers[0](x))
+    torch.testing.assert_close(p["layers.2"].backprops[:, 0], m(x))  # the last slot is the output itself
+    assert not hasattr(p, "per_example_grads")  # pre-activations are not gradients
+    half = inr.rescale_sets(sets, {k: (2.0, 4.0) for k in p.layer_names})[1]
+    torch.testing.assert_close(half["layers.1"].backprops, p["layers.1"].backprops / 4)

@@ -6,8 +6,10 @@
 evaluates the pixel MSE of the edited INRs against the edited images of the test split. One
 checkpoint per finished (variant, seed), so ``--resume`` continues where it stopped. A variant
 is ``"features[:product]"`` (e.g. ``"gradients++:bilinear"``); without a suffix the GradMetaNet
-branch uses ``editor.product`` (default ``"gelu"``). Plot:
-``edits.png`` (original / target / edited per variant, test INRs).
+branch uses ``editor.product`` (default ``"gelu"``). Outputs: ``edits.png`` (original / target /
+edited per variant on test INRs, per-cell MSE) and ``editors/<variant>-seed<s>.pt`` (each editor,
+``INREditor.save`` format, so ``gradmeta.inr.load_editor(path)`` loads it; the shipped editors
+in ``gradmeta/inr/editors/`` are copies of these).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from gradmeta.specs import NonEmpty, OneOf, Range, register_task
 from gradmeta.inr import (EDITS, INREditor, apply_edit, build_zoo, evaluate_editor, load_zoo,
-                          parse_variant, render, train_editor, zoo_images)
+                          fit_editor, parse_variant, render, zoo_images)
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -98,7 +100,7 @@ def inr_editing(run: Run) -> dict:
                 sets[kind] = (ed.aux_sets(train.params), ed.aux_sets(test.params), time.perf_counter() - t0)
         s_train, s_test, _ = sets.get(kind, (None, None, 0.0))
         t = spec["train"]
-        hist = train_editor(ed, train.params, y_train, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
+        hist = fit_editor(ed, train.params, y_train, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
                             seed=seed, sets=s_train)
         mse = evaluate_editor(ed, test.params, y_test, sets=s_test)
         state["results"][key] = {"mse": mse.mean().item(), "train_seconds": hist["seconds"]}
@@ -107,6 +109,7 @@ def inr_editing(run: Run) -> dict:
         run.checkpoint(state, len(state["results"]))
     summary = _summary(state, spec, zoo, evaluate_editor(None, test.params, y_test).mean().item())
     plots = [_plot(run, spec, state, test, y_test)] if state["editors"] else []
+    _export(run, spec, state, zoo)
     history = {"train_loss": {k: v[:: max(1, len(v) // 100)] for k, v in state["losses"].items()}}
     return {"summary": summary, "history": history, "plots": plots, "step": len(state["results"]),
             "total_steps": len(jobs)}
@@ -130,27 +133,50 @@ def _summary(state: dict, spec: dict, zoo, identity: float) -> dict:
     return out
 
 
+def _trained(spec: dict, state: dict, key: str, zoo) -> INREditor:
+    ed = _editor(spec, zoo.images.shape[1], key.split("/")[0])
+    ed.load_state_dict(state["editors"][key])
+    d, z = spec["data"], spec["zoo"]
+    ed.trained_for = {"edit": d["edit"], "image_size": list(zoo.images.shape[-2:]), "channels": zoo.images.shape[1],
+                      "fit": {"steps": z["steps"], "lr": z["lr"]},
+                      "train": {"source": d["source"], "images": d["train_limit"], **spec["train"],
+                                "seed": int(key.rsplit("seed", 1)[1])},
+                      "heldout_mse": state["results"][key]["mse"]}
+    return ed.eval()
+
+
+def _export(run: Run, spec: dict, state: dict, zoo) -> None:
+    folder = run.out / "editors"
+    folder.mkdir(exist_ok=True)
+    for key in state["editors"]:
+        _trained(spec, state, key, zoo).save(folder / (key.replace(":", "-").replace("/", "-") + ".pt"))
+
+
 def _plot(run: Run, spec: dict, state: dict, test, y_test, n: int = 6) -> str:
     import matplotlib.pyplot as plt
 
     n = min(n, len(test))
     feats = [f for f in spec["editor"]["features"] if any(k.startswith(f + "/") for k in state["editors"])]
-    rows = [("original", test.images[:n]), ("target", y_test[:n])]
+    size = tuple(y_test.shape[-2:])
+    rows = [("original (no edit)", test.images[:n]), ("target: " + spec["data"]["edit"], y_test[:n])]
     p = {k: v[:n] for k, v in test.params.items()}
     for f in feats:
         key = next(k for k in state["editors"] if k.startswith(f + "/"))
         ed = _editor(spec, test.images.shape[1], f)
         ed.load_state_dict(state["editors"][key])
         with torch.no_grad():
-            rows.append((f, render(ed.edit(p), tuple(y_test.shape[-2:]), ed.omega0).clamp(0, 1)))
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.3 * len(rows)), squeeze=False)
+            rows.append((key, render(ed.edit(p), size, ed.omega0)))
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.5 * n + 1.2, 1.6 * len(rows)), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(n):
             ax = axes[r][c]
-            img = imgs[c].permute(1, 2, 0).squeeze(-1).numpy()
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            img = imgs[c].clamp(0, 1).permute(1, 2, 0)
+            ax.imshow(img.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
+            if r != 1:  # MSE of the raw (unclipped) rendering against the target edit
+                ax.set_title(f"MSE {(imgs[c] - y_test[c]).square().mean().item():.2e}", fontsize=6)
             if c == 0:
                 ax.set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{spec['data']['source']} {size[0]}x{size[1]}: {spec['data']['edit']} of held-out INRs", fontsize=9)
     fig.tight_layout()
     return run.save_figure(fig, "edits.png")

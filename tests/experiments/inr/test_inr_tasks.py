@@ -43,6 +43,13 @@ def test_inr_editing_task_runs_and_resumes(tmp_path):
         assert s[f"mse/{f}"] >= 0 and s[f"seeds/{f}"] == 1
     assert s["zoo_size"] == 9 and s["identity_mse"] > 0 and "zoo_inrs_per_s" in s
     assert (out / "edits.png").exists() and (out / "zoo" / "index.json").exists()
+    # every trained editor is written in the INREditor.save format, recording what it was trained for
+    import gradmeta.inr as inr
+    ed = inr.load_editor(out / "editors" / "gradients-bilinear-seed0.pt")
+    t = ed.trained_for
+    assert t["edit"] == "dilation" and t["image_size"] == [8, 8] and t["train"]["seed"] == 0
+    assert t["heldout_mse"] == pytest.approx(s["mse/gradients:bilinear"])
+    assert ed.features == "gradients" and ed.product == "bilinear"
 
 
 def test_bad_spec_values_are_named(tmp_path):
@@ -58,7 +65,8 @@ def test_bad_spec_values_are_named(tmp_path):
 SPECS = ["inr_digits_dilation", "inr_digits_dilation_long", "inr_digits_dilation_products",
          "inr_digits_dilation_gradset_target", "inr_digits_dilation_gradset_grid", "inr_digits_dilation_auxzero",
          "inr_digits_dilation_budget", "inr_digits_dilation_zoo512",
-         "inr_digits_dilation_zoo1024", "inr_mnist_dilation", "inr_cifar10_contrast"]
+         "inr_digits_dilation_zoo1024", "inr_mnist_dilation", "inr_cifar10_contrast",
+         "inr_fashion_dilation", "inr_fashion_erosion", "inr_fashion_contrast"]
 
 
 @pytest.mark.parametrize("name", SPECS)

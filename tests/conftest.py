@@ -1,6 +1,9 @@
 """Shared references and fixtures: slow, obvious implementations that the library is checked against."""
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -33,3 +36,10 @@ def assert_dicts_close(got: dict, want: dict, atol: float = 1e-10, rtol: float =
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def write_spec(folder: Path, text: str, name: str = "tiny.toml") -> Path:
+    """Write a (dedented) spec file ``folder/name`` and return its path."""
+    path = Path(folder) / name
+    path.write_text(textwrap.dedent(text))
+    return path

@@ -17,6 +17,7 @@ from gradmeta.experiments.grads import gradient_statistics
 from gradmeta.models import classification_loss, mlp
 from gradmeta._io import atomic_write
 from gradmeta.specs import dump_toml, load_spec, resolve_spec, tomllib
+from tests.conftest import write_spec as _write_spec
 
 TINY = """\
 task = "gradients_digits"
@@ -39,9 +40,7 @@ batch_size = 32
 
 
 def write_spec(tmp_path: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+    return _write_spec(tmp_path, text, name)
 
 
 def gm_run(*args) -> int:

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._io import safe_torch_load
 from ._baselines import ADAM_LRS, Optimizer, adam
 from ._evaluate import learned_curves, step_reduction, train_curves
 from ._outer import GradientEstimator
@@ -131,7 +132,7 @@ def meta_train(task, rule, outer, *, iterations: int, out: str | os.PathLike | N
     mt = MetaTraining(rule, _outer_for(task, rule, outer), meta_lr=meta_lr, grad_clip=grad_clip, seed=seed)
     path = Path(out) / CHECKPOINT_NAME if out is not None else None
     if path is not None and path.is_file():
-        mt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        mt.load_state_dict(safe_torch_load(path, "meta-training checkpoint"))
     mt.start()
     t0, every = time.time(), max(1, iterations // 10)
     while mt.iteration < iterations:

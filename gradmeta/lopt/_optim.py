@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .._io import safe_torch_load
 from ._fused import fused_update, segment_matrix
 from ._gmn import GradMetaNetLO, WeightSpaceLO
 from ._learned import DECAYS, PerParamMLP
@@ -58,7 +59,8 @@ def checkpoint_horizon(path: str | os.PathLike | None = None) -> int | None:
     """The inner horizon a checkpoint was meta-trained on: its ``info["horizon"]``, else
     ``outer.horizon`` of the spec lying next to it (``<name>.toml``), else ``None``."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    info = torch.load(path, map_location="cpu", weights_only=True).get("info", {})
+    blob = safe_torch_load(path, "learned-optimizer checkpoint")
+    info = blob.get("info", {}) if isinstance(blob, dict) else {}
     if "horizon" in info:
         return int(info["horizon"])
     spec = path.with_suffix(".toml")
@@ -89,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"gradmeta.lopt: learned-optimizer checkpoint {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = safe_torch_load(path, "learned-optimizer checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or blob.get("kind") not in _KINDS:
         raise ValueError(f"gradmeta.lopt: {path} is not a learned-optimizer checkpoint ({CHECKPOINT_FORMAT}, "
                          f"kinds {sorted(_KINDS)})")

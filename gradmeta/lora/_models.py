@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from gradmeta.nn import FactorPairNet, singular_value_features
 
+from .._io import safe_torch_load
 from ._adapter import Adapter
 from ._dataset import stack_factors
 
@@ -154,11 +155,7 @@ def load_model(path: str | os.PathLike) -> tuple[AdapterModel, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint or contains code; refusing to load "
-                         f"({type(e).__name__})") from e
+    ckpt = safe_torch_load(path, "LoRA model checkpoint")
     if not isinstance(ckpt, dict) or not {"model", "kwargs", "state_dict"} <= set(ckpt):
         raise ValueError(f"{path} is not a gradmeta LoRA model checkpoint (needs 'model', 'kwargs' and 'state_dict'; "
                          "write it with gradmeta.lora.save_model or `gradmeta lora train`)")

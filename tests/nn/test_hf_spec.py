@@ -1,6 +1,5 @@
 """GradMetaNet on real Hugging Face GPT-2 and Llama: permuting the model's units by the derived
 spec leaves its function unchanged, and the network's outputs are invariant / equivariant."""
-import copy
 
 import pytest
 import torch
@@ -10,17 +9,9 @@ import gradmeta as gm
 from gradmeta.grads import causal_lm_losses
 from gradmeta.nn import GradMetaNet, symmetry_spec
 from tests.grads.test_hf_models import _batch, _gpt2, _llama
+from tests.nn.conftest import permuted_model as _permuted
 
 pytest.importorskip("transformers")
-
-
-def _permuted(model, spec, perms):
-    new = copy.deepcopy(model)
-    state = spec.permute({k: v.detach() for k, v in model.named_parameters()}, perms)
-    with torch.no_grad():
-        for k, p in new.named_parameters():
-            p.copy_(state[k])
-    return new
 
 
 def _float64_norms(model):

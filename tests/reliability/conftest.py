@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gradmeta import cli
+from tests.conftest import write_spec as _write_spec
 
 #: A gradients_digits spec that runs 6 steps in well under a second.
 TINY = """\
@@ -33,9 +34,7 @@ batch_size = 16
 
 
 def write_spec(folder: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
-    path = Path(folder) / name
-    path.write_text(textwrap.dedent(text))
-    return path
+    return _write_spec(folder, text, name)
 
 
 def gm(*args) -> int:

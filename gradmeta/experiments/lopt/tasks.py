@@ -30,6 +30,7 @@ from gradmeta._runtime import torch_threads
 from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, MetaTraining, PerParamMLP,
                            TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves, load_checkpoint,
                            load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times, train_curves)
+from gradmeta._io import safe_torch_load
 from gradmeta.specs import OneOf, Range, Required, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
@@ -134,7 +135,7 @@ def _from_run(folder: str, task):
     if spec.get("task") != "lopt_meta_train":
         raise ValueError(f"gradmeta.lopt: {spec_path} is a {spec.get('task')!r} run, not lopt_meta_train")
     lo = _make_lo(task, spec["optimizer"])
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state"]["meta"]
+    meta = safe_torch_load(ckpt_path, "run checkpoint")["state"]["meta"]
     return lo, {k: v.detach() for k, v in meta.items()}
 
 

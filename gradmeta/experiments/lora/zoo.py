@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from gradmeta.data import load_digits
 from gradmeta.models import mlp
-from gradmeta._io import atomic_write
+from gradmeta._io import atomic_write, safe_torch_load
 from gradmeta.specs import Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
@@ -91,7 +91,7 @@ def _train_adam(model: torch.nn.Module, X, y, *, lr: float, steps: int, batch_si
 
 def load_base(path: str | os.PathLike) -> torch.nn.Module:
     """Read ``base.pt`` (``{"widths", "state_dict"}``, weights_only) back into an MLP."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(path, "LoRA zoo base model")
     model = mlp(list(ckpt["widths"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

@@ -6,6 +6,7 @@ import time
 import torch
 from torch import Tensor
 
+from .._training import minibatch_train
 from ._editors import INREditor
 from ._features import FeatureSet
 from ._fit import render
@@ -41,21 +42,15 @@ def fit_editor(editor: INREditor, params: dict[str, Tensor], targets: Tensor, *,
             sets = editor.aux_sets(params)
     sets_seconds = time.perf_counter() - t0
     size = tuple(targets.shape[-2:])
-    opt = torch.optim.Adam(editor.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    N = targets.shape[0]
-    losses = []
-    from tqdm.auto import tqdm
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        p = {k: v[idx] for k, v in params.items()}
+        return (render(editor.edit(p, _batches(sets, idx)), size, editor.omega0) - targets[idx]).square().mean()
 
     t0 = time.perf_counter()
-    for _ in tqdm(range(steps), desc=f"train editor ({editor.features})", disable=not progress, leave=False):
-        idx = torch.randint(N, (min(batch_size, N),), generator=g)
-        p = {k: v[idx] for k, v in params.items()}
-        loss = (render(editor.edit(p, _batches(sets, idx)), size, editor.omega0) - targets[idx]).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = minibatch_train(editor, batch_loss, targets.shape[0], steps=steps, batch_size=batch_size, lr=lr,
+                             seed=seed, sampling="uniform", log_every=1, progress=progress,
+                             desc=f"train editor ({editor.features})")["loss"]
     return {"loss": losses, "seconds": time.perf_counter() - t0, "sets_seconds": sets_seconds}
 
 

@@ -77,7 +77,6 @@ def inr_editing(run: Run) -> dict:
         except ValueError as err:
             key = "editor.product" if ":" not in f and "product must" in str(err) else "editor.features"
             raise run.spec_error(key, str(err)) from None
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     state = run.restore() or {"results": {}, "editors": {}, "losses": {}, "zoo": {}}
     folder, info = _zoo(run, spec)
     if info["fitted"]:

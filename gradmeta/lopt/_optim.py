@@ -251,7 +251,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ``closure`` (optional, as in every ``torch.optim`` optimizer) re-evaluates the model: it
         should zero the gradients, compute the loss, call ``backward()`` and return the loss; it
         runs with gradients enabled before the update. Returns what the closure returned (``None``
-        without a closure).
+        without a closure). A closure loss that is not finite (e.g. the mean over an empty batch)
+        skips the update, like a non-finite update does, and counts it in :attr:`skipped_steps`.
         """
         loss = None
         if closure is not None:
@@ -259,6 +260,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()
         if not plan:
+            return loss
+        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            for b in {id(b): b for _, b in plan}.values():
+                b.skipped += 1
             return loss
         lo, results = self.lo, []
         for group, b in plan:

@@ -34,3 +34,25 @@ def test_lora_model_checkpoint_refusals(tmp_path):
     for name in _bad_files(tmp_path):
         with pytest.raises(ValueError, match=rf"{name} is not a gradmeta LoRA model checkpoint or contains code"):
             lora.load_model(tmp_path / name)
+
+
+def test_learned_optimizer_step_on_an_empty_batch_is_skipped_and_counted():
+    """The mean loss of an empty batch is nan: with a closure the step is skipped, nothing moves."""
+    from torch import nn
+
+    from gradmeta.lopt import LearnedOptimizer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = LearnedOptimizer(model.parameters())
+    x, y = torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.isnan(opt.step(closure))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ._io import CheckpointError, atomic_write, jsonable, remove_stale_temps, safe_torch_load
-from ._runtime import environment
+from ._runtime import environment, torch_threads
 from .specs import (TASKS, SpecError, dump_toml, get_task, load_spec, resolve_spec, spec_diff)
 
 __all__ = ["SpecError", "RunFolderError", "ResumeError", "RunFolderLocked", "RunDiverged", "Run", "run_spec", "default_out_dir",
@@ -330,7 +330,9 @@ def _execute(run: Run, spec_path) -> Path:
     spec, out = run.spec, run.out
     started = datetime.datetime.now(datetime.timezone.utc)
     threads_before = torch.get_num_threads()
-    result = TASKS[spec["task"]].fn(run)
+    threads = spec.get("threads")  # a task's top-level ``threads`` key is applied here, for every task
+    with torch_threads(threads if isinstance(threads, int) and not isinstance(threads, bool) else None):
+        result = TASKS[spec["task"]].fn(run)
     wall = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     missing = {"summary", "history", "plots", "step", "total_steps"} - set(result)
     if missing:

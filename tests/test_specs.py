@@ -81,3 +81,27 @@ def test_set_is_recorded_in_the_resolved_spec(tmp_path):
     assert main(["run", str(spec), "--out", str(tmp_path / "r"), "--no-progress", "--set", "train.steps=2"]) == 0
     stored = load_spec(tmp_path / "r" / "spec.resolved.toml")
     assert stored["train"]["steps"] == 2
+
+
+def test_runner_applies_the_spec_threads_and_restores_them(tmp_path, monkeypatch):
+    """Tasks do not set threads themselves: the runner applies a spec's top-level ``threads``."""
+    import torch
+
+    from gradmeta.run import run_spec
+    from gradmeta.specs import TASKS
+    info, seen = TASKS["gradients_digits"], []
+
+    def spy(run):
+        seen.append(torch.get_num_threads())
+        return info.fn(run)
+
+    monkeypatch.setitem(TASKS, "gradients_digits", type(info)(info.name, spy, info.defaults, info.doc))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spec = _write(tmp_path, "s.toml", 'task = "gradients_digits"\nthreads = 1\n[train]\nsteps = 2\n'
+                      'eval_every = 1\n[collect]\nevery = 1\nbatch_size = 16\n')
+        run_spec(spec, tmp_path / "r", progress=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -17,7 +17,6 @@ import torch
 
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
-from gradmeta._runtime import torch_threads
 from gradmeta.specs import OneOf, Range, Required, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
@@ -117,11 +116,6 @@ def _evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple
 @register_task("gradients_digits", defaults=DEFAULTS)
 def gradients_digits(run: Run) -> dict:
     """MLP on the scikit-learn digits; gradient norms, noise scale and Fisher spectrum over training."""
-    with torch_threads(run.spec["threads"]):
-        return _train(run)
-
-
-def _train(run: Run) -> dict:
     from gradmeta.data import load_digits
 
     s, tr, co = run.spec, run.spec["train"], run.spec["collect"]

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradmeta._runtime import torch_threads
 from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, MetaTraining, PerParamMLP,
                            TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves, load_checkpoint,
                            load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times, train_curves)
@@ -43,6 +42,8 @@ _TASK = {"name": OneOf("digits", TASK_NAMES), "factory": "", "hidden": [Range(32
          "batch_size": Range(128, low=1), "data_root": "", "valid_fraction": Range(0.0, low=0, high=1, high_open=True)}
 TRAIN_DEFAULTS = {
     "seed": Range(0, low=0),
+    # Small vmapped unrolls are dominated by per-op overhead: on a busy 2-core machine 2 threads made a
+    # PES step 30x slower than 1. The runner applies `threads` for the whole task (0: leave it).
     "threads": Range(1, low=0),
     "inner": _TASK,
     "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace")),
@@ -142,13 +143,6 @@ def _from_run(folder: str, task):
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
 def lopt_meta_train(run: Run) -> dict:
     """Meta-train a learned optimizer of the spec's ``[optimizer] kind`` (PES / ES / truncated backprop)."""
-    # Small vmapped unrolls are dominated by per-op overhead; intra-op threads only add contention
-    # (on a busy 2-core machine, 2 threads made a PES step 30x slower than 1).
-    with torch_threads(run.spec["threads"]):
-        return _meta_train(run)
-
-
-def _meta_train(run: Run) -> dict:
     s, o, ev = run.spec, run.spec["outer"], run.spec["eval"]
     if o["iterations"] < 1:
         raise run.spec_error("outer.iterations", f"must be positive, got {o['iterations']}")
@@ -230,11 +224,6 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
 @register_task("lopt_eval", defaults=EVAL_DEFAULTS)
 def lopt_eval(run: Run) -> dict:
     """Evaluate a learned-optimizer checkpoint against lr-tuned Adam and SGDM on held-out seeds."""
-    with torch_threads(run.spec["threads"]):
-        return _eval(run)
-
-
-def _eval(run: Run) -> dict:
     s = run.spec
     _nonempty(run, "seeds", "adam_lrs", "sgdm_lrs")
     task = _task(run)

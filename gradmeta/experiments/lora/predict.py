@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from gradmeta._training import minibatch_train
-from gradmeta._runtime import torch_threads
 from gradmeta.specs import OneOf, Range, Required, register_task
 
 from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
@@ -182,11 +181,6 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
 @register_task("lora_predict", defaults=PREDICT_DEFAULTS)
 def lora_predict(run: Run) -> dict:
     """Predict accuracy / loss / class membership of finetuned models from their LoRA adapters."""
-    with torch_threads(run.spec["threads"]):
-        return _lora_predict(run)
-
-
-def _lora_predict(run: Run) -> dict:
     spec = run.spec
     zoo = Path(spec["zoo"])
     labels = Path(spec["labels"]) if spec["labels"] else zoo / "labels.csv"

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from gradmeta.data import load_digits
 from gradmeta.models import mlp
 from gradmeta._io import atomic_write, safe_torch_load
-from gradmeta._runtime import torch_threads
 from gradmeta.specs import Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
@@ -162,11 +161,6 @@ def write_labels_csv(adapters_dir: Path, out: Path, num_classes: int) -> int:
 @register_task("lora_zoo", defaults=ZOO_DEFAULTS)
 def lora_zoo(run: Run) -> dict:
     """LoRA zoo: real PEFT adapters of a digits MLP over lr/steps/rank/alpha/dropout/class subsets."""
-    with torch_threads(run.spec["threads"]):
-        return _lora_zoo(run)
-
-
-def _lora_zoo(run: Run) -> dict:
     spec = run.spec
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     X, y, Xte, yte = _digits(spec["seed"])
@@ -240,11 +234,6 @@ def lora_llama_zoo(run: Run) -> dict:
     Frobenius norm of all deltas together, ``logshift`` = log mean ‖logits(adapted) − logits(base)‖
     on ``probe_tokens`` fixed random tokens, ``rank``.
     """
-    with torch_threads(run.spec["threads"]):
-        return _lora_llama_zoo(run)
-
-
-def _lora_llama_zoo(run: Run) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -40,7 +40,6 @@ import gradmeta.nn as gnn
 from gradmeta._training import minibatch_train
 from gradmeta.grads import GradientSet, collect_gradients
 from gradmeta.models import classification_loss, mlp
-from gradmeta._runtime import torch_threads
 from gradmeta.specs import OneOf, Range, register_task
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
@@ -297,11 +296,6 @@ def _check(run: Run) -> None:
 def nn_capability(run: Run) -> dict:
     """Regress mean gradient, Fisher diagonal, Adam direction and a natural gradient from gradient sets."""
     _check(run)
-    with torch_threads(run.spec["threads"]):
-        return _run(run)
-
-
-def _run(run: Run) -> dict:
     s, d, tr = run.spec, run.spec["data"], run.spec["train"]
     widths, damping = d["inner_widths"], s["natural_grad"]["damping"]
     train = make_sets(d["train_sets"], widths, d["set_size"], d["train_seed"], damping)

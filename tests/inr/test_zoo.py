@@ -90,8 +90,11 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
             "--splits", "test", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[2]
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "gradmeta", "inr", *args,
-                    "--out", str(tmp_path / "two")], check=True, env=env, cwd=root, capture_output=True, timeout=300)
+    # --standalone picks a free rendezvous port (a fixed port can be taken by another job on the machine)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradmeta", "inr", *args,
+                           "--out", str(tmp_path / "two")], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     inr.build_zoo(tmp_path / "one", {"test": inr.zoo_images("digits", "test", size=8, limit=6)}, shard_size=2, steps=3,
                   lr=1e-3)
     two, one = inr.load_zoo(tmp_path / "two"), inr.load_zoo(tmp_path / "one")

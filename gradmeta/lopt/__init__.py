@@ -8,7 +8,9 @@
 * **learned optimizers** -- every one a :class:`LearnedRule` (``init_meta`` / ``init`` / ``update`` /
   ``step``): :class:`PerParamMLP` (residual form: untrained = SGD with momentum),
   :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
-  :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient);
+  :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient),
+  :class:`GeneralistRule` (Adam's direction with a bounded learned correction and a learned
+  schedule over training progress; exactly still at zero gradient);
 * **outer trainers** -- :class:`GradientEstimator` s: :class:`PES`, :class:`ES` (:func:`es_grad`),
   :class:`TruncatedBackprop` (``torch.func`` or ``higher``), split over ``torchrun`` ranks with
   :func:`comm_from_env`;
@@ -31,9 +33,10 @@ from ._gmn import GMNState, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
 from ._meta import MetaTraining, evaluate, meta_train
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
+from ._generalist import GeneralistRule
 from ._rule import LearnedRule
 from ._gs_optim import GradientSetOptimizer
-from ._optim import DEFAULT_CHECKPOINT, LearnedOptimizer, checkpoint_horizon, load_checkpoint, save_checkpoint
+from ._optim import DEFAULT_CHECKPOINT, NAMED_CHECKPOINTS, LearnedOptimizer, checkpoint_horizon, load_checkpoint, save_checkpoint
 from ._outer import ES, PES, GradientEstimator, TruncatedBackprop, es_grad, meta_loss, unroll
 from ._tasks import (TASK_NAMES, ClassificationTask, LanguageModelTask, ModuleTask, QuadraticTask, SupervisedTask,
                      Task, char_lm, check_task, digits_mlp, image_mlp, load_task, make_task)
@@ -47,7 +50,7 @@ __all__ = [
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",
     "LearnedOptimizer", "GradientSetOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon",
-    "DEFAULT_CHECKPOINT",
+    "DEFAULT_CHECKPOINT", "NAMED_CHECKPOINTS", "GeneralistRule",
     "MetaTraining", "meta_train", "evaluate",
     "train_curves", "learned_curves", "step_reduction", "step_times",
 ]

@@ -26,16 +26,31 @@ from torch import Tensor, nn
 
 from .._io import safe_torch_load
 from ._fused import fused_update, segment_matrix
+from ._generalist import GeneralistRule
 from ._gmn import GradMetaNetLO, WeightSpaceLO
 from ._learned import DECAYS, PerParamMLP
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon", "DEFAULT_CHECKPOINT",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "NAMED_CHECKPOINTS"]
 
 CHECKPOINT_FORMAT = "gradmeta.lopt/1"
 #: The checkpoint loaded by ``LearnedOptimizer(params)`` (meta-trained on the digits MLP task).
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_digits.pt"
-_KINDS = {"per_param_mlp": PerParamMLP, "gradmetanet": GradMetaNetLO, "weightspace": WeightSpaceLO}
+#: Shipped checkpoints by name (``LearnedOptimizer(params, checkpoint="generalist")``).
+NAMED_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT,
+                     "generalist": Path(__file__).parent / "checkpoints" / "lopt_generalist.pt"}
+_KINDS = {"per_param_mlp": PerParamMLP, "gradmetanet": GradMetaNetLO, "weightspace": WeightSpaceLO,
+          "generalist": GeneralistRule}
+_FLAT_KINDS = (PerParamMLP, GeneralistRule)  # rules that read only p.grad (usable by LearnedOptimizer)
+
+
+def _resolve(path) -> Path:
+    """A checkpoint path, or the file of a shipped checkpoint named in :data:`NAMED_CHECKPOINTS`."""
+    if path is None:
+        return DEFAULT_CHECKPOINT
+    if isinstance(path, str) and path in NAMED_CHECKPOINTS and not Path(path).is_file():
+        return NAMED_CHECKPOINTS[path]
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, lo, meta: dict[str, Tensor], **info) -> Path:
@@ -58,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike, lo, meta: dict[str, Tensor], **info
 def checkpoint_horizon(path: str | os.PathLike | None = None) -> int | None:
     """The inner horizon a checkpoint was meta-trained on: its ``info["horizon"]``, else
     ``outer.horizon`` of the spec lying next to it (``<name>.toml``), else ``None``."""
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    path = _resolve(path)
     blob = safe_torch_load(path, "learned-optimizer checkpoint")
     info = blob.get("info", {}) if isinstance(blob, dict) else {}
     if "horizon" in info:
@@ -78,7 +93,8 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
     """``(optimizer, meta)`` from a checkpoint file (default :data:`DEFAULT_CHECKPOINT`), ``weights_only``.
 
     Args:
-        path: a file from :func:`save_checkpoint`.
+        path: a file from :func:`save_checkpoint`, or the name of a shipped one
+            (:data:`NAMED_CHECKPOINTS`: ``"digits"``, ``"generalist"``).
         model: the model to optimise; needed by (and only by) the rules built on the model's structure
             (``gradmetanet``, ``weightspace``), which are rebuilt for it: an MLP of any widths works
             with a checkpoint meta-trained on another width (input / output neurons are encoded by
@@ -88,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
         ValueError: not a learned-optimizer checkpoint; a structured rule without ``model``; the
             meta-parameters do not fit the rule rebuilt for ``model`` (names the first mismatch).
     """
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    path = _resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"gradmeta.lopt: learned-optimizer checkpoint {path} does not exist")
     blob = safe_torch_load(path, "learned-optimizer checkpoint")
@@ -96,7 +112,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
         raise ValueError(f"gradmeta.lopt: {path} is not a learned-optimizer checkpoint ({CHECKPOINT_FORMAT}, "
                          f"kinds {sorted(_KINDS)})")
     cls = _KINDS[blob["kind"]]
-    if cls is PerParamMLP:
+    if cls in _FLAT_KINDS:
         lo = cls(**blob["config"])
     elif model is None:
         raise ValueError(f"gradmeta.lopt: {path} holds a {blob['kind']!r} learned optimizer, which reads more than "
@@ -177,7 +193,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             :data:`DEFAULT_CHECKPOINT` (meta-trained on a digits MLP).
         total_steps: the length of your run; the step count the learned rule sees is then rescaled
             to ``t · H / total_steps`` (``H``, the horizon it was meta-trained on), so its learned
-            schedule spans your run. ``None``: the raw step count.
+            schedule spans your run. ``None``: the raw step count. With a ``generalist`` checkpoint
+            (:class:`~gradmeta.lopt.GeneralistRule`) the rule conditions on the progress
+            ``t / total_steps`` directly; ``None`` keeps its progress at 0 (its start-of-training
+            behaviour for the whole run).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1.0, weight_decay: float = 0.0,
@@ -191,12 +210,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"LearnedOptimizer: {name} must be a number >= 0, got {value!r}"
                                 + (" (pass the checkpoint by keyword: checkpoint=...)" if name == "lr" else ""))
         self.lo, meta = load_checkpoint(checkpoint)
+        if not isinstance(self.lo, _FLAT_KINDS):
+            raise ValueError(f"LearnedOptimizer: {checkpoint} holds a {type(self.lo).__name__}, which reads more than "
+                             "p.grad: use GradientSetOptimizer.from_checkpoint(model, loss_fn, path)")
         self._meta_cpu = meta
         self._meta: dict = {}
         self._time_scale = 1.0
         if total_steps is not None:
             if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
                 raise ValueError(f"LearnedOptimizer: total_steps must be a positive integer, got {total_steps!r}")
+        self._total_steps = total_steps
+        if isinstance(self.lo, GeneralistRule):  # conditions on progress t / total_steps itself
+            self.lo.total_steps = total_steps
+        elif total_steps is not None:
             horizon = checkpoint_horizon(checkpoint)
             if horizon is None:
                 raise ValueError(f"LearnedOptimizer: total_steps needs the meta-training horizon of {checkpoint}, "
@@ -270,6 +296,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             cdtype = b.momenta.dtype
             params = torch.cat([p.reshape(-1) for p in b.params]).to(cdtype)
             grads = torch.cat([p.grad.reshape(-1) for p in b.params]).to(cdtype)
+            if isinstance(lo, GeneralistRule):
+                results.append(lo.flat_update(self._meta_for(params.device, cdtype), params, grads, b.momenta,
+                                              b.second, b.step.to(cdtype), lr=float(group["lr"]),
+                                              weight_decay=float(group["weight_decay"])))
+                continue
             t = float(b.step) + 1
             results.append(fused_update(self._meta_for(params.device, cdtype), params, grads, b.momenta, b.second,
                                         t, t * self._time_scale, b.ids, b.segments, step_mult=lo.step_mult,
@@ -290,7 +321,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """``torch.optim`` state dict plus the learned optimizer (``"lopt": {"kind", "config", "meta"}``)."""
         sd = super().state_dict()
         sd["state"] = {k: {n: t.clone() for n, t in s.items()} for k, s in sd["state"].items()}
-        sd["lopt"] = {"kind": "per_param_mlp", "config": self.lo.config(),
+        kinds = {v: k for k, v in _KINDS.items()}
+        sd["lopt"] = {"kind": kinds[type(self.lo)], "config": self.lo.config(),
                       "meta": {k: v.detach().clone() for k, v in self._meta_cpu.items()}}
         return sd
 
@@ -309,6 +341,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self.state[p] = {k: v.to("cpu" if v.dim() == 0 else p.device).clone() for k, v in saved_state[i].items()}
         if lopt is not None:
             self.lo = _KINDS[lopt["kind"]](**lopt["config"])
+            if isinstance(self.lo, GeneralistRule):
+                self.lo.total_steps = self._total_steps
             self._meta_cpu = {k: v.detach().cpu().clone() for k, v in lopt["meta"].items()}
             self._meta = {}
         self._buckets = {}

@@ -1,0 +1,54 @@
+"""Generalist learned optimizer: meta-train on a task distribution, evaluate on held-out tasks.
+
+    python benchmarks/lopt_generalist.py train --out runs/lopt_generalist --iterations 400 --max-steps 50
+    python benchmarks/lopt_generalist.py eval --checkpoint runs/lopt_generalist/lopt_generalist.pt \\
+        --out runs/lopt_generalist_eval
+    python benchmarks/lopt_generalist.py report --out runs/lopt_generalist_eval
+
+``train`` resumes from the run folder (run it again for the next slice); ``eval`` skips tasks
+already in ``heldout.json``; ``report`` writes ``benchmarks/results/lopt_generalist.{md,json}``.
+Tasks and protocol: :mod:`gradmeta.experiments.lopt.generalist`.
+"""
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from gradmeta.experiments.lopt import generalist as G
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["train", "eval", "report"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--iterations", type=int, default=400)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--resume", action="store_true", help="(always on: a run folder with a checkpoint is resumed)")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--tasks", nargs="+", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "train":
+        G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
+                     tasks=tuple(args.tasks or G.TRAIN_TASKS))
+    elif args.command == "eval":
+        G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
+                         tasks=tuple(args.tasks or G.HELDOUT_TASKS))
+    else:
+        results = json.loads((Path(args.out) / "heldout.json").read_text())
+        table, targets = G.summarise(results)
+        env = f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread"
+        md = f"{table}\n\nTargets: {json.dumps(targets)}\n\n{env}\n"
+        Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+        Path("benchmarks/results/lopt_generalist.md").write_text(md)
+        Path("benchmarks/results/lopt_generalist.json").write_text(
+            json.dumps({"targets": targets, "results": results, "env": env}, indent=1))
+        print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,28 @@ def main() -> None:
         Path("benchmarks/results/lopt_generalist.md").write_text(md)
         Path("benchmarks/results/lopt_generalist.json").write_text(
             json.dumps({"targets": targets, "results": results, "env": env}, indent=1))
+        _plot(results, Path("benchmarks/results/lopt_generalist.png"))
         print(md)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (name, r) in zip(axes.flat, results.items()):
+        ax.plot(r["eval_steps"], r["curve"], label="generalist (learned)")
+        ax.plot(r["eval_steps"], r["adam_curve"], label=f"Adam, tuned lr {r['adam_lr']:g}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("inner step")
+        ax.set_ylabel("test loss (mean of seeds)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle("Generalist learned optimizer vs lr-tuned Adam on held-out tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":

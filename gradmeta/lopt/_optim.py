@@ -11,9 +11,14 @@ Use it where ``torch.optim.Adam`` would go::
 
 Checkpoint files (written by :func:`save_checkpoint`, read with ``torch.load(weights_only=True)``)
 hold ``{"format", "kind", "config", "meta"}``: the optimizer class's constructor arguments and its
-meta-parameters. The package ships one, ``checkpoints/lopt_digits.pt``, meta-trained by
-``gradmeta run tasks/lopt_digits.toml``; the spec that produced it lies next to it
-(``checkpoints/lopt_digits.toml``).
+meta-parameters. The package ships two, by name in :data:`NAMED_CHECKPOINTS`:
+
+* ``"digits"`` (the default), ``checkpoints/lopt_digits.pt``, a :class:`PerParamMLP` meta-trained
+  by ``gradmeta run tasks/lopt_digits.toml`` (the spec lies next to it);
+* ``"generalist"``, ``checkpoints/lopt_generalist.pt``, a :class:`GeneralistRule` meta-trained on
+  a distribution of tasks by ``benchmarks/lopt_generalist.py`` (settings in
+  ``checkpoints/lopt_generalist.toml``): ``LearnedOptimizer(params, checkpoint="generalist",
+  total_steps=...)``.
 """
 from __future__ import annotations
 

@@ -159,3 +159,19 @@ def test_non_finite_step_is_skipped():
 def test_bad_total_steps():
     with pytest.raises(ValueError, match="total_steps"):
         GeneralistRule(total_steps=0)
+
+
+def test_shipped_generalist_does_not_move_at_zero_gradient():
+    from gradmeta.lopt import NAMED_CHECKPOINTS, load_checkpoint
+
+    lo, _ = load_checkpoint("generalist")
+    assert isinstance(lo, GeneralistRule) and NAMED_CHECKPOINTS["generalist"].is_file()
+    torch.manual_seed(0)
+    model = mlp([64, 32, 10])
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = LearnedOptimizer(model.parameters(), checkpoint="generalist", total_steps=300)
+    for _ in range(300):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))

@@ -12,7 +12,8 @@ and the same batches:
 Step reduction (per evaluation seed) = steps tuned Adam needs to reach its best test loss ÷ steps
 the optimizer needs to reach that loss (0 when it never does), with test losses every
 ``eval_every`` steps. A learned row's figure is the mean over its meta-training seeds of the mean
-over evaluation seeds, ± the std over meta-training seeds. Writes ``table.md`` (markdown) and
+over evaluation seeds, ± the std over meta-training seeds (Adam, SGDM: ± the std over evaluation
+seeds). Writes ``table.md`` (markdown) and
 ``curves.png`` (mean test-loss curves) besides ``metrics.json``.
 """
 from __future__ import annotations
@@ -59,9 +60,12 @@ def _best(test: torch.Tensor) -> torch.Tensor:
 
 
 def _stats(per_meta: list[torch.Tensor]) -> dict:
-    """``{mean, std}`` over meta-training seeds of per-seed means; ``per_meta``: a list of ``(S,)``."""
+    """``{mean, std}`` over meta-training seeds of the means over evaluation seeds; ``per_meta``: a
+    list of ``(S,)``. With one entry (a hand-designed optimizer) the std is over evaluation seeds."""
     means = torch.stack([x.mean() for x in per_meta])
-    return {"mean": float(means.mean()), "std": float(means.std()) if len(means) > 1 else 0.0,
+    spread = means if len(means) > 1 else per_meta[0]
+    return {"mean": float(means.mean()), "std": float(spread.std()) if len(spread) > 1 else 0.0,
+            "std_over": "meta-training seeds" if len(means) > 1 else "evaluation seeds",
             "per_meta_seed": means.tolist()}
 
 

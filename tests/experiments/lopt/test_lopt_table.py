@@ -46,6 +46,8 @@ def test_driver_meta_trains_every_row_and_writes_the_table(tmp_path):
         assert s["rows"][label]["meta_seeds"] == [0, 1]
         assert s["rows"][label]["step_reduction"]["mean"] >= 0
     assert s["rows"]["Adam (tuned)"]["step_reduction"]["mean"] == 1.0  # the reference against itself
+    assert s["rows"]["Adam (tuned)"]["best_test_loss"]["std_over"] == "evaluation seeds"
+    assert s["rows"]["DS"]["best_test_loss"]["std_over"] == "meta-training seeds"
     assert set(s["targets"]["gmn_vs_base"]) == {"DS + GradMetaNet", "UNF + GradMetaNet"}
     assert len(m["meta_training_wall_s"]) == 8 and all(w > 0 for w in m["meta_training_wall_s"].values())
     # the step reductions are those of the recorded curves

@@ -172,7 +172,10 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     ``patience`` epochs without a better validation loss; the best epoch's weights are kept); the
     one with the best validation score (R² averaged over targets, or accuracy) is returned and, with
     ``out``, saved as ``out/model.pt`` (for :func:`predict` / ``gradmeta lora predict``) with
-    ``out/metrics.json``. Regression targets are standardised on the training split.
+    ``out/metrics.json``. Regression targets are standardised on the training split. GLNet (unless
+    ``model_kwargs`` fixes ``residual``) is trained twice, with and without its equivariant
+    residual, and the better on validation is kept (``scores["GLNet"]["residual"]``; the spectral
+    path alone wins ties), so it never does worse on validation than its singular-value path.
 
     Args:
         adapters: a folder of adapters (see :class:`LoraDataset`) or a dataset.
@@ -210,20 +213,30 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     else:
         info["classes"] = classes
     scores, history, best = {}, {}, None
+    score = (lambda sc: sc["accuracy"]) if task == "classification" else (lambda sc: sc["r2"])
     for name in names:
-        torch.manual_seed(seed)
         kw = dict((model_kwargs or {}).get(name, {}))
         if name in _FLAT:
             kw.setdefault("max_rank", max(ds.max_ranks))
-        net = MODELS[name](shapes, len(classes) if classes else len(cols), **kw).fit_input_scale(_index(pairs, tr))
-        if name == "ProcrustesMLP":
-            net.fit_template(_index(pairs, tr[:1]))
-        net, sc, curve = _fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  weight_decay=weight_decay, patience=patience, seed=seed, device=device)
+        variants = [{}]
+        if name == "GLNet" and "residual" not in kw and kw.get("sv_k", 16):
+            variants = [{"residual": False}, {"residual": True}]  # spectral path alone first: it wins ties
+        fits = []
+        for extra in variants:
+            torch.manual_seed(seed)
+            net = MODELS[name](shapes, len(classes) if classes else len(cols), **kw, **extra)
+            net.fit_input_scale(_index(pairs, tr))
+            if name == "ProcrustesMLP":
+                net.fit_template(_index(pairs, tr[:1]))
+            fits.append(_fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 weight_decay=weight_decay, patience=patience, seed=seed, device=device))
+        net, sc, curve = max(fits, key=lambda f: score(f[1]))  # first of equal scores
+        if len(variants) > 1:  # GLNet: whether the equivariant residual helps, decided on validation
+            sc = {**sc, "residual": net.residual,
+                  "variants": {("residual" if f[0].residual else "spectral"): score(f[1]) for f in fits}}
         scores[name], history[name] = sc, curve
-        key = sc["accuracy"] if task == "classification" else sc["r2"]
-        if best is None or key > best[0]:
-            best = (key, name, net)
+        if best is None or score(sc) > best[0]:
+            best = (score(sc), name, net)
     result = TrainResult(best[2], best[1], scores, info, train_paths=[ds.paths[i] for i in tr.tolist()],
                          val_paths=[ds.paths[i] for i in va.tolist()], history=history)
     if out is not None:

@@ -35,6 +35,9 @@ def test_train_selects_on_validation_and_predicts(labelled, tmp_path):
     assert set(res.scores) == {"GLNet", "SVDMLP"}
     assert res.name == max(res.scores, key=lambda k: res.scores[k]["r2"])
     assert res.scores["SVDMLP"]["r2"] > 0.5  # a norm is a function of the singular values
+    g = res.scores["GLNet"]  # both GLNet variants trained; the better on validation kept
+    assert set(g["variants"]) == {"spectral", "residual"} and g["r2"] == max(g["variants"].values())
+    assert g["variants"]["spectral"] == res.scores["SVDMLP"]["r2"]  # the spectral path alone is SVDMLP
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert saved["selected"] == res.name and saved["n_train"] + saved["n_val"] == 40
     rows = lora.predict(res.path, [labelled / "adapters" / "ad0", labelled / "adapters" / "ad1"])

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
     from gradmeta.run import Run
 
 __all__ = ["lora_predict", "PREDICT_DEFAULTS", "TARGETS", "regression_metrics", "membership_metrics",
-           "kendall_tau", "train_model", "measure_speed", "results_table"]
+           "kendall_tau", "train_model", "fit_glnet_selected", "measure_speed", "results_table"]
 
 TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"class_{c}" for c in range(10)]}
 
@@ -59,6 +59,9 @@ PREDICT_DEFAULTS = {
     "seeds": [Range(0, low=0), 1, 2],
     "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
     "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
+    # GLNet's equivariant residual is kept only if it lowers the loss on this share of the training
+    # adapters (trained on the rest); the chosen variant is then retrained on all of them. 0: always kept.
+    "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -113,6 +116,36 @@ def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int,
                     batch_size=batch_size, lr=lr, seed=seed, schedule="cosine", optimizer="adamw",
                     weight_decay=weight_decay, on_log=on_epoch)
     return net.eval()
+
+
+def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fraction: float, train: dict,
+                       on_epoch=None) -> tuple[AdapterModel, dict]:
+    """Train a GLNet with or without its equivariant residual, whichever validates better.
+
+    ``build(residual) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held out;
+    both variants are trained on the rest (same seed and loop) and scored by ``loss_fn`` on it;
+    the one with the lower loss (the spectral path alone on ties) is rebuilt and trained on every
+    training adapter. With ``val_fraction = 0`` the residual is always kept. Returns ``(model,
+    {"residual": bool, "val_loss_spectral", "val_loss_residual"})``.
+    """
+    info: dict = {}
+    residual = True
+    if val_fraction > 0:
+        n = y.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed))
+        n_val = min(max(1, int(round(val_fraction * n))), n - 1)
+        va, fit = perm[:n_val].sort().values, perm[n_val:].sort().values
+        for variant in (False, True):
+            torch.manual_seed(seed)
+            net = build(variant).fit_input_scale(_index(pairs, fit))
+            train_model(net, _index(pairs, fit), y[fit], loss_fn, seed=seed, **train)
+            with torch.no_grad():
+                info[f"val_loss_{'residual' if variant else 'spectral'}"] = float(loss_fn(net(_index(pairs, va)), y[va]))
+        residual = info["val_loss_residual"] < info["val_loss_spectral"]
+    torch.manual_seed(seed)
+    net = build(residual).fit_input_scale(pairs)
+    train_model(net, pairs, y, loss_fn, seed=seed, on_epoch=on_epoch, **train)
+    return net, {"residual": residual, **info}
 
 
 def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]]:
@@ -220,14 +253,21 @@ def lora_predict(run: Run) -> dict:
         y_lo, y_hi = y_tr.min(0).values, y_tr.max(0).values  # predictions are clipped to this range
         loss_fn = F.mse_loss if regression else F.binary_cross_entropy_with_logits
         for name in spec["models"]:
-            torch.manual_seed(seed)
-            net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
-            if name == "ProcrustesMLP":
-                net.fit_template(_index(p_tr, [0]))
-            curve = []
+            curve, chosen = [], {}
             t0 = time.perf_counter()
-            train_model(net, p_tr, (y_tr - mu) / sd, loss_fn, seed=seed,
-                        on_epoch=lambda e, l: curve.append(l), **spec["train"])
+            if name == "GLNet" and spec["glnet"]["sv_k"]:
+                build = lambda residual: _build(name, shapes, len(cols), spec["max_rank"],
+                                                {**spec["glnet"], "residual": residual})
+                net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,
+                                                 spec["glnet_val_fraction"], spec["train"],
+                                                 on_epoch=lambda e, l: curve.append(l))
+            else:
+                torch.manual_seed(seed)
+                net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
+                if name == "ProcrustesMLP":
+                    net.fit_template(_index(p_tr, [0]))
+                train_model(net, p_tr, (y_tr - mu) / sd, loss_fn, seed=seed,
+                            on_epoch=lambda e, l: curve.append(l), **spec["train"])
             train_s = time.perf_counter() - t0
             with torch.no_grad():
                 out = net(p_te)
@@ -238,6 +278,8 @@ def lora_predict(run: Run) -> dict:
             else:
                 m = membership_metrics(out, y_te)
             m["train_s"] = train_s
+            if chosen:
+                m["residual"] = float(chosen["residual"])  # share of seeds that kept the residual
             per_seed.setdefault(name, []).append(m)
             history[f"{name}/seed{seed}"] = {"epoch": list(range(len(curve))), "train_loss": curve}
             if seed == spec["seeds"][0] and name == "GLNet":

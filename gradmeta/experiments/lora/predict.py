@@ -1,24 +1,29 @@
 """Task ``lora_predict``: learn properties of finetuned models from their LoRA adapters alone.
 
-Reads a zoo made by ``lora_zoo`` (``<zoo>/adapters`` and ``<zoo>/labels.csv``), splits it, trains
-every model in ``models`` for every seed, and reports on the held-out adapters:
+Reads a zoo (``<zoo>/adapters`` and ``<zoo>/labels.csv``, from ``lora_zoo``, ``lora_llama_zoo`` or
+``lora_char_lm_zoo``), splits it, trains every model in ``models`` for every seed, and reports on
+the held-out adapters:
 
 * ``target = "accuracy"`` / ``"loss"``: regression of ``test_acc`` / ``log(test_loss)`` (the loss
   spans orders of magnitude: diverged finetunes reach 10⁴), standardised MSE; metrics ``r2`` (on
   that scale) and Kendall ``tau`` (tau-b). Every model's predictions are clipped to the range of
   the training targets (a model should not extrapolate a bounded property such as an accuracy
   beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
-* ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
-  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
+* ``target = "membership"``: which classes (or sources) the adapter was finetuned on (every 0 / 1
+  column starting with ``membership_prefix``: ``class_*``, ``src_*``; multi-label BCE); metric
+  ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
 * any other ``target``: a numeric column of the labels CSV (``labels``, default ``<zoo>/labels.csv``),
-  as regression with the same metrics as ``accuracy`` (used by the ``lora_llama_zoo`` tasks).
+  as regression with the same metrics as ``accuracy`` (``lognorm``, ``eval_loss``, ...).
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
+GLNet's equivariant residual is kept only when it lowers the loss on a held-out share
+(``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
-base model + the digits test set), from disk and in memory. The GLNet of the first seed is saved
-as ``glnet.pt`` for ``gradmeta lora predict``.
+base model + the evaluation that made the label: the digits test set, or every source's
+evaluation windows of the char-LM zoo), from disk and in memory. The GLNet of the first seed is
+saved as ``glnet.pt`` for ``gradmeta lora predict``.
 """
 from __future__ import annotations
 
@@ -42,13 +47,14 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
     from gradmeta.run import Run
 
 __all__ = ["lora_predict", "PREDICT_DEFAULTS", "TARGETS", "regression_metrics", "membership_metrics",
-           "kendall_tau", "train_model", "fit_glnet_selected", "measure_speed", "results_table"]
+           "kendall_tau", "train_model", "fit_glnet_selected", "measure_speed", "zoo_evaluator", "results_table"]
 
 TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"class_{c}" for c in range(10)]}
 
 PREDICT_DEFAULTS = {
     "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
     "target": "accuracy",  # one of TARGETS, or any numeric column of the labels (regression)
+    "membership_prefix": "class_",  # target "membership": every label column starting with this (0 / 1)
     "labels": "",  # labels CSV; default <zoo>/labels.csv
     "split": OneOf("random", ("random", "rank")),
     "test_fraction": Range(0.2, low=0, high=1, low_open=True, high_open=True),
@@ -158,25 +164,22 @@ def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
 
-def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path) -> dict[str, float]:
-    """Seconds per adapter to predict vs to evaluate it on the digits test set, side by side.
+def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], base: torch.nn.Module,
+                  evaluate_fn) -> dict[str, float]:
+    """Seconds per adapter to predict a property vs to evaluate the adapted model, side by side.
 
-    ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net`` vs PEFT ``from_pretrained`` +
-    test-set forward); ``*_mem_s``: adapters already in memory, one at a time (``net`` vs merging
-    ``W + ΔW`` + test-set forward); ``predict_batch_s``: ``net`` on all of them in one batch.
+    ``evaluate_fn(model)`` runs the evaluation that defines the label (e.g. the test set or every
+    source's evaluation windows). ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net``
+    vs PEFT ``from_pretrained`` on a copy of ``base`` + ``evaluate_fn``); ``*_mem_s``: adapters
+    already in memory, one at a time (``net`` vs merging ``W + ΔW`` into a copy of ``base`` +
+    ``evaluate_fn``); ``predict_batch_s``: ``net`` on all of them in one batch.
     """
     from peft import PeftModel
 
-    from gradmeta.data import load_digits
-
     from gradmeta.lora import load_adapter
-    from .zoo import evaluate, load_base
 
-    te = load_digits("test", seed=0)
-    X, y = te.flat(), te.labels
-    base = load_base(zoo / "base.pt")
     paths = [ds.paths[i] for i in idx]
-    out = {}
+    out = {"n_adapters": len(paths)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = time.perf_counter()
@@ -184,9 +187,8 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
             net(load_adapter(p))
         out["predict_disk_s"] = (time.perf_counter() - t) / len(paths)
         t = time.perf_counter()
-        for p in paths:  # evaluate from disk: PEFT load on the base model, forward the test set
-            pm = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
-            evaluate(pm, X, y)
+        for p in paths:  # evaluate from disk: PEFT load on the base model, run the evaluation
+            evaluate_fn(PeftModel.from_pretrained(copy.deepcopy(base), str(p)))
         out["evaluate_disk_s"] = (time.perf_counter() - t) / len(paths)
         ads = [ds.adapters[i] for i in idx]
         t = time.perf_counter()
@@ -194,11 +196,11 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
             net(a)
         out["predict_mem_s"] = (time.perf_counter() - t) / len(ads)
         t = time.perf_counter()
-        for a in ads:  # in memory: merge W + ΔW, forward the test set
+        for a in ads:  # in memory: merge W + ΔW, run the evaluation
             model = copy.deepcopy(base)
             for name, f in a.items():
-                model.get_submodule(name).weight += f.delta()
-            evaluate(model, X, y)
+                model.get_submodule(name).weight += f.delta().to(model.get_submodule(name).weight.dtype)
+            evaluate_fn(model)
         out["evaluate_mem_s"] = (time.perf_counter() - t) / len(ads)
         pairs = stack_factors(ads)
         net(pairs)  # warm-up
@@ -209,6 +211,25 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
     out["speedup_mem"] = out["evaluate_mem_s"] / out["predict_mem_s"]
     out["speedup_batch"] = out["evaluate_mem_s"] / out["predict_batch_s"]
     return out
+
+
+def zoo_evaluator(zoo: Path, target: str):
+    """``(base model, evaluate_fn)`` that produces the zoo's labels, or ``None`` when unknown: the
+    char-LM zoo (``lm_base.pt``: every source's evaluation windows) or the digits zoo (``base.pt``,
+    targets accuracy / loss / membership: the digits test set)."""
+    from .char_lm_zoo import LM_BASE, evaluate_sources, load_lm_base
+    from .zoo import evaluate, load_base
+
+    if (zoo / LM_BASE).exists():
+        base, ckpt = load_lm_base(zoo / LM_BASE)
+        return base, lambda model: evaluate_sources(model, ckpt)
+    if target in TARGETS and (zoo / "base.pt").exists():
+        from gradmeta.data import load_digits
+
+        te = load_digits("test", seed=0)
+        X, y = te.flat(), te.labels
+        return load_base(zoo / "base.pt"), lambda model: evaluate(model, X, y)
+    return None
 
 
 @register_task("lora_predict", defaults=PREDICT_DEFAULTS)
@@ -222,6 +243,11 @@ def lora_predict(run: Run) -> dict:
                                     f"gradmeta run tasks/lora_zoo.toml --out {zoo}")
     ds = LoraDataset(zoo / "adapters", labels)
     cols = TARGETS.get(spec["target"], [spec["target"]])
+    if spec["target"] == "membership":
+        cols = [c for c in ds.labels[0] if c.startswith(spec["membership_prefix"])]
+        if not cols:
+            raise run.spec_error("membership_prefix", f"no column of {labels} starts with "
+                                                      f"{spec['membership_prefix']!r} (columns: {sorted(ds.labels[0])})")
     if any(c not in ds.labels[0] for c in cols):
         raise run.spec_error("target", f"{spec['target']!r} is neither one of {sorted(TARGETS)} nor a column of "
                                        f"{labels} (columns: {sorted(ds.labels[0])})")
@@ -286,8 +312,9 @@ def lora_predict(run: Run) -> dict:
                 save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
                            target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
                            target_max=y_hi.flatten(), regression=regression)
-                if spec["speed"]["enabled"] and spec["target"] in TARGETS:  # needs the digits base model
-                    speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
+                evaluator = zoo_evaluator(zoo, spec["target"]) if spec["speed"]["enabled"] else None
+                if evaluator is not None:  # the base model and evaluation behind the labels are known
+                    speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], *evaluator)
                     summary.update({f"speed/{k}": v for k, v in speed.items()})
             bar.update(1)
     bar.close()

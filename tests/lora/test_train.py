@@ -63,6 +63,10 @@ def test_cli_train_predict_classification(labelled, tmp_path, capsys):
                        str(labelled / "adapters" / "ad3"))
     row = json.loads(out)[0]
     assert rc == 0 and row["size"] in ("big", "small") and row["p_big"] + row["p_small"] == pytest.approx(1)
+    rc, out, err = run(capsys, "lora", "train", "--adapters", str(labelled / "adapters"), "--labels",
+                       str(labelled / "labels.csv"), "--target", "lognorm", "--model", "glnet,svd", "--epochs", "3",
+                       "--out", str(tmp_path / "g"))
+    assert rc == 0 and "GLNet" in out and "equivariant residual" in out, err
 
 
 def _one_line_error(rc, err):

@@ -263,6 +263,7 @@ def lora_predict(run: Run) -> dict:
     summary: dict = {}
     history: dict = {}
     per_seed: dict[str, list[dict]] = {}
+    first_seed: dict = {}  # regression: {model: (predictions, targets)} of the first seed, for the figure
     shapes = ds.adapters[0].shapes
     total = len(spec["seeds"]) * len(spec["models"])
     bar = run.progress(total, desc="lora_predict")
@@ -299,6 +300,8 @@ def lora_predict(run: Run) -> dict:
                 out = net(p_te)
             if regression:
                 pred = out[:, 0] * sd + mu
+                if seed == spec["seeds"][0]:
+                    first_seed[name] = (pred.clamp(y_lo, y_hi).detach(), y_te[:, 0])
                 m = regression_metrics(pred.clamp(y_lo, y_hi), y_te[:, 0])
                 m.update({f"{k}_raw": v for k, v in regression_metrics(pred, y_te[:, 0]).items() if k != "tau"})
             else:
@@ -324,7 +327,13 @@ def lora_predict(run: Run) -> dict:
             summary[f"{name}/{key}_mean"] = vals.mean().item()
             summary[f"{name}/{key}_std"] = vals.std().item() if len(ms) > 1 else 0.0
     summary.update(n_train=len(tr), n_test=len(te), n_seeds=len(spec["seeds"]))
-    return {"summary": summary, "history": history, "plots": [], "step": total, "total_steps": total}
+    plots = []
+    if first_seed:
+        from .plots import prediction_figure
+
+        plots.append(run.save_figure(prediction_figure(first_seed, spec["target"], spec["seeds"][0]),
+                                     "predicted_vs_true.png"))
+    return {"summary": summary, "history": history, "plots": plots, "step": total, "total_steps": total}
 
 
 def results_table(run_dirs: dict[str, str | Path]) -> str:

@@ -38,6 +38,8 @@ def test_predict_accuracy_all_models(zoo_run, tmp_path):
         assert f"{name}/r2_mean" in s and f"{name}/tau_mean" in s
         assert f"{name}/r2_raw_mean" in s and f"{name}/mse_raw_mean" in s  # before clipping to the training range
     assert s["speed/predict_disk_s"] > 0 and s["speed/evaluate_disk_s"] > 0
+    assert json.loads((out / "metrics.json").read_text())["plots"] == ["predicted_vs_true.png"]
+    assert (out / "predicted_vs_true.png").stat().st_size > 1000
     net, extra = lora.load_model(out / "glnet.pt")
     assert isinstance(net, lora.GLNet) and extra["targets"] == ["test_acc"] and extra["regression"]
 

@@ -105,8 +105,8 @@ def _cmd_train(args) -> int:
     for name, sc in res.scores.items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sc.items()
                           if k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool))
-        if "residual" in sc:  # GLNet: with or without its equivariant residual, chosen on validation
-            shown += f", equivariant residual {'kept' if sc['residual'] else 'dropped'}"
+        if "variant" in sc:  # GLNet: which of its paths, chosen on validation
+            shown += f", variant {sc['variant']}"
         print(f"{name:16s} validation: {shown}{'   <- selected' if name == res.name else ''}")
     print(f"saved {res.path} (use: gradmeta lora predict --model {res.path} ADAPTER...)")
     return 0

@@ -116,9 +116,11 @@ class GLNet(AdapterModel):
       starts as the spectral MLP and learns what the spectrum misses (singular vectors).
 
     ``residual=False`` is the spectral path alone: same function and, with the same seed and
-    training loop, the same trained model as :class:`SVDMLP` (tested). Whether the residual helps
-    is a model-selection question, answered on a validation split by :func:`gradmeta.lora.train`
-    (and by the ``lora_predict`` task), never on the test set.
+    training loop, the same trained model as :class:`SVDMLP` (tested); ``sv_k=0`` is the
+    equivariant network alone. Which of the three (:data:`VARIANTS`) a dataset needs is a
+    model-selection question, answered on a validation split by :func:`gradmeta.lora.train` (and
+    by the ``lora_predict`` task), never on the test set; the spectral path alone wins ties, so
+    the selected GLNet never validates worse than the singular-value baseline.
 
     Input ``{module: (U (N, n, r), V (N, m, r))}`` (or adapters) -> ``(N, out_dim)``. Invariant to
     ``(U, V) -> (U R, V R⁻ᵀ)`` for any ``R ∈ GL(r)`` per module; rank-agnostic (any ``r``;
@@ -131,6 +133,10 @@ class GLNet(AdapterModel):
             checkpoints saved before it existed); sv_hidden: its MLP width.
         residual: include the equivariant residual.
     """
+
+    #: The variants model selection chooses from (kwargs on top of the user's), ties to the first.
+    VARIANTS = {"spectral": {"residual": False}, "spectral+equivariant": {"residual": True},
+                "equivariant": {"sv_k": 0, "residual": True}}
 
     #: kwargs of checkpoints saved before they existed (see :func:`load_model`).
     LEGACY_KWARGS = {"sv_k": 0, "residual": True}

@@ -173,9 +173,11 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     one with the best validation score (R² averaged over targets, or accuracy) is returned and, with
     ``out``, saved as ``out/model.pt`` (for :func:`predict` / ``gradmeta lora predict``) with
     ``out/metrics.json``. Regression targets are standardised on the training split. GLNet (unless
-    ``model_kwargs`` fixes ``residual``) is trained twice, with and without its equivariant
-    residual, and the better on validation is kept (``scores["GLNet"]["residual"]``; the spectral
-    path alone wins ties), so it never does worse on validation than its singular-value path.
+    ``model_kwargs`` fixes ``residual`` or ``sv_k``) is trained in each of its
+    :data:`GLNet.VARIANTS` -- the exact singular-value path alone, with the equivariant residual,
+    the equivariant network alone -- and the best on validation is kept
+    (``scores["GLNet"]["variant"]``; the spectral path alone wins ties), so it never validates
+    worse than its singular-value path, which is :class:`SVDMLP`.
 
     Args:
         adapters: a folder of adapters (see :class:`LoraDataset`) or a dataset.
@@ -218,11 +220,11 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
         kw = dict((model_kwargs or {}).get(name, {}))
         if name in _FLAT:
             kw.setdefault("max_rank", max(ds.max_ranks))
-        variants = [{}]
-        if name == "GLNet" and "residual" not in kw and kw.get("sv_k", 16):
-            variants = [{"residual": False}, {"residual": True}]  # spectral path alone first: it wins ties
+        variants = {"": {}}
+        if name == "GLNet" and not {"residual", "sv_k"} & set(kw):
+            variants = MODELS[name].VARIANTS  # the spectral path alone first: it wins ties
         fits = []
-        for extra in variants:
+        for extra in variants.values():
             torch.manual_seed(seed)
             net = MODELS[name](shapes, len(classes) if classes else len(cols), **kw, **extra)
             net.fit_input_scale(_index(pairs, tr))
@@ -230,10 +232,11 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
                 net.fit_template(_index(pairs, tr[:1]))
             fits.append(_fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
                                  weight_decay=weight_decay, patience=patience, seed=seed, device=device))
-        net, sc, curve = max(fits, key=lambda f: score(f[1]))  # first of equal scores
-        if len(variants) > 1:  # GLNet: whether the equivariant residual helps, decided on validation
-            sc = {**sc, "residual": net.residual,
-                  "variants": {("residual" if f[0].residual else "spectral"): score(f[1]) for f in fits}}
+        best_i = max(range(len(fits)), key=lambda i: score(fits[i][1]))  # first of equal scores
+        net, sc, curve = fits[best_i]
+        if len(variants) > 1:  # GLNet: which paths the data needs, decided on validation
+            sc = {**sc, "variant": list(variants)[best_i],
+                  "variants": {v: score(f[1]) for v, f in zip(variants, fits)}}
         scores[name], history[name] = sc, curve
         if best is None or score(sc) > best[0]:
             best = (score(sc), name, net)

@@ -17,7 +17,8 @@ the held-out adapters:
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
-GLNet's equivariant residual is kept only when it lowers the loss on a held-out share
+GLNet's variant (exact singular-value path alone, with the equivariant residual, or the
+equivariant network alone) is the one with the lowest loss on a held-out share
 (``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from gradmeta._training import minibatch_train
 from gradmeta.specs import OneOf, Range, Required, register_task
 
-from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
+from gradmeta.lora import MODELS, AdapterModel, GLNet, LoraDataset, save_model, stack_factors
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -65,8 +66,8 @@ PREDICT_DEFAULTS = {
     "seeds": [Range(0, low=0), 1, 2],
     "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
     "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
-    # GLNet's equivariant residual is kept only if it lowers the loss on this share of the training
-    # adapters (trained on the rest); the chosen variant is then retrained on all of them. 0: always kept.
+    # GLNet's variant (spectral / spectral+equivariant / equivariant) is chosen on this share of the
+    # training adapters (trained on the rest), then retrained on all of them. 0: spectral+equivariant.
     "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
@@ -126,32 +127,33 @@ def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int,
 
 def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fraction: float, train: dict,
                        on_epoch=None) -> tuple[AdapterModel, dict]:
-    """Train a GLNet with or without its equivariant residual, whichever validates better.
+    """Train the :data:`GLNet.VARIANTS <gradmeta.lora.GLNet.VARIANTS>` variant that validates best.
 
-    ``build(residual) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held out;
-    both variants are trained on the rest (same seed and loop) and scored by ``loss_fn`` on it;
-    the one with the lower loss (the spectral path alone on ties) is rebuilt and trained on every
-    training adapter. With ``val_fraction = 0`` the residual is always kept. Returns ``(model,
-    {"residual": bool, "val_loss_spectral", "val_loss_residual"})``.
+    ``build(variant kwargs) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held
+    out; every variant (spectral path alone, with the equivariant residual, equivariant alone) is
+    trained on the rest (same seed and loop) and scored by ``loss_fn`` on it; the one with the
+    lowest loss (the first, the spectral path alone, on ties) is rebuilt and trained on every
+    training adapter. ``val_fraction = 0``: no selection, the spectral path with the residual.
+    Returns ``(model, {"variant": name, "val_loss_<variant>": ...})``.
     """
-    info: dict = {}
-    residual = True
+    variants = GLNet.VARIANTS
+    chosen, info = "spectral+equivariant", {}
     if val_fraction > 0:
         n = y.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed))
         n_val = min(max(1, int(round(val_fraction * n))), n - 1)
         va, fit = perm[:n_val].sort().values, perm[n_val:].sort().values
-        for variant in (False, True):
+        for name, kw in variants.items():
             torch.manual_seed(seed)
-            net = build(variant).fit_input_scale(_index(pairs, fit))
+            net = build(kw).fit_input_scale(_index(pairs, fit))
             train_model(net, _index(pairs, fit), y[fit], loss_fn, seed=seed, **train)
             with torch.no_grad():
-                info[f"val_loss_{'residual' if variant else 'spectral'}"] = float(loss_fn(net(_index(pairs, va)), y[va]))
-        residual = info["val_loss_residual"] < info["val_loss_spectral"]
+                info[f"val_loss_{name}"] = float(loss_fn(net(_index(pairs, va)), y[va]))
+        chosen = min(variants, key=lambda v: info[f"val_loss_{v}"])  # first of equal losses
     torch.manual_seed(seed)
-    net = build(residual).fit_input_scale(pairs)
+    net = build(variants[chosen]).fit_input_scale(pairs)
     train_model(net, pairs, y, loss_fn, seed=seed, on_epoch=on_epoch, **train)
-    return net, {"residual": residual, **info}
+    return net, {"variant": chosen, **info}
 
 
 def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]]:
@@ -283,8 +285,7 @@ def lora_predict(run: Run) -> dict:
             curve, chosen = [], {}
             t0 = time.perf_counter()
             if name == "GLNet" and spec["glnet"]["sv_k"]:
-                build = lambda residual: _build(name, shapes, len(cols), spec["max_rank"],
-                                                {**spec["glnet"], "residual": residual})
+                build = lambda kw: _build(name, shapes, len(cols), spec["max_rank"], {**spec["glnet"], **kw})
                 net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,
                                                  spec["glnet_val_fraction"], spec["train"],
                                                  on_epoch=lambda e, l: curve.append(l))
@@ -307,8 +308,8 @@ def lora_predict(run: Run) -> dict:
             else:
                 m = membership_metrics(out, y_te)
             m["train_s"] = train_s
-            if chosen:
-                m["residual"] = float(chosen["residual"])  # share of seeds that kept the residual
+            for v in (GLNet.VARIANTS if chosen else ()):  # mean over seeds: share that chose it
+                m[f"variant_{v}"] = float(chosen["variant"] == v)
             per_seed.setdefault(name, []).append(m)
             history[f"{name}/seed{seed}"] = {"epoch": list(range(len(curve))), "train_loss": curve}
             if seed == spec["seeds"][0] and name == "GLNet":

@@ -133,8 +133,8 @@ def test_training_loop_is_bitwise_the_old_loop(name):
     assert not nets[0].training
 
 
-def test_glnet_residual_selected_on_inner_validation(zoo_run):
-    """fit_glnet_selected keeps the residual iff it lowers the held-out training loss; the spectral
+def test_glnet_variant_selected_on_inner_validation(zoo_run):
+    """fit_glnet_selected keeps the variant with the lowest held-out training loss; the spectral
     variant it refits on every training adapter is exactly SVDMLP trained the same way."""
     from gradmeta.experiments.lora.predict import fit_glnet_selected, train_model
 
@@ -145,14 +145,17 @@ def test_glnet_residual_selected_on_inner_validation(zoo_run):
     y = (y - y.mean()) / y.std()
     shapes = ds.adapters[0].shapes
     train = {"epochs": 3, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4}
-    build = lambda residual: lora.GLNet(shapes, 1, residual=residual)
-    net, info = fit_glnet_selected(build, pairs, y, torch.nn.functional.mse_loss, 0, 0.25, train)
-    assert info["residual"] == (info["val_loss_residual"] < info["val_loss_spectral"]) == net.residual
-    forced, _ = fit_glnet_selected(lambda residual: build(False), pairs, y, torch.nn.functional.mse_loss, 0, 0.0,
-                                   train)
+    mse = torch.nn.functional.mse_loss
+    build = lambda kw: lora.GLNet(shapes, 1, **kw)
+    net, info = fit_glnet_selected(build, pairs, y, mse, 0, 0.25, train)
+    losses = {v: info[f"val_loss_{v}"] for v in lora.GLNet.VARIANTS}
+    assert info["variant"] == min(losses, key=losses.get)
+    assert (net.sv_k > 0, net.residual) == {"spectral": (True, False), "spectral+equivariant": (True, True),
+                                            "equivariant": (False, True)}[info["variant"]]
+    forced, _ = fit_glnet_selected(lambda kw: build({"residual": False}), pairs, y, mse, 0, 0.0, train)
     torch.manual_seed(0)
     svd = lora.SVDMLP(shapes, 1).fit_input_scale(pairs)
-    train_model(svd, pairs, y, torch.nn.functional.mse_loss, seed=0, **train)
+    train_model(svd, pairs, y, mse, seed=0, **train)
     with torch.no_grad():
         assert torch.equal(forced(pairs), svd(pairs))
-    assert fit_glnet_selected(build, pairs, y, torch.nn.functional.mse_loss, 0, 0.0, train)[1] == {"residual": True}
+    assert fit_glnet_selected(build, pairs, y, mse, 0, 0.0, train)[1] == {"variant": "spectral+equivariant"}

@@ -343,14 +343,15 @@ def lora_predict(run: Run) -> dict:
 def results_table(run_dirs: dict[str, str | Path]) -> str:
     """Markdown table (model × task, ``mean ± std`` over seeds) from ``lora_predict`` run folders.
 
-    ``run_dirs``: ``{column title: run folder}``; each column shows ``r2`` and ``tau`` (regression)
-    or ``label_acc`` (membership) from that folder's ``metrics.json``.
+    ``run_dirs``: ``{column title: run folder or a copy of its metrics.json}``; each column shows
+    ``r2`` and ``tau`` (regression) or ``label_acc`` (membership).
     """
     import json
 
     cols, models = [], []
     for title, d in run_dirs.items():
-        s = json.loads((Path(d) / "metrics.json").read_text())["summary"]
+        f = Path(d) if Path(d).suffix == ".json" else Path(d) / "metrics.json"
+        s = json.loads(f.read_text())["summary"]
         for m in (k.split("/")[0] for k in s if k.endswith("_mean")):
             if m not in models:
                 models.append(m)

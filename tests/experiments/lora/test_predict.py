@@ -159,3 +159,18 @@ def test_glnet_variant_selected_on_inner_validation(zoo_run):
     with torch.no_grad():
         assert torch.equal(forced(pairs), svd(pairs))
     assert fit_glnet_selected(build, pairs, y, mse, 0, 0.0, train)[1] == {"variant": "spectral+equivariant"}
+
+
+def test_results_table_from_run_folders_and_json_copies(tmp_path):
+    from gradmeta.experiments.lora.predict import results_table
+
+    reg = {"summary": {"GLNet/r2_mean": 0.9, "GLNet/r2_std": 0.01, "GLNet/tau_mean": 0.8, "GLNet/tau_std": 0.02,
+                       "SVDMLP/r2_mean": 0.7, "SVDMLP/r2_std": 0.03, "SVDMLP/tau_mean": 0.6, "SVDMLP/tau_std": 0.0}}
+    mem = {"summary": {"GLNet/label_acc_mean": 0.95, "GLNet/label_acc_std": 0.005}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(reg))
+    (tmp_path / "mem.json").write_text(json.dumps(mem))
+    lines = results_table({"acc": tmp_path / "run", "member": tmp_path / "mem.json"}).splitlines()
+    assert lines[0] == "| model | acc r2 | acc tau | member label_acc |"
+    assert lines[2] == "| GLNet | 0.900 ± 0.010 | 0.800 ± 0.020 | 0.950 ± 0.005 |"
+    assert lines[3] == "| SVDMLP | 0.700 ± 0.030 | 0.600 ± 0.000 | - |"

@@ -19,7 +19,8 @@ the held-out adapters:
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
 GLNet's variant (exact singular-value path alone, with the equivariant residual, or the
 equivariant network alone) is the one with the lowest loss on a held-out share
-(``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`).
+(``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`); for a rank
+split with several training ranks, on those of the largest training rank (``glnet_val``).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
 base model + the evaluation that made the label: the digits test set, or every source's
@@ -69,6 +70,9 @@ PREDICT_DEFAULTS = {
     # GLNet's variant (spectral / spectral+equivariant / equivariant) is chosen on this share of the
     # training adapters (trained on the rest), then retrained on all of them. 0: spectral+equivariant.
     "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
+    # "auto": with split = "rank" and two or more train_ranks, GLNet's variant is chosen on the adapters
+    # of the largest training rank (trained on the smaller ones), a rank shift like the test's; else random
+    "glnet_val": OneOf("auto", ("auto", "random")),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -126,7 +130,7 @@ def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int,
 
 
 def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fraction: float, train: dict,
-                       on_epoch=None) -> tuple[AdapterModel, dict]:
+                       on_epoch=None, held_out: list[int] | None = None) -> tuple[AdapterModel, dict]:
     """Train the :data:`GLNet.VARIANTS <gradmeta.lora.GLNet.VARIANTS>` variant that validates best.
 
     ``build(variant kwargs) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held
@@ -134,15 +138,22 @@ def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fr
     trained on the rest (same seed and loop) and scored by ``loss_fn`` on it; the one with the
     lowest loss (the first, the spectral path alone, on ties) is rebuilt and trained on every
     training adapter. ``val_fraction = 0``: no selection, the spectral path with the residual.
-    Returns ``(model, {"variant": name, "val_loss_<variant>": ...})``.
+    ``held_out``: explicit validation rows instead of the random share (e.g. the adapters of the
+    largest training rank, so that the validation sees a rank shift as the test does). Returns ``(model, {"variant": name, "val_loss_<variant>": ...})``.
     """
     variants = GLNet.VARIANTS
     chosen, info = "spectral+equivariant", {}
-    if val_fraction > 0:
+    if val_fraction > 0 or held_out:
         n = y.shape[0]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed))
-        n_val = min(max(1, int(round(val_fraction * n))), n - 1)
-        va, fit = perm[:n_val].sort().values, perm[n_val:].sort().values
+        if held_out:
+            va = torch.tensor(sorted(set(held_out)))
+            fit = torch.tensor([i for i in range(n) if i not in set(held_out)])
+            if not len(fit):
+                raise ValueError("fit_glnet_selected: held_out leaves no adapter to train on")
+        else:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed))
+            n_val = min(max(1, int(round(val_fraction * n))), n - 1)
+            va, fit = perm[:n_val].sort().values, perm[n_val:].sort().values
         for name, kw in variants.items():
             torch.manual_seed(seed)
             net = build(kw).fit_input_scale(_index(pairs, fit))
@@ -289,8 +300,12 @@ def lora_predict(run: Run) -> dict:
             t0 = time.perf_counter()
             if name == "GLNet" and spec["glnet"]["sv_k"]:
                 build = lambda kw: _build(name, shapes, len(cols), spec["max_rank"], {**spec["glnet"], **kw})
+                held = None
+                if spec["glnet_val"] == "auto" and spec["split"] == "rank" and len(set(spec["train_ranks"])) > 1:
+                    top = max(spec["train_ranks"])
+                    held = [j for j, i in enumerate(tr) if max(ds.adapters[i].ranks.values()) == top]
                 net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,
-                                                 spec["glnet_val_fraction"], spec["train"],
+                                                 spec["glnet_val_fraction"], spec["train"], held_out=held,
                                                  on_epoch=lambda e, l: curve.append(l))
             else:
                 torch.manual_seed(seed)

@@ -174,3 +174,30 @@ def test_results_table_from_run_folders_and_json_copies(tmp_path):
     assert lines[0] == "| model | acc r2 | acc tau | member label_acc |"
     assert lines[2] == "| GLNet | 0.900 ± 0.010 | 0.800 ± 0.020 | 0.950 ± 0.005 |"
     assert lines[3] == "| SVDMLP | 0.700 ± 0.030 | 0.600 ± 0.000 | - |"
+
+
+def test_glnet_selection_on_explicit_held_out_rows(zoo_run):
+    """held_out (the largest training rank under a rank split) replaces the random share: the
+    spectral variant's validation loss equals SVDMLP trained on the other rows, scored on those."""
+    from gradmeta.experiments.lora.predict import _index, fit_glnet_selected, train_model
+
+    _, zoo = zoo_run
+    ds = lora.LoraDataset(zoo / "adapters", zoo / "labels.csv")
+    pairs = lora.stack_factors(list(ds.adapters), rank=4)
+    y = ds.label_tensor(["test_acc"])
+    y = (y - y.mean()) / y.std()
+    held = [i for i, a in enumerate(ds.adapters) if a["0"].rank == 4]
+    fit = [i for i in range(len(ds)) if i not in held]
+    assert held and fit
+    train = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4}
+    mse = torch.nn.functional.mse_loss
+    shapes = ds.adapters[0].shapes
+    _, info = fit_glnet_selected(lambda kw: lora.GLNet(shapes, 1, **kw), pairs, y, mse, 0, 0.2, train, held_out=held)
+    torch.manual_seed(0)
+    svd = lora.SVDMLP(shapes, 1).fit_input_scale(_index(pairs, fit))
+    train_model(svd, _index(pairs, fit), y[fit], mse, seed=0, **train)
+    with torch.no_grad():
+        assert info["val_loss_spectral"] == float(mse(svd(_index(pairs, held)), y[held]))
+    with pytest.raises(ValueError, match="no adapter to train on"):
+        fit_glnet_selected(lambda kw: lora.GLNet(shapes, 1, **kw), pairs, y, mse, 0, 0.2, train,
+                           held_out=list(range(len(ds))))

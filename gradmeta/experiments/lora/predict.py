@@ -20,7 +20,8 @@ the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank 
 GLNet's variant (exact singular-value path alone, with the equivariant residual, or the
 equivariant network alone) is the one with the lowest loss on a held-out share
 (``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`); for a rank
-split with several training ranks, on those of the largest training rank (``glnet_val``).
+split with several training ranks, optionally on those of the largest training rank
+(``glnet_val = "largest_rank"``).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
 base model + the evaluation that made the label: the digits test set, or every source's
@@ -70,9 +71,9 @@ PREDICT_DEFAULTS = {
     # GLNet's variant (spectral / spectral+equivariant / equivariant) is chosen on this share of the
     # training adapters (trained on the rest), then retrained on all of them. 0: spectral+equivariant.
     "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
-    # "auto": with split = "rank" and two or more train_ranks, GLNet's variant is chosen on the adapters
-    # of the largest training rank (trained on the smaller ones), a rank shift like the test's; else random
-    "glnet_val": OneOf("auto", ("auto", "random")),
+    # "largest_rank": with split = "rank" and two or more train_ranks, GLNet's variant is chosen on the
+    # adapters of the largest training rank (trained on the smaller ones), a rank shift like the test's
+    "glnet_val": OneOf("random", ("random", "largest_rank")),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -301,7 +302,8 @@ def lora_predict(run: Run) -> dict:
             if name == "GLNet" and spec["glnet"]["sv_k"]:
                 build = lambda kw: _build(name, shapes, len(cols), spec["max_rank"], {**spec["glnet"], **kw})
                 held = None
-                if spec["glnet_val"] == "auto" and spec["split"] == "rank" and len(set(spec["train_ranks"])) > 1:
+                if (spec["glnet_val"] == "largest_rank" and spec["split"] == "rank"
+                        and len(set(spec["train_ranks"])) > 1):
                     top = max(spec["train_ranks"])
                     held = [j for j, i in enumerate(tr) if max(ds.adapters[i].ranks.values()) == top]
                 net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,

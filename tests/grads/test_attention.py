@@ -207,3 +207,20 @@ def test_torch_transformer_layers_equal_naive_loop(kind, batch_first):
 
 def test_multihead_attention_is_in_the_support_table():
     assert "nn.MultiheadAttention" in gm.grads.supported_layers()
+
+
+def test_functional_factors_under_vmap_over_parameter_sets_equal_a_loop():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(E, H, 8, dropout=0.0, batch_first=True).double().eval()
+    x, y = torch.randn(3, 4, E, dtype=torch.float64), torch.randn(3, 4, E, dtype=torch.float64)
+    loss = lambda o, t: (o - t).pow(2).sum((1, 2))  # noqa: E731
+    sets = [{n: p.detach() + 0.1 * k * torch.randn_like(p) for n, p in enc.named_parameters()} for k in range(3)]
+    stacked = {n: torch.stack([s[n] for s in sets]) for n in sets[0]}
+    got = torch.func.vmap(lambda p: functional_factors(enc, loss, p, x, y).grad_norms())(stacked)
+    want = []
+    for s in sets:
+        with torch.no_grad():
+            for n, p in enc.named_parameters():
+                p.copy_(s[n])
+        want.append(flatten_params(naive_per_example_grads(enc, loss, x, y)).norm(dim=1))
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-10, rtol=0)

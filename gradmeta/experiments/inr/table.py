@@ -39,7 +39,8 @@ def read_run(folder: Path) -> tuple[dict, list[dict]]:
     spec = tomllib.loads((folder / "spec.resolved.toml").read_text())
     summary = json.loads((folder / "metrics.json").read_text())["summary"]
     results = safe_torch_load(folder / "checkpoint.pt")["state"]["results"]
-    key = {"edit": spec["data"]["edit"], "steps": spec["train"]["steps"], "train_limit": spec["data"]["train_limit"]}
+    key = {"edit": spec["data"]["edit"], "steps": spec["train"]["steps"], "train_limit": spec["data"]["train_limit"],
+           "smoothness": spec["train"].get("smoothness", 0.0)}
     info = {**key, "identity_mse": summary["identity_mse"], "zoo_size": summary["zoo_size"],
             "zoo_psnr_mean": summary["zoo_psnr_mean"], "zoo_inrs_per_s": summary.get("zoo_inrs_per_s")}
     rows = []
@@ -51,14 +52,18 @@ def read_run(folder: Path) -> tuple[dict, list[dict]]:
 
 
 def build_table(folders: list[Path], recorded: list[dict]) -> dict:
-    """Cells ``"<edit>|<steps>|<train_limit>|<variant>"`` -> pooled mean / std / seeds / sources."""
+    """Cells ``"<edit>|<steps>|<train_limit>|<smoothness>|<variant>"`` -> pooled mean / std / seeds / sources.
+
+    A recorded entry without ``"smoothness"`` was trained without the penalty (0.0).
+    """
     cells: dict[str, dict] = {}
     identity: dict[str, float] = {}
     zoo: list[dict] = []
     def cell(e: dict) -> dict:
-        k = f"{e['edit']}|{e['steps']}|{e['train_limit']}|{e['variant']}"
+        lam = float(e.get("smoothness", 0.0))
+        k = f"{e['edit']}|{e['steps']}|{e['train_limit']}|{lam:g}|{e['variant']}"
         return cells.setdefault(k, {"edit": e["edit"], "steps": e["steps"], "train_limit": e["train_limit"],
-                                    "variant": e["variant"], "groups": [], "seeds": [], "per_seed": {},
+                                    "smoothness": lam, "variant": e["variant"], "groups": [], "seeds": [], "per_seed": {},
                                     "sources": []})
     for folder in folders:
         info, rows = read_run(folder)
@@ -101,14 +106,17 @@ def _fmt(c: dict | None) -> str:
 
 
 def to_markdown(table: dict) -> str:
-    """One markdown table per (steps, train_limit): rows are edits, columns no edit + each variant."""
+    """One markdown table per (steps, train_limit, smoothness): rows are edits, columns no edit + each variant."""
     cells = table["cells"]
-    settings = sorted({(c["steps"], c["train_limit"]) for c in cells.values()}, reverse=True)
+    settings = sorted({(c["steps"], c["train_limit"], c["smoothness"]) for c in cells.values()},
+                      key=lambda s: (-s[0], -s[1], s[2]))
     out = []
-    for steps, limit in settings:
-        edits = sorted({c["edit"] for c in cells.values() if (c["steps"], c["train_limit"]) == (steps, limit)})
-        get = lambda e, v: cells.get(f"{e}|{steps}|{limit}|{v}")  # noqa: E731
-        out += [f"Editor training: {steps} steps, {limit} training INRs. Held-out MSE mean ± sample std (seeds).",
+    for steps, limit, lam in settings:
+        edits = sorted({c["edit"] for c in cells.values()
+                        if (c["steps"], c["train_limit"], c["smoothness"]) == (steps, limit, lam)})
+        get = lambda e, v: cells.get(f"{e}|{steps}|{limit}|{lam:g}|{v}")  # noqa: E731
+        out += [f"Editor training: {steps} steps, {limit} training INRs, smoothness penalty {lam:g}. "
+                "Held-out MSE mean ± sample std (seeds).",
                 "", "| edit | no edit | " + " | ".join(VARIANTS) + " | gradients vs weights | gradients++ vs weights |",
                 "|---|---:|" + "---:|" * (len(VARIANTS) + 2)]
         for e in edits:

@@ -37,12 +37,12 @@ def pool(groups: list[tuple[float, float, int]]) -> tuple[float, float, int]:
 def read_run(folder: Path) -> tuple[dict, list[dict]]:
     """``(info, rows)`` of one run folder: info has edit / steps / zoo figures; one row per finished seed."""
     spec = tomllib.loads((folder / "spec.resolved.toml").read_text())
-    summary = json.loads((folder / "metrics.json").read_text())["summary"]
+    metrics = folder / "metrics.json"  # absent while a run is unfinished: its finished seeds still count
+    summary = json.loads(metrics.read_text())["summary"] if metrics.exists() else {}
     results = safe_torch_load(folder / "checkpoint.pt")["state"]["results"]
     key = {"edit": spec["data"]["edit"], "steps": spec["train"]["steps"], "train_limit": spec["data"]["train_limit"],
            "smoothness": spec["train"].get("smoothness", 0.0)}
-    info = {**key, "identity_mse": summary["identity_mse"], "zoo_size": summary["zoo_size"],
-            "zoo_psnr_mean": summary["zoo_psnr_mean"], "zoo_inrs_per_s": summary.get("zoo_inrs_per_s")}
+    info = {**key, **{k: summary.get(k) for k in ("identity_mse", "zoo_size", "zoo_psnr_mean", "zoo_inrs_per_s")}}
     rows = []
     for name, r in results.items():
         variant, _, seed = name.rpartition("/seed")
@@ -67,7 +67,8 @@ def build_table(folders: list[Path], recorded: list[dict]) -> dict:
                                     "sources": []})
     for folder in folders:
         info, rows = read_run(folder)
-        identity[info["edit"]] = info["identity_mse"]
+        if info["identity_mse"] is not None:
+            identity[info["edit"]] = info["identity_mse"]
         zoo.append({"run": str(folder), **{k: info[k] for k in ("zoo_size", "zoo_psnr_mean", "zoo_inrs_per_s")}})
         for r in rows:
             c = cell(r)

@@ -3,7 +3,8 @@ the mean loss, gradmeta's factor capture (``collect_gradients``), per-example gr
 the factors, materialised per-example gradients from the factors, and ``torch.func``
 ``vmap(grad)``, Opacus (``GradSampleModule`` hooks, and per-sample norms from
 ``GradSampleModuleFastGradientClipping`` with ghost clipping) — on Hugging Face GPT-2 (6 layers, d=256, T=128, B=8), Hugging Face Llama
-(4 layers, d=256, T=128, B=8) and a ResNet-like CNN (B=64). Random init, vocabulary 2048.
+(4 layers, d=256, T=128, B=8), a ResNet-like CNN (B=64) and torch's ``nn.TransformerEncoder`` (4 layers,
+d=256, T=128, B=8; its ``nn.MultiheadAttention`` factored). Random init, vocabulary 2048.
 
 Time: median over ``--repeats`` calls after one warm-up, contestants interleaved round-robin;
 ratio = time / plain forward+backward. Memory: bytes of the factors kept (``A`` and ``Δ`` of every
@@ -61,10 +62,14 @@ def cases(quick: bool):
     Bc, S = (8, 16) if quick else (64, 32)
     img = torch.randn(Bc, 3, S, S)
     ce = lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")  # noqa: E731
+    mse = lambda o, y: (o - y).pow(2).mean((1, 2))  # noqa: E731
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True),
+                                    2 if quick else 4, enable_nested_tensor=False)
     return {
         "hf_gpt2": (gpt.eval(), causal_lm_losses, {"input_ids": ids}, ids),
         "hf_llama": (llama.eval(), causal_lm_losses, {"input_ids": ids}, ids),
         "resnet_cnn": (resnet_like().eval(), ce, img, torch.randint(0, 10, (Bc,))),
+        "torch_encoder": (encoder.eval(), mse, torch.randn(B, T, d), torch.randn(B, T, d)),
     }
 
 

@@ -103,7 +103,10 @@ def _cmd_train(args) -> int:
                 val_fraction=args.val_fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 patience=args.patience, seed=args.seed, device=args.device, out=args.out, skip_bad=args.skip_bad)
     for name, sc in res.scores.items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in sc.items() if k != "loss")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sc.items()
+                          if k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool))
+        if "variant" in sc:  # GLNet: which of its paths, chosen on validation
+            shown += f", variant {sc['variant']}"
         print(f"{name:16s} validation: {shown}{'   <- selected' if name == res.name else ''}")
     print(f"saved {res.path} (use: gradmeta lora predict --model {res.path} ADAPTER...)")
     return 0

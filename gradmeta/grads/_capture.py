@@ -152,9 +152,23 @@ def make_plan(model: nn.Module, layers: Iterable[str] | None) -> Plan:
         for (mname, local), rule in zip(uses, rules):
             plan.hooked[mname], plan.rules[mname] = named_modules[mname], rule
             plan.report.setdefault(mname, {})[local] = pname
-            parts = mname.split(".") if mname else []
-            plan.batch_dims[mname] = int(any(".".join(parts[:i]) in seq for i in range(len(parts) + 1)))
+            plan.batch_dims[mname] = _batch_dim(mname, seq)
+    # A module that uses a child's parameters functionally (attention and its out_proj) records the
+    # child's calls itself: hook it whenever the child is factored.
+    for mname in list(plan.hooked):
+        parent, _, local = mname.rpartition(".")
+        if mname and parent not in plan.hooked:
+            rule = rule_for(named_modules[parent]) if parent in named_modules else None
+            if rule is not None and local in rule.owned_children and rule.covers(named_modules[parent]) is None:
+                plan.hooked[parent], plan.rules[parent] = named_modules[parent], rule
+                plan.report.setdefault(parent, {})
+                plan.batch_dims[parent] = _batch_dim(parent, seq)
     return plan
+
+
+def _batch_dim(mname: str, seq: set) -> int:
+    parts = mname.split(".") if mname else []
+    return int(any(".".join(parts[:i]) in seq for i in range(len(parts) + 1)))
 
 
 @dataclass
@@ -165,6 +179,9 @@ class Record:
     batch_dim: int
     input_shape: tuple
     edge: object = None
+    #: ``(offset, width)``: this call's output fills columns ``offset:offset+d_out`` of a
+    #: ``width``-wide ``Δ`` (zeros elsewhere), e.g. the q / k / v parts of an attention in-projection.
+    place: tuple[int, int] | None = None
 
 
 class Session:
@@ -175,6 +192,33 @@ class Session:
         self.plan, self.B, self.mode, self.probes = plan, batch_size, mode, probes
         self.records: list[Record] = []
 
+    def record(self, name: str, stored: torch.Tensor, output: torch.Tensor, batch_dim: int,
+               input_shape: tuple, place: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Record one factored call of module ``name``; returns the tensor the model must continue
+        with instead of ``output`` (``None``: ``output`` itself)."""
+        rec = Record(name, stored, output, batch_dim, tuple(input_shape), place=place)
+        new = None
+        if self.mode == "functional":
+            i = len(self.records)
+            if i >= len(self.probes) or self.probes[i].shape != output.shape:
+                raise GradientCollectionError(
+                    f"module '{name}' was called differently than in the structure pass (call {i}, "
+                    f"output {tuple(output.shape)}); the model's control flow must not depend on "
+                    "parameter values")
+            new = rec.output = output + self.probes[i]
+        else:
+            if not output.requires_grad:
+                raise GradientCollectionError(
+                    f"module '{name}' ({type(self.plan.hooked.get(name)).__name__}) produced an output that "
+                    "does not require grad; is it run under torch.no_grad() inside the model?")
+            rec.edge = get_gradient_edge(output)
+        self.records.append(rec)
+        return new
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """What a rule stores of a layer input: detached, except in functional mode."""
+        return x if self.mode == "functional" else x.detach()
+
     def hook(self, name: str):
         module, rule, bd = self.plan.hooked[name], self.plan.rules[name], self.plan.batch_dims[name]
 
@@ -184,37 +228,24 @@ class Session:
             if _ACTIVE.get() is not self:
                 return None     # another call's forward (other thread, or plain inference)
             kwargs, output = (rest[0], rest[1]) if len(rest) == 2 else ({}, rest[0])
+            if rule.replaces_forward:
+                return rule.forward_again(self, name, mod, args, kwargs)
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() <= bd:
                 raise GradientCollectionError(
                     f"module '{name}' ({type(mod).__name__}) was called with input "
                     f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__} and returned "
                     f"{type(output).__name__}; its rule needs a batched tensor input and a tensor output")
-            new = None
+            expanded = None
             if x.shape[bd] == 1 and self.B > 1 and output.dim() > bd and output.shape[bd] == 1:
                 # Called on one row that the model broadcasts over the batch (e.g. position ids (1, T)):
                 # continue with the output expanded to B rows, whose gradients are per example.
                 x = x.expand(x.shape[:bd] + (self.B,) + x.shape[bd + 1:])
-                new = output = output.expand(output.shape[:bd] + (self.B,) + output.shape[bd + 1:])
+                expanded = output = output.expand(output.shape[:bd] + (self.B,) + output.shape[bd + 1:])
             rule.verify(mod, x, output, name)
-            stored = rule.capture(mod, (x if self.mode == "functional" else x.detach()).movedim(bd, 0))
-            rec = Record(name, stored, output, bd, tuple(x.shape))
-            if self.mode == "functional":
-                i = len(self.records)
-                if i >= len(self.probes) or self.probes[i].shape != output.shape:
-                    raise GradientCollectionError(
-                        f"module '{name}' was called differently than in the structure pass (call {i}, "
-                        f"output {tuple(output.shape)}); the model's control flow must not depend on "
-                        "parameter values")
-                new = rec.output = output + self.probes[i]
-            else:
-                if not output.requires_grad:
-                    raise GradientCollectionError(
-                        f"module '{name}' ({type(mod).__name__}) produced an output that does not "
-                        "require grad; is it run under torch.no_grad() inside the model?")
-                rec.edge = get_gradient_edge(output)
-            self.records.append(rec)
-            return new
+            stored = rule.capture(mod, self.keep(x).movedim(bd, 0))
+            new = self.record(name, stored, output, bd, x.shape)
+            return expanded if new is None else new
         return fn
 
     def check_batch(self, B: int) -> None:

@@ -78,6 +78,9 @@ def assemble(plan: Plan, records, deltas, dense: dict[str, torch.Tensor], losses
         if d is None:
             d = torch.zeros_like(r.output)
         d = rule.backprop(m, d.movedim(r.batch_dim, 0))
+        if r.place is not None:
+            offset, width = r.place
+            d = torch.nn.functional.pad(d, (offset, width - offset - d.shape[-1]))
         d = rule.finish(m, r.stored, d.detach() if detach else d)
         a_list, d_list = per_module.setdefault(r.name, ([], []))
         a_list.append(r.stored)

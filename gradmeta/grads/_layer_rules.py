@@ -261,3 +261,86 @@ class GroupNormRule(ElementwiseAffineRule):
 
     def backprop(self, module, grad_output):
         return grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).transpose(1, 2)
+
+
+class _ConvTransposeRule(BilinearRule):
+    """Transposed convolution ``weight (C_in, C_out, *k)``: example gradient
+    ``Σ_l x_l u_lᵀ`` with ``x_l`` the input at position ``l`` and ``u_l`` the patch of the *output
+    gradient* that position ``l`` wrote to (``F.unfold`` of ``Δ`` with the layer's stride, padding and
+    dilation). The bias, ``Σ_positions δ``, is one extra token ``(0, 1)`` whose ``Δ`` row holds it in
+    ``C_out`` extra columns: the stored pair is ``A (B, L_in [+1], C_in [+1])`` and
+    ``Δ (B, L_in [+1], C_out·k [+ C_out])``, and the weight/bias blocks of ``Σ_t Δ_t A_tᵀ`` are the
+    gradients (the other blocks are exactly zero)."""
+
+    dims = 2
+    has_kfac = False
+
+    def covers(self, module):
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only 'zeros' is factored)"
+        if module.groups != 1:
+            return "groups > 1 (not factored for transposed convolutions)"
+        if any(op >= s for op, s in zip(module.output_padding, module.stride)):
+            return "output_padding >= stride"
+        return None
+
+    def _spatial(self, module):
+        if self.dims == 1:
+            return ((1,) + module.kernel_size, (0,) + module.padding, (1,) + module.dilation, (1,) + module.stride)
+        return module.kernel_size, module.padding, module.dilation, module.stride
+
+    def capture(self, module, x):
+        a = x.flatten(2).transpose(1, 2)                                   # (B, L_in, C_in)
+        if module.bias is None:
+            return a
+        a = F.pad(a, (0, 1))
+        extra = a.new_zeros(a.shape[0], 1, a.shape[2])
+        extra[..., -1] = 1
+        return torch.cat([a, extra], dim=1)
+
+    def backprop(self, module, grad_output):
+        g = grad_output.unsqueeze(-2) if self.dims == 1 else grad_output
+        kernel, pad, dil, stride = self._spatial(module)
+        u = F.unfold(g, kernel, dilation=dil, padding=pad, stride=stride).transpose(1, 2)   # (B, L_in, C_out·k)
+        if module.bias is None:
+            return u
+        C_out = grad_output.shape[1]
+        u = F.pad(u, (0, C_out))
+        extra = F.pad(grad_output.flatten(2).sum(-1), (u.shape[-1] - C_out, 0)).unsqueeze(1)
+        return torch.cat([u, extra], dim=1)
+
+    def _pair(self, f):
+        return f._inputs, f.backprops
+
+    def _to_params(self, f, g, lead):
+        C_in, C_out = f.param_shapes["weight"][:2]
+        Ok = math.prod(f.param_shapes["weight"][1:])
+        w = g[..., :Ok, :C_in].reshape(lead + f.param_shapes["weight"][1:] + (C_in,))
+        out = {"weight": w.movedim(-1, len(lead))}
+        if "bias" in f.param_shapes:
+            out["bias"] = g[..., Ok:, C_in]
+        return {k: v for k, v in out.items() if k in f.param_names}
+
+    def _masked_pair(self, f):
+        a, d = self._pair(f)
+        C_in = f.param_shapes["weight"][0]
+        if "weight" not in f.param_names:
+            a = a[..., C_in:]
+        elif "bias" in f.param_shapes and "bias" not in f.param_names:
+            a = a[..., :C_in]
+        return a, d
+
+
+@register_rule(nn.ConvTranspose2d)
+class ConvTranspose2dRule(_ConvTransposeRule):
+    summary = ("inputs `(B, H·W [+1], C_in [+1])`, unfolded output-gradient patches `(B, H·W [+1], "
+               "C_out·kh·kw [+ C_out])` (bias as one extra token); stride, padding, dilation, "
+               "output_padding; groups = 1")
+    dims = 2
+
+
+@register_rule(nn.ConvTranspose1d)
+class ConvTranspose1dRule(_ConvTransposeRule):
+    summary = ("inputs `(B, L [+1], C_in [+1])`, unfolded output-gradient patches `(B, L [+1], "
+               "C_out·k [+ C_out])` (bias as one extra token); stride, padding, dilation, output_padding; groups = 1")
+    dims = 1

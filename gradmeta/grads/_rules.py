@@ -78,6 +78,18 @@ class FactorRule:
     has_kfac = False
     #: ``activations`` are the stored inputs themselves (so ``GradientSet.map_factors`` may replace them).
     dense_inputs = True
+    #: The module's parameters are used functionally inside its forward, so module hooks cannot see
+    #: them: during capture the hook recomputes the call through ``forward_again`` (same function,
+    #: in a form whose intermediate tensors are recorded) and the model continues with its result.
+    replaces_forward = False
+    #: Names of child modules whose parameters this module uses functionally (their own hooks never
+    #: fire; ``forward_again`` records their calls under the child's name).
+    owned_children: tuple[str, ...] = ()
+
+    def forward_again(self, session, name: str, module: nn.Module, args: tuple, kwargs: dict):
+        """Recompute ``module(*args, **kwargs)``, recording factored calls with ``session.record``;
+        returns the output the model continues with."""
+        raise NotImplementedError
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise ``GradientCollectionError`` if this module's configuration can give no correct
@@ -200,4 +212,5 @@ class DenseRule(FactorRule):
 
 
 # Concrete layer rules register themselves on import.
-from . import _layer_rules  # noqa: E402,F401
+from . import _layer_rules  # noqa: E402,F401,I001
+from . import _attention_rule  # noqa: E402,F401

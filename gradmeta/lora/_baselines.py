@@ -19,16 +19,9 @@ from torch import Tensor, nn
 from gradmeta.nn import singular_value_features
 
 from ._canonical import procrustes_align
-from ._models import AdapterInput, AdapterModel, Pairs
+from ._models import AdapterInput, AdapterModel, Pairs, mlp_head
 
 __all__ = ["FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer"]
-
-
-def _mlp(d_in: int, hidden: int, out: int, depth: int = 2) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(hidden, out))
 
 
 def _pad(X: Tensor, r: int, name: str, model: str) -> Tensor:
@@ -47,7 +40,7 @@ class FactorMLP(AdapterModel):
         super().__init__(shapes, out_dim)
         self.kwargs.update(max_rank=max_rank, hidden=hidden)
         self.max_rank = max_rank
-        self.mlp = _mlp(max_rank * sum(n + m for n, m in self.shapes.values()), hidden, out_dim)
+        self.mlp = mlp_head(max_rank * sum(n + m for n, m in self.shapes.values()), hidden, out_dim)
 
     def forward_pairs(self, pairs: Pairs) -> Tensor:
         name = type(self).__name__
@@ -61,7 +54,7 @@ class DenseMLP(AdapterModel):
     def __init__(self, shapes, out_dim: int = 1, *, hidden: int = 128):
         super().__init__(shapes, out_dim)
         self.kwargs.update(hidden=hidden)
-        self.mlp = _mlp(sum(n * m for n, m in self.shapes.values()), hidden, out_dim)
+        self.mlp = mlp_head(sum(n * m for n, m in self.shapes.values()), hidden, out_dim)
 
     def forward_pairs(self, pairs: Pairs) -> Tensor:
         return self.mlp(torch.cat([(U @ V.transpose(-1, -2)).flatten(-2) for U, V in pairs.values()], -1))
@@ -74,7 +67,7 @@ class SVDMLP(AdapterModel):
         super().__init__(shapes, out_dim)
         self.kwargs.update(k=k, hidden=hidden)
         self.k = k
-        self.mlp = _mlp(k * len(self.names), hidden, out_dim)
+        self.mlp = mlp_head(k * len(self.names), hidden, out_dim)
 
     def forward_pairs(self, pairs: Pairs) -> Tensor:
         return self.mlp(torch.cat([singular_value_features(U, V, self.k) for U, V in pairs.values()], -1))

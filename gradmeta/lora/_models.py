@@ -14,7 +14,7 @@ from .._io import safe_torch_load
 from ._adapter import Adapter
 from ._dataset import stack_factors
 
-__all__ = ["AdapterModel", "GLNet", "Pairs", "MODELS", "save_model", "load_model"]
+__all__ = ["AdapterModel", "GLNet", "mlp_head", "Pairs", "MODELS", "save_model", "load_model"]
 
 #: ``{module: (U (N, n, r), V (N, m, r))}`` with ``scale`` folded into ``U`` (see :func:`stack_factors`).
 Pairs = dict[str, tuple[Tensor, Tensor]]
@@ -93,48 +93,76 @@ class AdapterModel(nn.Module):
         raise NotImplementedError
 
 
-class GLNet(AdapterModel):
-    """``GL(r)^L``-invariant model on adapters, built from :class:`gradmeta.nn.FactorPairNet`.
+def mlp_head(d_in: int, hidden: int, out: int, depth: int = 2) -> nn.Sequential:
+    """``depth`` times (Linear, GELU), then a Linear to ``out``: the head of :class:`SVDMLP` and of
+    GLNet's spectral path (built the same way, so one seed gives both the same initial weights)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, out))
 
-    Per module, row-side equivariant maps on ``(U, V)`` with the sign-gated GL nonlinearity, an
-    invariant ``U Vᵀ`` head on the learned ``h × h`` sketch ``W_U ΔW W_Vᵀ`` and the top-``svd_k``
-    singular values; an MLP on their concatenation. In parallel, an MLP on the exact top-``sv_k``
-    singular values of every module's ``U Vᵀ`` (QR route, ``O((n + m) r²)``: the input of
-    :class:`SVDMLP`) whose output is added, so spectral properties are as easy for GLNet as for
-    the singular-value baseline. Rank-agnostic: any ``r``, and zero-padded rank columns do not
-    change the output.
+
+class GLNet(AdapterModel):
+    """``GL(r)^L``-invariant model on adapters: an exact spectral path plus an equivariant residual.
+
+    * **Spectral path** (the main one): an MLP on the exact top-``sv_k`` singular values of every
+      module's ``U Vᵀ`` (QR of ``U`` and ``V``, then an SVD of the small ``r × r`` product:
+      ``O((n + m) r²)``) -- the input and head of :class:`SVDMLP`, built first, so that under one
+      seed its initial weights equal SVDMLP's.
+    * **Equivariant residual** (``residual=True``): :class:`gradmeta.nn.FactorPairNet` -- per
+      module, row-side equivariant maps on ``(U, V)`` with the sign-gated GL nonlinearity, an
+      invariant ``U Vᵀ`` head on the learned ``h × h`` sketch ``W_U ΔW W_Vᵀ`` and its own top-
+      ``svd_k`` singular values -- added through a scalar gate that starts at zero, so the model
+      starts as the spectral MLP and learns what the spectrum misses (singular vectors).
+
+    ``residual=False`` is the spectral path alone: same function and, with the same seed and
+    training loop, the same trained model as :class:`SVDMLP` (tested); ``sv_k=0`` is the
+    equivariant network alone. Which of the three (:data:`VARIANTS`) a dataset needs is a
+    model-selection question, answered on a validation split by :func:`gradmeta.lora.train` (and
+    by the ``lora_predict`` task), never on the test set; the spectral path alone wins ties, so
+    the selected GLNet never validates worse than the singular-value baseline.
+
+    Input ``{module: (U (N, n, r), V (N, m, r))}`` (or adapters) -> ``(N, out_dim)``. Invariant to
+    ``(U, V) -> (U R, V R⁻ᵀ)`` for any ``R ∈ GL(r)`` per module; rank-agnostic (any ``r``;
+    zero-padded rank columns do not change the output).
 
     Args:
         shapes, out_dim: see :class:`AdapterModel`.
         hidden, channels, depth, svd_k, mlp_hidden: those of :class:`gradmeta.nn.FactorPairNet`.
-        sv_k: singular values per module of the parallel branch (0: no branch, the model of
+        sv_k: singular values per module of the spectral path (0: no spectral path, the model of
             checkpoints saved before it existed); sv_hidden: its MLP width.
+        residual: include the equivariant residual.
     """
 
+    #: The variants model selection chooses from (kwargs on top of the user's), ties to the first.
+    VARIANTS = {"spectral": {"residual": False}, "spectral+equivariant": {"residual": True},
+                "equivariant": {"sv_k": 0, "residual": True}}
+
     #: kwargs of checkpoints saved before they existed (see :func:`load_model`).
-    LEGACY_KWARGS = {"sv_k": 0}
+    LEGACY_KWARGS = {"sv_k": 0, "residual": True}
 
     def __init__(self, shapes: dict[str, tuple[int, int]], out_dim: int = 1, *, hidden: int = 8,
                  channels: int = 4, depth: int = 2, svd_k: int = 4, mlp_hidden: int = 64, sv_k: int = 16,
-                 sv_hidden: int = 128):
+                 sv_hidden: int = 128, residual: bool = True):
         super().__init__(shapes, out_dim)
+        if not sv_k and not residual:
+            raise ValueError("GLNet: sv_k = 0 and residual = False leave nothing to compute")
         self.kwargs.update(hidden=hidden, channels=channels, depth=depth, svd_k=svd_k, mlp_hidden=mlp_hidden,
-                           sv_k=sv_k, sv_hidden=sv_hidden)
-        self.body = FactorPairNet(self.shapes, out_dim, hidden=hidden, channels=channels, depth=depth,
-                                  svd_k=svd_k, mlp_hidden=mlp_hidden)
-        self.sv_k = sv_k
-        if sv_k:
-            self.sv_mlp = nn.Sequential(nn.Linear(sv_k * len(self.names), sv_hidden), nn.GELU(),
-                                        nn.Linear(sv_hidden, sv_hidden), nn.GELU(), nn.Linear(sv_hidden, out_dim))
-            # the equivariant branch enters through a gate that starts at zero: the model starts as the
-            # singular-value MLP and adds what the spectrum misses
-            self.gate = nn.Parameter(torch.zeros(()))
+                           sv_k=sv_k, sv_hidden=sv_hidden, residual=bool(residual))
+        self.sv_k, self.residual = sv_k, bool(residual)
+        if sv_k:  # first: its initial weights are SVDMLP's under the same seed
+            self.sv_mlp = mlp_head(sv_k * len(self.names), sv_hidden, out_dim)
+        if residual:
+            self.body = FactorPairNet(self.shapes, out_dim, hidden=hidden, channels=channels, depth=depth,
+                                      svd_k=svd_k, mlp_hidden=mlp_hidden)
+            if sv_k:
+                self.gate = nn.Parameter(torch.zeros(()))
 
     def forward_pairs(self, pairs: Pairs) -> Tensor:
         if not self.sv_k:
             return self.body(pairs)
-        sv = torch.cat([singular_value_features(*pairs[k], self.sv_k) for k in self.names], -1)
-        return self.gate * self.body(pairs) + self.sv_mlp(sv)
+        out = self.sv_mlp(torch.cat([singular_value_features(*pairs[k], self.sv_k) for k in self.names], -1))
+        return out + self.gate * self.body(pairs) if self.residual else out
 
 
 def save_model(net: AdapterModel, path: str | os.PathLike, **extra) -> Path:

@@ -172,7 +172,12 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     ``patience`` epochs without a better validation loss; the best epoch's weights are kept); the
     one with the best validation score (R² averaged over targets, or accuracy) is returned and, with
     ``out``, saved as ``out/model.pt`` (for :func:`predict` / ``gradmeta lora predict``) with
-    ``out/metrics.json``. Regression targets are standardised on the training split.
+    ``out/metrics.json``. Regression targets are standardised on the training split. GLNet (unless
+    ``model_kwargs`` fixes ``residual`` or ``sv_k``) is trained in each of its
+    :data:`GLNet.VARIANTS` -- the exact singular-value path alone, with the equivariant residual,
+    the equivariant network alone -- and the best on validation is kept
+    (``scores["GLNet"]["variant"]``; the spectral path alone wins ties), so it never validates
+    worse than its singular-value path, which is :class:`SVDMLP`.
 
     Args:
         adapters: a folder of adapters (see :class:`LoraDataset`) or a dataset.
@@ -210,20 +215,31 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     else:
         info["classes"] = classes
     scores, history, best = {}, {}, None
+    score = (lambda sc: sc["accuracy"]) if task == "classification" else (lambda sc: sc["r2"])
     for name in names:
-        torch.manual_seed(seed)
         kw = dict((model_kwargs or {}).get(name, {}))
         if name in _FLAT:
             kw.setdefault("max_rank", max(ds.max_ranks))
-        net = MODELS[name](shapes, len(classes) if classes else len(cols), **kw).fit_input_scale(_index(pairs, tr))
-        if name == "ProcrustesMLP":
-            net.fit_template(_index(pairs, tr[:1]))
-        net, sc, curve = _fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  weight_decay=weight_decay, patience=patience, seed=seed, device=device)
+        variants = {"": {}}
+        if name == "GLNet" and not {"residual", "sv_k"} & set(kw):
+            variants = MODELS[name].VARIANTS  # the spectral path alone first: it wins ties
+        fits = []
+        for extra in variants.values():
+            torch.manual_seed(seed)
+            net = MODELS[name](shapes, len(classes) if classes else len(cols), **kw, **extra)
+            net.fit_input_scale(_index(pairs, tr))
+            if name == "ProcrustesMLP":
+                net.fit_template(_index(pairs, tr[:1]))
+            fits.append(_fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 weight_decay=weight_decay, patience=patience, seed=seed, device=device))
+        best_i = max(range(len(fits)), key=lambda i: score(fits[i][1]))  # first of equal scores
+        net, sc, curve = fits[best_i]
+        if len(variants) > 1:  # GLNet: which paths the data needs, decided on validation
+            sc = {**sc, "variant": list(variants)[best_i],
+                  "variants": {v: score(f[1]) for v, f in zip(variants, fits)}}
         scores[name], history[name] = sc, curve
-        key = sc["accuracy"] if task == "classification" else sc["r2"]
-        if best is None or key > best[0]:
-            best = (key, name, net)
+        if best is None or score(sc) > best[0]:
+            best = (score(sc), name, net)
     result = TrainResult(best[2], best[1], scores, info, train_paths=[ds.paths[i] for i in tr.tolist()],
                          val_paths=[ds.paths[i] for i in va.tolist()], history=history)
     if out is not None:

@@ -12,6 +12,7 @@ from ._factor_pair import (FactorPairHead, FactorPairLinear, FactorPairNet, GLGa
 from ._inputs import NeuronLayout
 from ._models import GradMetaNet, GradMetaNetPlusPlus, PooledGradMetaNet
 from ._spec import LayerMap, Space, SymmetrySpec, SymmetrySpecError, register_spec, symmetry_spec
+from . import _torch_spec  # noqa: E402,F401  (registers nn.TransformerEncoder(Layer) specs)
 
 __all__ = ["symmetry_spec", "register_spec", "SymmetrySpec", "Space", "LayerMap", "SymmetrySpecError", "NeuronLayout",
            "GradMetaNet", "PooledGradMetaNet", "GradMetaNetPlusPlus", "SetNeuronLayer", "DataPool", "NeuronDeepSets",

@@ -230,7 +230,8 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
     """Derive the neuron-permutation symmetry of ``model``.
 
     Supported: classes registered with :func:`register_spec` (e.g. ``gradmeta.models.GPT``; Hugging
-    Face ``GPT2LMHeadModel`` and ``LlamaForCausalLM``, see ``gradmeta.nn._hf_spec``) and
+    Face ``GPT2LMHeadModel`` and ``LlamaForCausalLM``, see ``gradmeta.nn._hf_spec``; torch's
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder``, see ``gradmeta.nn._torch_spec``) and
     MLPs (``nn.Sequential`` or any module whose traced forward is a chain of ``nn.Linear`` and
     elementwise activations). Anything else raises ``SymmetrySpecError`` saying what failed; write
     a ``SymmetrySpec`` by hand (``SymmetrySpec.chain`` for custom MLPs) and pass it as ``spec=`` to

@@ -130,3 +130,40 @@ def test_glnet_singular_value_branch_and_legacy_checkpoints(adapters, tmp_path):
     assert back.sv_k == 0
     x = [ad.to(torch.float32) for ad in adapters]
     torch.testing.assert_close(back(x), old(x))
+
+
+def test_glnet_spectral_path_is_svdmlp_and_residual_starts_at_zero(adapters):
+    """Under one seed, GLNet(residual=False) is SVDMLP (same init, same trained weights and outputs);
+    the full GLNet starts as that function (zero gate) and stays exactly GL(r)-invariant."""
+    from gradmeta._training import minibatch_train
+
+    a = [x.to(torch.float64) for x in adapters]
+    y = torch.linspace(-1, 1, len(a), dtype=torch.float64)[:, None]
+
+    def trained(cls, **kw):
+        torch.manual_seed(0)
+        net = cls.for_adapter(a[0], **kw).double().fit_input_scale(a)
+        pairs = net.pairs(a)
+        minibatch_train(net, lambda i: ((net.forward_pairs({k: (U[i], V[i]) for k, (U, V) in pairs.items()})
+                                         - y[i]) ** 2).mean(), len(a), epochs=3, batch_size=4, lr=1e-2, seed=0,
+                        optimizer="adamw", weight_decay=1e-4)
+        return net.eval()
+
+    svd, spectral = trained(lora.SVDMLP), trained(lora.GLNet, residual=False)
+    assert not hasattr(spectral, "body")
+    for p, q in zip(svd.mlp.parameters(), spectral.sv_mlp.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(svd(a), spectral(a))
+    torch.manual_seed(0)
+    full = lora.GLNet.for_adapter(a[0]).double().fit_input_scale(a)
+    torch.manual_seed(0)
+    fresh_svd = lora.SVDMLP.for_adapter(a[0]).double().fit_input_scale(a)
+    assert float(full.gate.detach()) == 0.0 and torch.equal(full(a), fresh_svd(a))
+    with torch.no_grad():
+        full.gate.fill_(0.7)
+    ref = full(a)
+    assert rel(ref, fresh_svd(a)) > 1e-3  # the residual now contributes ...
+    assert rel(full([gl_all(x, seed=i) for i, x in enumerate(a)]), ref) < 1e-8  # ... and is GL(r)-invariant
+    torch.testing.assert_close(full([x.pad_rank(12) for x in a]), ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        lora.GLNet.for_adapter(a[0], sv_k=0, residual=False)

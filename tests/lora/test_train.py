@@ -35,6 +35,10 @@ def test_train_selects_on_validation_and_predicts(labelled, tmp_path):
     assert set(res.scores) == {"GLNet", "SVDMLP"}
     assert res.name == max(res.scores, key=lambda k: res.scores[k]["r2"])
     assert res.scores["SVDMLP"]["r2"] > 0.5  # a norm is a function of the singular values
+    g = res.scores["GLNet"]  # both GLNet variants trained; the better on validation kept
+    assert set(g["variants"]) == set(lora.GLNet.VARIANTS) and g["r2"] == max(g["variants"].values())
+    assert g["variants"][g["variant"]] == g["r2"]
+    assert g["variants"]["spectral"] == res.scores["SVDMLP"]["r2"]  # the spectral path alone is SVDMLP
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert saved["selected"] == res.name and saved["n_train"] + saved["n_val"] == 40
     rows = lora.predict(res.path, [labelled / "adapters" / "ad0", labelled / "adapters" / "ad1"])
@@ -60,6 +64,10 @@ def test_cli_train_predict_classification(labelled, tmp_path, capsys):
                        str(labelled / "adapters" / "ad3"))
     row = json.loads(out)[0]
     assert rc == 0 and row["size"] in ("big", "small") and row["p_big"] + row["p_small"] == pytest.approx(1)
+    rc, out, err = run(capsys, "lora", "train", "--adapters", str(labelled / "adapters"), "--labels",
+                       str(labelled / "labels.csv"), "--target", "lognorm", "--model", "glnet,svd", "--epochs", "3",
+                       "--out", str(tmp_path / "g"))
+    assert rc == 0 and "GLNet" in out and "variant " in out, err
 
 
 def _one_line_error(rc, err):

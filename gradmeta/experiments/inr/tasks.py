@@ -40,7 +40,8 @@ DEFAULTS = {
     "editor": {"features": ["weights", "probing", "gradients"], "channels": 16, "layers": 2, "aux_channels": 4,
                "set_layers": 2, "num_coords": 64, "probe_grid": 8, "product": "gelu", "grad_grid": 0,
                "grad_target": 0.0, "aux_zero_init": False},
-    "train": {"steps": Range(300, low=1), "batch_size": Range(32, low=1), "lr": Range(3e-3, low=0, low_open=True)},
+    "train": {"steps": Range(300, low=1), "batch_size": Range(32, low=1), "lr": Range(3e-3, low=0, low_open=True),
+              "smoothness": Range(0.0, low=0)},
 }
 
 
@@ -100,7 +101,7 @@ def inr_editing(run: Run) -> dict:
         s_train, s_test, _ = sets.get(kind, (None, None, 0.0))
         t = spec["train"]
         hist = fit_editor(ed, train.params, y_train, steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
-                            seed=seed, sets=s_train)
+                            seed=seed, sets=s_train, smoothness=t["smoothness"])
         mse = evaluate_editor(ed, test.params, y_test, sets=s_test)
         state["results"][key] = {"mse": mse.mean().item(), "train_seconds": hist["seconds"]}
         state["losses"][key] = hist["loss"]

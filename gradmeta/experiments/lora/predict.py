@@ -1,24 +1,32 @@
 """Task ``lora_predict``: learn properties of finetuned models from their LoRA adapters alone.
 
-Reads a zoo made by ``lora_zoo`` (``<zoo>/adapters`` and ``<zoo>/labels.csv``), splits it, trains
-every model in ``models`` for every seed, and reports on the held-out adapters:
+Reads a zoo (``<zoo>/adapters`` and ``<zoo>/labels.csv``, from ``lora_zoo``, ``lora_llama_zoo`` or
+``lora_char_lm_zoo``), splits it, trains every model in ``models`` for every seed, and reports on
+the held-out adapters:
 
 * ``target = "accuracy"`` / ``"loss"``: regression of ``test_acc`` / ``log(test_loss)`` (the loss
   spans orders of magnitude: diverged finetunes reach 10⁴), standardised MSE; metrics ``r2`` (on
   that scale) and Kendall ``tau`` (tau-b). Every model's predictions are clipped to the range of
   the training targets (a model should not extrapolate a bounded property such as an accuracy
   beyond what it has seen); ``r2_raw`` / ``mse_raw`` are the metrics before clipping;
-* ``target = "membership"``: which classes the adapter was finetuned on (``class_*``, multi-label
-  BCE); metric ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
+* ``target = "membership"``: which classes (or sources) the adapter was finetuned on (every 0 / 1
+  column starting with ``membership_prefix``: ``class_*``, ``src_*``; multi-label BCE); metric
+  ``label_acc`` (mean per-label accuracy) and ``exact`` (all labels right);
 * any other ``target``: a numeric column of the labels CSV (``labels``, default ``<zoo>/labels.csv``),
-  as regression with the same metrics as ``accuracy`` (used by the ``lora_llama_zoo`` tasks).
+  as regression with the same metrics as ``accuracy`` (``lognorm``, ``eval_loss``, ...).
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
+GLNet's variant (exact singular-value path alone, with the equivariant residual, or the
+equivariant network alone) is the one with the lowest loss on a held-out share
+(``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`); for a rank
+split with several training ranks, optionally on those of the largest training rank
+(``glnet_val = "largest_rank"``).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
-base model + the digits test set), from disk and in memory. The GLNet of the first seed is saved
-as ``glnet.pt`` for ``gradmeta lora predict``.
+base model + the evaluation that made the label: the digits test set, or every source's
+evaluation windows of the char-LM zoo), from disk and in memory. The GLNet of the first seed is
+saved as ``glnet.pt`` for ``gradmeta lora predict``.
 """
 from __future__ import annotations
 
@@ -36,19 +44,20 @@ import torch.nn.functional as F
 from gradmeta._training import minibatch_train
 from gradmeta.specs import OneOf, Range, Required, register_task
 
-from gradmeta.lora import MODELS, AdapterModel, LoraDataset, save_model, stack_factors
+from gradmeta.lora import MODELS, AdapterModel, GLNet, LoraDataset, save_model, stack_factors
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
 
 __all__ = ["lora_predict", "PREDICT_DEFAULTS", "TARGETS", "regression_metrics", "membership_metrics",
-           "kendall_tau", "train_model", "measure_speed", "results_table"]
+           "kendall_tau", "train_model", "fit_glnet_selected", "measure_speed", "zoo_evaluator", "results_table"]
 
 TARGETS = {"accuracy": ["test_acc"], "loss": ["test_loss"], "membership": [f"class_{c}" for c in range(10)]}
 
 PREDICT_DEFAULTS = {
     "zoo": Required(str, "run folder of a lora_zoo run (holds adapters/ and labels.csv)"),
     "target": "accuracy",  # one of TARGETS, or any numeric column of the labels (regression)
+    "membership_prefix": "class_",  # target "membership": every label column starting with this (0 / 1)
     "labels": "",  # labels CSV; default <zoo>/labels.csv
     "split": OneOf("random", ("random", "rank")),
     "test_fraction": Range(0.2, low=0, high=1, low_open=True, high_open=True),
@@ -59,6 +68,12 @@ PREDICT_DEFAULTS = {
     "seeds": [Range(0, low=0), 1, 2],
     "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
     "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
+    # GLNet's variant (spectral / spectral+equivariant / equivariant) is chosen on this share of the
+    # training adapters (trained on the rest), then retrained on all of them. 0: spectral+equivariant.
+    "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
+    # "largest_rank": with split = "rank" and two or more train_ranks, GLNet's variant is chosen on the
+    # adapters of the largest training rank (trained on the smaller ones), a rank shift like the test's
+    "glnet_val": OneOf("random", ("random", "largest_rank")),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -115,6 +130,44 @@ def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int,
     return net.eval()
 
 
+def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fraction: float, train: dict,
+                       on_epoch=None, held_out: list[int] | None = None) -> tuple[AdapterModel, dict]:
+    """Train the :data:`GLNet.VARIANTS <gradmeta.lora.GLNet.VARIANTS>` variant that validates best.
+
+    ``build(variant kwargs) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held
+    out; every variant (spectral path alone, with the equivariant residual, equivariant alone) is
+    trained on the rest (same seed and loop) and scored by ``loss_fn`` on it; the one with the
+    lowest loss (the first, the spectral path alone, on ties) is rebuilt and trained on every
+    training adapter. ``val_fraction = 0``: no selection, the spectral path with the residual.
+    ``held_out``: explicit validation rows instead of the random share (e.g. the adapters of the
+    largest training rank, so that the validation sees a rank shift as the test does). Returns ``(model, {"variant": name, "val_loss_<variant>": ...})``.
+    """
+    variants = GLNet.VARIANTS
+    chosen, info = "spectral+equivariant", {}
+    if val_fraction > 0 or held_out:
+        n = y.shape[0]
+        if held_out:
+            va = torch.tensor(sorted(set(held_out)))
+            fit = torch.tensor([i for i in range(n) if i not in set(held_out)])
+            if not len(fit):
+                raise ValueError("fit_glnet_selected: held_out leaves no adapter to train on")
+        else:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed))
+            n_val = min(max(1, int(round(val_fraction * n))), n - 1)
+            va, fit = perm[:n_val].sort().values, perm[n_val:].sort().values
+        for name, kw in variants.items():
+            torch.manual_seed(seed)
+            net = build(kw).fit_input_scale(_index(pairs, fit))
+            train_model(net, _index(pairs, fit), y[fit], loss_fn, seed=seed, **train)
+            with torch.no_grad():
+                info[f"val_loss_{name}"] = float(loss_fn(net(_index(pairs, va)), y[va]))
+        chosen = min(variants, key=lambda v: info[f"val_loss_{v}"])  # first of equal losses
+    torch.manual_seed(seed)
+    net = build(variants[chosen]).fit_input_scale(pairs)
+    train_model(net, pairs, y, loss_fn, seed=seed, on_epoch=on_epoch, **train)
+    return net, {"variant": chosen, **info}
+
+
 def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]]:
     ranks = [max(a.ranks.values()) for a in ds.adapters]
     if spec["split"] == "rank":
@@ -125,25 +178,22 @@ def _split(ds: LoraDataset, spec: dict, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
 
-def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path) -> dict[str, float]:
-    """Seconds per adapter to predict vs to evaluate it on the digits test set, side by side.
+def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], base: torch.nn.Module,
+                  evaluate_fn) -> dict[str, float]:
+    """Seconds per adapter to predict a property vs to evaluate the adapted model, side by side.
 
-    ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net`` vs PEFT ``from_pretrained`` +
-    test-set forward); ``*_mem_s``: adapters already in memory, one at a time (``net`` vs merging
-    ``W + ΔW`` + test-set forward); ``predict_batch_s``: ``net`` on all of them in one batch.
+    ``evaluate_fn(model)`` runs the evaluation that defines the label (e.g. the test set or every
+    source's evaluation windows). ``*_disk_s``: from the adapter folder (``load_adapter`` + ``net``
+    vs PEFT ``from_pretrained`` on a copy of ``base`` + ``evaluate_fn``); ``*_mem_s``: adapters
+    already in memory, one at a time (``net`` vs merging ``W + ΔW`` into a copy of ``base`` +
+    ``evaluate_fn``); ``predict_batch_s``: ``net`` on all of them in one batch (median of 5 calls).
     """
     from peft import PeftModel
 
-    from gradmeta.data import load_digits
-
     from gradmeta.lora import load_adapter
-    from .zoo import evaluate, load_base
 
-    te = load_digits("test", seed=0)
-    X, y = te.flat(), te.labels
-    base = load_base(zoo / "base.pt")
     paths = [ds.paths[i] for i in idx]
-    out = {}
+    out = {"n_adapters": len(paths)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = time.perf_counter()
@@ -151,9 +201,8 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
             net(load_adapter(p))
         out["predict_disk_s"] = (time.perf_counter() - t) / len(paths)
         t = time.perf_counter()
-        for p in paths:  # evaluate from disk: PEFT load on the base model, forward the test set
-            pm = PeftModel.from_pretrained(copy.deepcopy(base), str(p))
-            evaluate(pm, X, y)
+        for p in paths:  # evaluate from disk: PEFT load on the base model, run the evaluation
+            evaluate_fn(PeftModel.from_pretrained(copy.deepcopy(base), str(p)))
         out["evaluate_disk_s"] = (time.perf_counter() - t) / len(paths)
         ads = [ds.adapters[i] for i in idx]
         t = time.perf_counter()
@@ -161,21 +210,43 @@ def measure_speed(net: AdapterModel, ds: LoraDataset, idx: list[int], zoo: Path)
             net(a)
         out["predict_mem_s"] = (time.perf_counter() - t) / len(ads)
         t = time.perf_counter()
-        for a in ads:  # in memory: merge W + ΔW, forward the test set
+        for a in ads:  # in memory: merge W + ΔW, run the evaluation
             model = copy.deepcopy(base)
             for name, f in a.items():
-                model.get_submodule(name).weight += f.delta()
-            evaluate(model, X, y)
+                model.get_submodule(name).weight += f.delta().to(model.get_submodule(name).weight.dtype)
+            evaluate_fn(model)
         out["evaluate_mem_s"] = (time.perf_counter() - t) / len(ads)
         pairs = stack_factors(ads)
         net(pairs)  # warm-up
-        t = time.perf_counter()
-        net(pairs)  # in memory, all adapters in one batch
-        out["predict_batch_s"] = (time.perf_counter() - t) / len(ads)
+        times = []
+        for _ in range(5):  # in memory, all adapters in one batch; the median of 5 calls
+            t = time.perf_counter()
+            net(pairs)
+            times.append(time.perf_counter() - t)
+        out["predict_batch_s"] = sorted(times)[2] / len(ads)
     out["speedup_disk"] = out["evaluate_disk_s"] / out["predict_disk_s"]
     out["speedup_mem"] = out["evaluate_mem_s"] / out["predict_mem_s"]
     out["speedup_batch"] = out["evaluate_mem_s"] / out["predict_batch_s"]
     return out
+
+
+def zoo_evaluator(zoo: Path, target: str):
+    """``(base model, evaluate_fn)`` that produces the zoo's labels, or ``None`` when unknown: the
+    char-LM zoo (``lm_base.pt``: every source's evaluation windows) or the digits zoo (``base.pt``,
+    targets accuracy / loss / membership: the digits test set)."""
+    from .char_lm_zoo import LM_BASE, evaluate_sources, load_lm_base
+    from .zoo import evaluate, load_base
+
+    if (zoo / LM_BASE).exists():
+        base, ckpt = load_lm_base(zoo / LM_BASE)
+        return base, lambda model: evaluate_sources(model, ckpt)
+    if target in TARGETS and (zoo / "base.pt").exists():
+        from gradmeta.data import load_digits
+
+        te = load_digits("test", seed=0)
+        X, y = te.flat(), te.labels
+        return load_base(zoo / "base.pt"), lambda model: evaluate(model, X, y)
+    return None
 
 
 @register_task("lora_predict", defaults=PREDICT_DEFAULTS)
@@ -189,6 +260,11 @@ def lora_predict(run: Run) -> dict:
                                     f"gradmeta run tasks/lora_zoo.toml --out {zoo}")
     ds = LoraDataset(zoo / "adapters", labels)
     cols = TARGETS.get(spec["target"], [spec["target"]])
+    if spec["target"] == "membership":
+        cols = [c for c in ds.labels[0] if c.startswith(spec["membership_prefix"])]
+        if not cols:
+            raise run.spec_error("membership_prefix", f"no column of {labels} starts with "
+                                                      f"{spec['membership_prefix']!r} (columns: {sorted(ds.labels[0])})")
     if any(c not in ds.labels[0] for c in cols):
         raise run.spec_error("target", f"{spec['target']!r} is neither one of {sorted(TARGETS)} nor a column of "
                                        f"{labels} (columns: {sorted(ds.labels[0])})")
@@ -204,6 +280,7 @@ def lora_predict(run: Run) -> dict:
     summary: dict = {}
     history: dict = {}
     per_seed: dict[str, list[dict]] = {}
+    first_seed: dict = {}  # regression: {model: (predictions, targets)} of the first seed, for the figure
     shapes = ds.adapters[0].shapes
     total = len(spec["seeds"]) * len(spec["models"])
     bar = run.progress(total, desc="lora_predict")
@@ -220,32 +297,48 @@ def lora_predict(run: Run) -> dict:
         y_lo, y_hi = y_tr.min(0).values, y_tr.max(0).values  # predictions are clipped to this range
         loss_fn = F.mse_loss if regression else F.binary_cross_entropy_with_logits
         for name in spec["models"]:
-            torch.manual_seed(seed)
-            net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
-            if name == "ProcrustesMLP":
-                net.fit_template(_index(p_tr, [0]))
-            curve = []
+            curve, chosen = [], {}
             t0 = time.perf_counter()
-            train_model(net, p_tr, (y_tr - mu) / sd, loss_fn, seed=seed,
-                        on_epoch=lambda e, l: curve.append(l), **spec["train"])
+            if name == "GLNet" and spec["glnet"]["sv_k"]:
+                build = lambda kw: _build(name, shapes, len(cols), spec["max_rank"], {**spec["glnet"], **kw})
+                held = None
+                if (spec["glnet_val"] == "largest_rank" and spec["split"] == "rank"
+                        and len(set(spec["train_ranks"])) > 1):
+                    top = max(spec["train_ranks"])
+                    held = [j for j, i in enumerate(tr) if max(ds.adapters[i].ranks.values()) == top]
+                net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,
+                                                 spec["glnet_val_fraction"], spec["train"], held_out=held,
+                                                 on_epoch=lambda e, l: curve.append(l))
+            else:
+                torch.manual_seed(seed)
+                net = _build(name, shapes, len(cols), spec["max_rank"], spec["glnet"]).fit_input_scale(p_tr)
+                if name == "ProcrustesMLP":
+                    net.fit_template(_index(p_tr, [0]))
+                train_model(net, p_tr, (y_tr - mu) / sd, loss_fn, seed=seed,
+                            on_epoch=lambda e, l: curve.append(l), **spec["train"])
             train_s = time.perf_counter() - t0
             with torch.no_grad():
                 out = net(p_te)
             if regression:
                 pred = out[:, 0] * sd + mu
+                if seed == spec["seeds"][0]:
+                    first_seed[name] = (pred.clamp(y_lo, y_hi).detach(), y_te[:, 0])
                 m = regression_metrics(pred.clamp(y_lo, y_hi), y_te[:, 0])
                 m.update({f"{k}_raw": v for k, v in regression_metrics(pred, y_te[:, 0]).items() if k != "tau"})
             else:
                 m = membership_metrics(out, y_te)
             m["train_s"] = train_s
+            for v in (GLNet.VARIANTS if chosen else ()):  # mean over seeds: share that chose it
+                m[f"variant_{v}"] = float(chosen["variant"] == v)
             per_seed.setdefault(name, []).append(m)
             history[f"{name}/seed{seed}"] = {"epoch": list(range(len(curve))), "train_loss": curve}
             if seed == spec["seeds"][0] and name == "GLNet":
                 save_model(net, run.out / "glnet.pt", targets=cols, target_mean=torch.as_tensor(mu).flatten(),
                            target_std=torch.as_tensor(sd).flatten(), target_min=y_lo.flatten(),
                            target_max=y_hi.flatten(), regression=regression)
-                if spec["speed"]["enabled"] and spec["target"] in TARGETS:  # needs the digits base model
-                    speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], zoo)
+                evaluator = zoo_evaluator(zoo, spec["target"]) if spec["speed"]["enabled"] else None
+                if evaluator is not None:  # the base model and evaluation behind the labels are known
+                    speed = measure_speed(net, ds, te[:spec["speed"]["n_adapters"]], *evaluator)
                     summary.update({f"speed/{k}": v for k, v in speed.items()})
             bar.update(1)
     bar.close()
@@ -255,20 +348,27 @@ def lora_predict(run: Run) -> dict:
             summary[f"{name}/{key}_mean"] = vals.mean().item()
             summary[f"{name}/{key}_std"] = vals.std().item() if len(ms) > 1 else 0.0
     summary.update(n_train=len(tr), n_test=len(te), n_seeds=len(spec["seeds"]))
-    return {"summary": summary, "history": history, "plots": [], "step": total, "total_steps": total}
+    plots = []
+    if first_seed:
+        from .plots import prediction_figure
+
+        plots.append(run.save_figure(prediction_figure(first_seed, spec["target"], spec["seeds"][0]),
+                                     "predicted_vs_true.png"))
+    return {"summary": summary, "history": history, "plots": plots, "step": total, "total_steps": total}
 
 
 def results_table(run_dirs: dict[str, str | Path]) -> str:
     """Markdown table (model × task, ``mean ± std`` over seeds) from ``lora_predict`` run folders.
 
-    ``run_dirs``: ``{column title: run folder}``; each column shows ``r2`` and ``tau`` (regression)
-    or ``label_acc`` (membership) from that folder's ``metrics.json``.
+    ``run_dirs``: ``{column title: run folder or a copy of its metrics.json}``; each column shows
+    ``r2`` and ``tau`` (regression) or ``label_acc`` (membership).
     """
     import json
 
     cols, models = [], []
     for title, d in run_dirs.items():
-        s = json.loads((Path(d) / "metrics.json").read_text())["summary"]
+        f = Path(d) if Path(d).suffix == ".json" else Path(d) / "metrics.json"
+        s = json.loads(f.read_text())["summary"]
         for m in (k.split("/")[0] for k in s if k.endswith("_mean")):
             if m not in models:
                 models.append(m)

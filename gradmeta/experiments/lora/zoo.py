@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
     from gradmeta.run import Run
 
 __all__ = ["lora_zoo", "lora_llama_zoo", "LLAMA_ZOO_DEFAULTS", "ZOO_DEFAULTS", "zoo_hyperparameters", "load_base", "evaluate", "train_base",
-           "finetune_adapter", "write_labels_csv"]
+           "finetune_adapter", "write_labels_csv", "build_adapters"]
 
 ZOO_DEFAULTS = {
     "seed": Range(0, low=0),
@@ -141,28 +141,59 @@ def finetune_adapter(base: torch.nn.Module, hp: dict, X: torch.Tensor, y: torch.
     return _train_adam(pm, Xs, ys, lr=hp["lr"], steps=hp["steps"], batch_size=batch_size, seed=hp["seed"])
 
 
-def write_labels_csv(adapters_dir: Path, out: Path, num_classes: int) -> int:
-    """Collect every ``adapters/*/labels.json`` into ``labels.csv`` (atomically); returns the row count."""
+def write_labels_csv(adapters_dir: Path, out: Path, columns: int | list[str]) -> int:
+    """Collect every ``adapters/*/labels.json`` into ``labels.csv`` (atomically); returns the row count.
+
+    ``columns``: the CSV columns, or (digits zoo) the number of classes, which gives its columns.
+    """
     rows = []
     for d in sorted(adapters_dir.iterdir()) if adapters_dir.exists() else []:
         f = d / "labels.json"
         if f.exists():
             rows.append(json.loads(f.read_text()))
-    cols = ["adapter", "test_acc", "test_loss", "subset_acc", *[f"class_{c}" for c in range(num_classes)],
-            "lr", "steps", "rank", "alpha", "dropout", "n_classes", "train_seconds"]
+    if isinstance(columns, int):
+        columns = ["adapter", "test_acc", "test_loss", "subset_acc", *[f"class_{c}" for c in range(columns)],
+                   "lr", "steps", "rank", "alpha", "dropout", "n_classes", "train_seconds"]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write(out, lambda fh: fh.write(buf.getvalue()), mode="w")
     return len(rows)
 
 
+def build_adapters(run: Run, n: int, build_one, desc: str) -> dict:
+    """The resumable, sharded loop of a zoo: ``build_one(i, folder) -> labels row`` for every adapter
+    ``i < n`` of this process (``i ≡ RANK (mod WORLD_SIZE)``) whose ``adapters/<i:05d>/labels.json``
+    does not exist yet; that file is written last (atomically), so an interrupted adapter is rebuilt.
+    Stops early at the run's ``max_steps``. Returns ``{"built_this_process", "rank", "world_size",
+    "wall_s_this_process", "adapters_per_s_this_process"}``."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    adir = run.out / "adapters"
+    adir.mkdir(exist_ok=True)
+    mine = [i for i in range(n) if i % world == rank]
+    todo = [i for i in mine if not (adir / f"{i:05d}" / "labels.json").exists()]
+    done_before = len(mine) - len(todo)
+    bar = run.progress(len(mine), initial=done_before, desc=f"{desc}[{rank}/{world}]")
+    t0, built = time.perf_counter(), 0
+    for i in todo:
+        if run.should_stop(done_before + built):
+            break
+        folder = adir / f"{i:05d}"
+        row = build_one(i, folder)
+        atomic_write(folder / "labels.json", lambda f: f.write(json.dumps(row)), mode="w")
+        built += 1
+        bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - t0
+    return {"built_this_process": built, "rank": rank, "world_size": world, "wall_s_this_process": round(wall, 2),
+            "adapters_per_s_this_process": round(built / wall, 3) if built and wall > 0 else None}
+
+
 @register_task("lora_zoo", defaults=ZOO_DEFAULTS)
 def lora_zoo(run: Run) -> dict:
     """LoRA zoo: real PEFT adapters of a digits MLP over lr/steps/rank/alpha/dropout/class subsets."""
     spec = run.spec
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     X, y, Xte, yte = _digits(spec["seed"])
     C = spec["base"]["widths"][-1]
     base_path = run.out / "base.pt"
@@ -173,39 +204,25 @@ def lora_zoo(run: Run) -> dict:
         base = train_base(b["widths"], b["steps"], b["lr"], b["batch_size"], spec["seed"])
         atomic_write(base_path, lambda f: torch.save({"widths": b["widths"], "state_dict": base.state_dict()}, f))
     base_eval = evaluate(base, Xte, yte)
-    adir = run.out / "adapters"
-    adir.mkdir(exist_ok=True)
-    n = spec["n_adapters"]
-    mine = [i for i in range(n) if i % world == rank]
-    todo = [i for i in mine if not (adir / f"{i:05d}" / "labels.json").exists()]
-    done_before = len(mine) - len(todo)
-    bar = run.progress(len(mine), initial=done_before, desc=f"lora_zoo[{rank}/{world}]")
-    t0, built = time.perf_counter(), 0
-    for i in todo:
-        if run.should_stop(done_before + built):
-            break
+
+    def build_one(i: int, folder: Path) -> dict:
         hp = zoo_hyperparameters(spec, i, C)
         ts = time.perf_counter()
         pm = finetune_adapter(base, hp, X, y, spec["finetune"]["batch_size"])
         train_s = time.perf_counter() - ts
         ev = evaluate(pm, Xte, yte, hp["classes"])
-        folder = adir / f"{i:05d}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm.save_pretrained(str(folder))
-        row = {"adapter": f"{i:05d}", "test_acc": ev["acc"], "test_loss": ev["loss"], "subset_acc": ev["subset_acc"],
-               **{f"class_{c}": int(c in hp["classes"]) for c in range(C)},
-               **{k: hp[k] for k in ("lr", "steps", "rank", "alpha", "dropout")}, "n_classes": len(hp["classes"]),
-               "train_seconds": round(train_s, 4)}
-        atomic_write(folder / "labels.json", lambda f: f.write(json.dumps(row)), mode="w")
-        built += 1
-        bar.update(1)
-    bar.close()
-    wall = time.perf_counter() - t0
-    total_done = write_labels_csv(adir, run.out / "labels.csv", C)
-    summary = {"adapters_done": total_done, "n_adapters": n, "built_this_process": built, "rank": rank,
-               "world_size": world, "wall_s_this_process": round(wall, 2),
-               "adapters_per_s_this_process": round(built / wall, 3) if built and wall > 0 else None,
+        return {"adapter": folder.name, "test_acc": ev["acc"], "test_loss": ev["loss"], "subset_acc": ev["subset_acc"],
+                **{f"class_{c}": int(c in hp["classes"]) for c in range(C)},
+                **{k: hp[k] for k in ("lr", "steps", "rank", "alpha", "dropout")}, "n_classes": len(hp["classes"]),
+                "train_seconds": round(train_s, 4)}
+
+    n = spec["n_adapters"]
+    info = build_adapters(run, n, build_one, "lora_zoo")
+    total_done = write_labels_csv(run.out / "adapters", run.out / "labels.csv", C)
+    summary = {"adapters_done": total_done, "n_adapters": n, **info,
                "base_test_acc": base_eval["acc"], "base_test_loss": base_eval["loss"]}
     return {"summary": summary, "history": {}, "plots": [], "step": total_done, "total_steps": n}
 

@@ -38,6 +38,8 @@ def test_predict_accuracy_all_models(zoo_run, tmp_path):
         assert f"{name}/r2_mean" in s and f"{name}/tau_mean" in s
         assert f"{name}/r2_raw_mean" in s and f"{name}/mse_raw_mean" in s  # before clipping to the training range
     assert s["speed/predict_disk_s"] > 0 and s["speed/evaluate_disk_s"] > 0
+    assert json.loads((out / "metrics.json").read_text())["plots"] == ["predicted_vs_true.png"]
+    assert (out / "predicted_vs_true.png").stat().st_size > 1000
     net, extra = lora.load_model(out / "glnet.pt")
     assert isinstance(net, lora.GLNet) and extra["targets"] == ["test_acc"] and extra["regression"]
 
@@ -129,3 +131,73 @@ def test_training_loop_is_bitwise_the_old_loop(name):
     assert curves[0] == curves[1] and [e for e, _ in curves[0]] == [0, 1, 2]
     assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
     assert not nets[0].training
+
+
+def test_glnet_variant_selected_on_inner_validation(zoo_run):
+    """fit_glnet_selected keeps the variant with the lowest held-out training loss; the spectral
+    variant it refits on every training adapter is exactly SVDMLP trained the same way."""
+    from gradmeta.experiments.lora.predict import fit_glnet_selected, train_model
+
+    _, zoo = zoo_run
+    ds = lora.LoraDataset(zoo / "adapters", zoo / "labels.csv")
+    pairs = lora.stack_factors(list(ds.adapters), rank=4)
+    y = ds.label_tensor(["test_acc"])
+    y = (y - y.mean()) / y.std()
+    shapes = ds.adapters[0].shapes
+    train = {"epochs": 3, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4}
+    mse = torch.nn.functional.mse_loss
+    build = lambda kw: lora.GLNet(shapes, 1, **kw)
+    net, info = fit_glnet_selected(build, pairs, y, mse, 0, 0.25, train)
+    losses = {v: info[f"val_loss_{v}"] for v in lora.GLNet.VARIANTS}
+    assert info["variant"] == min(losses, key=losses.get)
+    assert (net.sv_k > 0, net.residual) == {"spectral": (True, False), "spectral+equivariant": (True, True),
+                                            "equivariant": (False, True)}[info["variant"]]
+    forced, _ = fit_glnet_selected(lambda kw: build({"residual": False}), pairs, y, mse, 0, 0.0, train)
+    torch.manual_seed(0)
+    svd = lora.SVDMLP(shapes, 1).fit_input_scale(pairs)
+    train_model(svd, pairs, y, mse, seed=0, **train)
+    with torch.no_grad():
+        assert torch.equal(forced(pairs), svd(pairs))
+    assert fit_glnet_selected(build, pairs, y, mse, 0, 0.0, train)[1] == {"variant": "spectral+equivariant"}
+
+
+def test_results_table_from_run_folders_and_json_copies(tmp_path):
+    from gradmeta.experiments.lora.predict import results_table
+
+    reg = {"summary": {"GLNet/r2_mean": 0.9, "GLNet/r2_std": 0.01, "GLNet/tau_mean": 0.8, "GLNet/tau_std": 0.02,
+                       "SVDMLP/r2_mean": 0.7, "SVDMLP/r2_std": 0.03, "SVDMLP/tau_mean": 0.6, "SVDMLP/tau_std": 0.0}}
+    mem = {"summary": {"GLNet/label_acc_mean": 0.95, "GLNet/label_acc_std": 0.005}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(reg))
+    (tmp_path / "mem.json").write_text(json.dumps(mem))
+    lines = results_table({"acc": tmp_path / "run", "member": tmp_path / "mem.json"}).splitlines()
+    assert lines[0] == "| model | acc r2 | acc tau | member label_acc |"
+    assert lines[2] == "| GLNet | 0.900 ± 0.010 | 0.800 ± 0.020 | 0.950 ± 0.005 |"
+    assert lines[3] == "| SVDMLP | 0.700 ± 0.030 | 0.600 ± 0.000 | - |"
+
+
+def test_glnet_selection_on_explicit_held_out_rows(zoo_run):
+    """held_out (the largest training rank under a rank split) replaces the random share: the
+    spectral variant's validation loss equals SVDMLP trained on the other rows, scored on those."""
+    from gradmeta.experiments.lora.predict import _index, fit_glnet_selected, train_model
+
+    _, zoo = zoo_run
+    ds = lora.LoraDataset(zoo / "adapters", zoo / "labels.csv")
+    pairs = lora.stack_factors(list(ds.adapters), rank=4)
+    y = ds.label_tensor(["test_acc"])
+    y = (y - y.mean()) / y.std()
+    held = [i for i, a in enumerate(ds.adapters) if a["0"].rank == 4]
+    fit = [i for i in range(len(ds)) if i not in held]
+    assert held and fit
+    train = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4}
+    mse = torch.nn.functional.mse_loss
+    shapes = ds.adapters[0].shapes
+    _, info = fit_glnet_selected(lambda kw: lora.GLNet(shapes, 1, **kw), pairs, y, mse, 0, 0.2, train, held_out=held)
+    torch.manual_seed(0)
+    svd = lora.SVDMLP(shapes, 1).fit_input_scale(_index(pairs, fit))
+    train_model(svd, _index(pairs, fit), y[fit], mse, seed=0, **train)
+    with torch.no_grad():
+        assert info["val_loss_spectral"] == float(mse(svd(_index(pairs, held)), y[held]))
+    with pytest.raises(ValueError, match="no adapter to train on"):
+        fit_glnet_selected(lambda kw: lora.GLNet(shapes, 1, **kw), pairs, y, mse, 0, 0.2, train,
+                           held_out=list(range(len(ds))))

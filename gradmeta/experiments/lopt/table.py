@@ -1,0 +1,184 @@
+"""Task ``lopt_table``: the step-reduction table of several meta-trained learned optimizers.
+
+Reads ``lopt_meta_train`` run folders ``<runs_root>/<row>_s<seed>`` (one per row of ``rows`` and
+meta-training seed of ``meta_seeds``; a folder that is missing or not complete is listed under
+``missing`` and left out of its row), then trains on the same held-out initialisation ``seeds``
+and the same batches:
+
+* Adam tuned over ``adam_lrs`` (best mean test loss over the seeds): the reference;
+* SGD with momentum tuned over ``sgdm_lrs`` × ``sgdm_momenta``;
+* every learned optimizer, with its run's meta-parameters.
+
+Step reduction (per evaluation seed) = steps tuned Adam needs to reach its best test loss ÷ steps
+the optimizer needs to reach that loss (0 when it never does), with test losses every
+``eval_every`` steps. A learned row's figure is the mean over its meta-training seeds of the mean
+over evaluation seeds, ± the std over meta-training seeds (Adam, SGDM: ± the std over evaluation
+seeds). Writes ``table.md`` (markdown) and
+``curves.png`` (mean test-loss curves) besides ``metrics.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from gradmeta._io import atomic_write
+from gradmeta.lopt import ADAM_LRS, SGDM_LRS, adam, learned_curves, sgdm, step_reduction, train_curves
+from gradmeta.specs import Range, register_task
+
+from .tasks import _TASK, _POS, _from_run, _nonempty, _task
+
+if TYPE_CHECKING:
+    from gradmeta.run import Run
+
+__all__ = ["lopt_table", "TABLE_DEFAULTS", "GMN_SUFFIX"]
+
+#: A row labelled ``"<X> + GradMetaNet"`` is compared with the row labelled ``"<X>"``.
+GMN_SUFFIX = " + GradMetaNet"
+
+TABLE_DEFAULTS = {
+    "threads": Range(1, low=0),
+    "inner": _TASK,
+    "runs_root": "runs",
+    "rows": [""],  # run-folder stems, e.g. "lopt_fmnist" for runs_root/lopt_fmnist_s0 ...
+    "labels": [""],  # one per row, e.g. "DS"; "<X> + GradMetaNet" rows are compared with "<X>"
+    "meta_seeds": [Range(0, low=0), 1, 2],
+    "seeds": [Range(1, low=0), 2, 3, 4, 5],
+    "steps": Range(1000, low=1),
+    "eval_every": Range(25, low=1),
+    "data_seed": Range(0, low=0),
+    "adam_lrs": [Range(x, **_POS) for x in ADAM_LRS],
+    "sgdm_lrs": [Range(x, **_POS) for x in SGDM_LRS],
+    "sgdm_momenta": [Range(0.9, low=0, high=1, high_open=True)],
+    "targets": {"gmn_ratio": Range(1.2, **_POS), "best": Range(1.6, **_POS)},
+}
+
+
+def _best(test: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(test, nan=float("inf")).min(-1).values
+
+
+def _stats(per_meta: list[torch.Tensor]) -> dict:
+    """``{mean, std}`` over meta-training seeds of the means over evaluation seeds; ``per_meta``: a
+    list of ``(S,)``. With one entry (a hand-designed optimizer) the std is over evaluation seeds."""
+    means = torch.stack([x.mean() for x in per_meta])
+    spread = means if len(means) > 1 else per_meta[0]
+    return {"mean": float(means.mean()), "std": float(spread.std()) if len(spread) > 1 else 0.0,
+            "std_over": "meta-training seeds" if len(means) > 1 else "evaluation seeds",
+            "per_meta_seed": means.tolist()}
+
+
+def _row(name: str, tests: list[torch.Tensor], ref: torch.Tensor, steps_t: torch.Tensor, meta_seeds: list) -> dict:
+    red = [step_reduction(ref, t, steps_t) for t in tests]
+    return {"label": name, "meta_seeds": meta_seeds, "step_reduction": _stats(red),
+            "best_test_loss": _stats([_best(t) for t in tests]), "final_test_loss": _stats([t[:, -1] for t in tests]),
+            "per_seed_step_reduction": [r.tolist() for r in red]}
+
+
+def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
+    """The GradMetaNet-vs-base ratios and the best row against the targets."""
+    by = {r["label"]: r["step_reduction"]["mean"] for r in rows if r["meta_seeds"]}
+    out = {"gmn_vs_base": {}}
+    for label, v in by.items():
+        base = label[:-len(GMN_SUFFIX)] if label.endswith(GMN_SUFFIX) else None
+        if base in by:
+            ratio = v / by[base] if by[base] > 0 else float("inf")
+            out["gmn_vs_base"][label] = {"ratio": ratio, "target": gmn_ratio, "met": ratio >= gmn_ratio}
+    learned = {k: v for k, v in by.items() if k not in ("Adam (tuned)",)}
+    if learned:
+        top = max(learned, key=learned.get)
+        out["best_row"] = {"label": top, "step_reduction": learned[top], "target": best, "met": learned[top] >= best}
+    return out
+
+
+def _markdown(rows: list[dict], summary: dict) -> str:
+    lines = ["| optimizer | step reduction vs tuned Adam | best test loss | final test loss | meta-training seeds |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if not r["meta_seeds"] and r["label"] not in ("Adam (tuned)", "SGDM (tuned)"):
+            lines.append(f"| {r['label']} | not run | | | none |")
+            continue
+        f = lambda k: f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"  # noqa: E731
+        lines.append(f"| {r['label']} | {r['step_reduction']['mean']:.2f} ± {r['step_reduction']['std']:.2f} | "
+                     f"{f('best_test_loss')} | {f('final_test_loss')} | "
+                     f"{', '.join(map(str, r['meta_seeds'])) if r['meta_seeds'] else '—'} |")
+    t = summary["targets"]
+    lines.append("")
+    for label, g in t["gmn_vs_base"].items():
+        lines.append(f"- {label} vs without GradMetaNet: {g['ratio']:.2f}× (target ≥ {g['target']}×: "
+                     f"{'met' if g['met'] else 'not met'})")
+    if "best_row" in t:
+        b = t["best_row"]
+        lines.append(f"- best row {b['label']}: {b['step_reduction']:.2f} (target ≥ {b['target']}: "
+                     f"{'met' if b['met'] else 'not met'})")
+    return "\n".join(lines) + "\n"
+
+
+@register_task("lopt_table", defaults=TABLE_DEFAULTS)
+def lopt_table(run: Run) -> dict:
+    """Evaluate the learned optimizers of ``rows`` × ``meta_seeds`` against tuned Adam and SGDM."""
+    s = run.spec
+    _nonempty(run, "seeds", "adam_lrs", "sgdm_lrs", "sgdm_momenta")
+    rows, labels = [r for r in s["rows"] if r], [lab for lab in s["labels"] if lab]
+    if len(rows) != len(labels):
+        raise run.spec_error("labels", f"one label per row: {len(rows)} rows, {len(labels)} labels")
+    task = _task(run)
+    seeds, steps, every, ds = s["seeds"], s["steps"], s["eval_every"], s["data_seed"]
+    folders = {(r, m): Path(s["runs_root"]) / f"{r}_s{m}" for r in rows for m in s["meta_seeds"]}
+    done = {k: f for k, f in folders.items() if _complete(f)}
+    bar = run.progress(2 + len(done), desc="lopt_table")
+    a = train_curves(task, adam, torch.tensor(s["adam_lrs"]), seeds, steps, every, ds)
+    j = int(_best(a["test_loss"]).mean(-1).argmin())
+    ref, steps_t = a["test_loss"][j], a["eval_steps"]
+    bar.update(1)
+    sg = [train_curves(task, lambda lr, mu=mu: sgdm(lr, mu), torch.tensor(s["sgdm_lrs"]), seeds, steps, every, ds)
+          for mu in s["sgdm_momenta"]]
+    sg_all = torch.cat([c["test_loss"] for c in sg])  # (M·L, S, E), momentum-major
+    k = int(_best(sg_all).mean(-1).argmin())
+    sgdm_lr, sgdm_mu = s["sgdm_lrs"][k % len(s["sgdm_lrs"])], s["sgdm_momenta"][k // len(s["sgdm_lrs"])]
+    bar.update(1)
+    out_rows = [_row("Adam (tuned)", [ref], ref, steps_t, []), _row("SGDM (tuned)", [sg_all[k]], ref, steps_t, [])]
+    curves = {f"Adam lr={s['adam_lrs'][j]:g} (tuned)": ref, f"SGDM lr={sgdm_lr:g} μ={sgdm_mu:g} (tuned)": sg_all[k]}
+    for r, label in zip(rows, labels):
+        tests, metas = [], []
+        for m in s["meta_seeds"]:
+            if (r, m) not in done:
+                continue
+            lo, meta = _from_run(str(done[(r, m)]), task)
+            tests.append(learned_curves(task, lo, meta, seeds, steps, every, ds)["test_loss"][0])
+            metas.append(m)
+            bar.update(1)
+        out_rows.append(_row(label, tests, ref, steps_t, metas) if tests else
+                        {"label": label, "meta_seeds": [], "run_stem": r})
+        out_rows[-1]["run_stem"] = r
+        if tests:
+            curves[f"{label} ({len(tests)} meta-seeds)"] = torch.cat(tests)
+    bar.close()
+    summary = {"adam_lr": s["adam_lrs"][j], "sgdm_lr": sgdm_lr, "sgdm_momentum": sgdm_mu, "seeds": list(seeds),
+               "steps": steps, "eval_every": every, "task": task.name,
+               "missing": sorted(str(f) for k, f in folders.items() if k not in done)}
+    summary["targets"] = _targets([r for r in out_rows if "step_reduction" in r], **s["targets"])
+    summary["rows"] = {r["label"]: {k: r[k] for k in ("step_reduction", "best_test_loss", "final_test_loss", "meta_seeds")}
+                       for r in out_rows if "step_reduction" in r}
+    md = _markdown([r if "step_reduction" in r else {**r, "meta_seeds": []} for r in out_rows], summary)
+    if run.writer:
+        atomic_write(run.out / "table.md", lambda f: f.write(md), mode="w")
+    from .plots import plot_curves
+
+    plots = [run.save_figure(plot_curves({k: (steps_t, v) for k, v in curves.items()},
+                                         f"{task.name}: test loss, mean ± std over seeds"), "curves.png")]
+    history = {"curves": {"step": steps_t.tolist(), **{k: v.mean(0).tolist() for k, v in curves.items()}},
+               "rows": out_rows}
+    return {"step": steps, "total_steps": steps, "summary": summary, "history": history, "plots": plots,
+            "table_markdown": md}
+
+
+def _complete(folder: Path) -> bool:
+    """A ``lopt_meta_train`` run folder whose ``metrics.json`` says ``complete``."""
+    import json
+
+    try:
+        return json.loads((folder / "metrics.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,80 @@
+"""The Fashion-MNIST learned-optimizer table: driver + specs end to end on generated IDX files."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradmeta.experiments.lopt.table import _targets
+from gradmeta.lopt import step_reduction
+from tests.data.conftest import write_idx
+
+ROOT = Path(__file__).resolve().parents[3]
+LABELS = ["DS", "DS + GradMetaNet", "UNF", "UNF + GradMetaNet"]
+TINY = ["inner.batch_size=8", "outer.iterations=2", "outer.particles=2", "outer.truncation=2", "outer.horizon=4",
+        "eval.steps=4", "eval.every=2", "eval.eval_every=2", "optimizer.hidden=8", "optimizer.examples=4",
+        "checkpoint_every=1"]
+
+
+def _fake_fashion(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 24)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=True)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), gz=True)
+
+
+@pytest.mark.slow  # eight meta-training subprocesses
+def test_driver_meta_trains_every_row_and_writes_the_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lopt_fmnist_table as driver
+
+    data, runs, res = tmp_path / "fmnist", tmp_path / "runs", tmp_path / "results"
+    _fake_fashion(data)
+    table_set = [f'inner.data_root="{data}"', "inner.batch_size=8", "steps=10", "eval_every=5", "seeds=[1,2]",
+                 "adam_lrs=[0.01,0.05]", "sgdm_lrs=[0.05,0.2]", "sgdm_momenta=[0.5,0.9]"]
+    args = ["--meta-seeds", "0", "1", "--runs-root", str(runs), "--results", str(res), "--name", "t",
+            *[a for o in [f'inner.data_root="{data}"', *TINY] for a in ("--set", o)],
+            *[a for o in table_set for a in ("--table-set", o)]]
+    assert driver.main(args) == 0
+    m = json.loads((res / "t.json").read_text())
+    s = m["summary"]
+    assert s["task"] == "fashion_mnist8_mlp" and s["missing"] == [] and s["steps"] == 10
+    assert set(s["rows"]) == {"Adam (tuned)", "SGDM (tuned)", *LABELS}
+    for label in LABELS:
+        assert s["rows"][label]["meta_seeds"] == [0, 1]
+        assert s["rows"][label]["step_reduction"]["mean"] >= 0
+    assert s["rows"]["Adam (tuned)"]["step_reduction"]["mean"] == 1.0  # the reference against itself
+    assert s["rows"]["Adam (tuned)"]["best_test_loss"]["std_over"] == "evaluation seeds"
+    assert s["rows"]["DS"]["best_test_loss"]["std_over"] == "meta-training seeds"
+    assert set(s["targets"]["gmn_vs_base"]) == {"DS + GradMetaNet", "UNF + GradMetaNet"}
+    assert len(m["meta_training_wall_s"]) == 8 and all(w > 0 for w in m["meta_training_wall_s"].values())
+    # the step reductions are those of the recorded curves
+    rows = {r["label"]: r for r in m["history"]["rows"]}
+    steps = torch.tensor(m["history"]["curves"]["step"])
+    assert steps.tolist() == [0, 5, 10]
+    md = (res / "t.md").read_text()
+    assert all(f"| {label} |" in md for label in LABELS) and (res / "t.png").stat().st_size > 0
+    assert len(rows["DS"]["per_seed_step_reduction"]) == 2 and len(rows["DS"]["per_seed_step_reduction"][0]) == 2
+    # a missing meta-training seed is listed and leaves the row to the others (evaluation only)
+    assert driver.main([*args, "--skip-train", "--meta-seeds", "0", "1", "2"]) == 0
+    s2 = json.loads((res / "t.json").read_text())["summary"]
+    assert len(s2["missing"]) == 4 and s2["rows"]["DS"]["meta_seeds"] == [0, 1]
+    assert s2["rows"]["DS"]["step_reduction"] == s["rows"]["DS"]["step_reduction"]  # deterministic
+
+
+def test_targets_pair_each_gradmetanet_row_with_its_base():
+    row = lambda label, v: {"label": label, "meta_seeds": [0], "step_reduction": {"mean": v}}  # noqa: E731
+    t = _targets([row("Adam (tuned)", 1.0), row("DS", 1.0), row("DS + GradMetaNet", 1.3), row("UNF", 1.5),
+                  row("UNF + GradMetaNet", 1.6)], gmn_ratio=1.2, best=1.6)
+    assert t["gmn_vs_base"]["DS + GradMetaNet"]["met"] and t["gmn_vs_base"]["DS + GradMetaNet"]["ratio"] == pytest.approx(1.3)
+    assert not t["gmn_vs_base"]["UNF + GradMetaNet"]["met"]
+    assert t["best_row"] == {"label": "UNF + GradMetaNet", "step_reduction": 1.6, "target": 1.6, "met": True}
+
+
+def test_step_reduction_of_the_reference_is_one_and_of_a_slower_curve_below():
+    steps = torch.tensor([0, 5, 10, 15])
+    ref = torch.tensor([[2.0, 1.0, 0.5, 0.6]])
+    assert step_reduction(ref, ref, steps).item() == 1.0
+    assert step_reduction(ref, torch.tensor([[2.0, 1.5, 0.9, 0.5]]), steps).item() == pytest.approx(10 / 15)

@@ -1,0 +1,61 @@
+"""GradMetaNet on torch's nn.TransformerEncoder(Layer): permuting the real module's FFN units and
+per-head q/k and v/o dims by the derived spec leaves its function unchanged, and the network's
+outputs are exactly invariant / equivariant (float64, 1e-10)."""
+import pytest
+import torch
+from torch import nn
+
+import gradmeta as gm
+from gradmeta.nn import GradMetaNet, symmetry_spec
+from tests.nn.conftest import nontrivial_perms, permuted_model
+
+
+def mse(out, y):
+    return (out - y).pow(2).sum((1, 2))
+
+
+def _encoder(kind, norm_first):
+    layer = nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, batch_first=True, norm_first=norm_first)
+    if kind == "layer":
+        return layer.double().eval()
+    return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(6) if norm_first else None,
+                                 enable_nested_tensor=False).double().eval()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("kind", ["layer", "encoder"])
+def test_equivariance_on_torch_transformer(kind, norm_first):
+    torch.manual_seed(0)
+    model = _encoder(kind, norm_first)
+    spec = symmetry_spec(model)
+    assert not spec.space("resid").permutable
+    x, y = torch.randn(4, 5, 6, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64)
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    pad[1, -1] = True
+    inputs = {"src": x, "src_key_padding_mask": pad}
+    perms = nontrivial_perms(spec, torch.Generator().manual_seed(3))
+    pm = permuted_model(model, spec, perms)
+    assert any(not torch.equal(a, b) for a, b in zip(pm.parameters(), model.parameters()))
+    torch.testing.assert_close(pm(**inputs), model(**inputs), atol=1e-10, rtol=0)
+    gs = gm.collect_gradients(model, mse, inputs, y)
+    gp = gm.collect_gradients(pm, mse, inputs, y)
+    assert not gs.fallback_params
+    for readout in ("invariant", "weight"):
+        torch.manual_seed(1)
+        net = GradMetaNet.for_model(model, readout=readout, channels=8, set_layers=1, neuron_layers=1,
+                                    heads=2).double()
+        out, out_p = net(gs), net(gp)
+        if readout == "invariant":
+            torch.testing.assert_close(out_p, out, atol=1e-10, rtol=0)
+        else:
+            want = spec.permute(out, perms)
+            assert set(want) == {n for n, _ in model.named_parameters()}
+            for k in want:
+                torch.testing.assert_close(out_p[k], want[k], atol=1e-10, rtol=0)
+
+
+def test_spec_refuses_separate_projection_weights():
+    layer = nn.TransformerEncoderLayer(6, 2, 8)
+    layer.self_attn = nn.MultiheadAttention(6, 2, kdim=4, vdim=4)
+    with pytest.raises(gm.nn.SymmetrySpecError, match="only packed in_proj_weight"):
+        symmetry_spec(layer)

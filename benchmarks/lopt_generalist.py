@@ -30,11 +30,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--tasks", nargs="+", default=None)
+    ap.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 150])
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.command == "train":
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
-                     tasks=tuple(args.tasks or G.TRAIN_TASKS))
+                     tasks=tuple(args.tasks or G.TRAIN_TASKS), horizons=tuple(args.horizons))
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or G.HELDOUT_TASKS))

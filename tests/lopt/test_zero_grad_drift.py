@@ -6,7 +6,9 @@ Measured for the shipped per-parameter checkpoint (digits MLP 64-32-10, 300 step
 initialisation (17-36× on a 784-256-10 MLP). Its learned direction ``d`` reads ``θ`` and the
 step count, which are not zero at zero gradient. The strict xfail records this defect of the
 shipped checkpoint (it flips to a failure, to be turned into a pass, once a checkpoint that does
-not drift is shipped); the untrained rule (SGD with momentum) does not move at all.
+not drift is shipped); the untrained rule (SGD with momentum) does not move at all. The shipped
+``"generalist"`` checkpoint cannot drift by construction (``tests/lopt/test_generalist.py``), but
+it is not the default.
 """
 import pytest
 import torch

@@ -78,3 +78,55 @@ def test_step_reduction_of_the_reference_is_one_and_of_a_slower_curve_below():
     ref = torch.tensor([[2.0, 1.0, 0.5, 0.6]])
     assert step_reduction(ref, ref, steps).item() == 1.0
     assert step_reduction(ref, torch.tensor([[2.0, 1.5, 0.9, 0.5]]), steps).item() == pytest.approx(10 / 15)
+
+
+@pytest.mark.parametrize("table, stem, rows", [
+    ("lopt_fmnist_table", "lopt_fmnist_table", ["lopt_fmnist", "lopt_fmnist_gmn", "lopt_fmnist_weightspace",
+                                                 "lopt_fmnist_weightspace_gmn"]),
+    ("lopt_digits_table", "lopt_digits_table", [f"lopt_digits_table_{r}" for r in ("ds", "gmn", "weightspace",
+                                                                                    "weightspace_gmn")]),
+    ("lopt_char_lm_table", "lopt_char_lm_table", [f"lopt_char_lm_table_{r}" for r in ("ds", "gmn", "weightspace",
+                                                                                      "weightspace_gmn")])])
+def test_driver_takes_rows_runs_root_and_name_from_the_table_spec(table, stem, rows):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lopt_table import table_defaults
+
+    d = table_defaults(ROOT / "tasks" / f"{table}.toml", [])
+    assert d["rows"] == [ROOT / "tasks" / f"{r}.toml" for r in rows]
+    assert d["runs_root"] == ROOT / "runs" / stem and d["name"] == stem
+    assert table_defaults(ROOT / "tasks" / f"{table}.toml", ['runs_root="elsewhere"'])["runs_root"] == ROOT / "elsewhere"
+
+
+def test_driver_refuses_a_table_without_row_specs_or_of_another_task(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lopt_table import table_defaults
+
+    spec = tmp_path / "t.toml"
+    spec.write_text('task = "lopt_table"\nrows = ["nowhere"]\nlabels = ["X"]\n')
+    with pytest.raises(ValueError, match=r"t\.toml: no meta-training spec for rows .*nowhere\.toml"):
+        table_defaults(spec, [])
+    with pytest.raises(ValueError, match="rows is empty"):
+        table_defaults(spec, ['rows=[""]'])
+    with pytest.raises(ValueError, match="not 'lopt_table'"):
+        table_defaults(ROOT / "tasks" / "lopt_fmnist.toml", [])
+
+
+@pytest.mark.parametrize("table", ["lopt_fmnist_table", "lopt_digits_table", "lopt_char_lm_table"])
+def test_every_row_of_a_table_shares_its_inner_task_and_meta_training_budget(table):
+    """The rows differ only in [optimizer]; the table evaluates on the rows' inner task."""
+    from gradmeta.specs import load_spec, resolve_spec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lopt_table import table_defaults
+
+    t = ROOT / "tasks" / f"{table}.toml"
+    specs = [resolve_spec(load_spec(r), r) for r in table_defaults(t, [])["rows"]]
+    tab = resolve_spec(load_spec(t), t)
+    for s in specs:
+        assert s["task"] == "lopt_meta_train" and s["inner"] == specs[0]["inner"] == tab["inner"]
+        assert s["outer"] == specs[0]["outer"] and s["eval"] == specs[0]["eval"]
+    assert [s["optimizer"]["kind"] for s in specs] == ["per_param_mlp", "gradmetanet", "weightspace", "gradmetanet"]
+    assert [s["optimizer"]["weight_aware"] for s in specs] == [False, False, False, True]
+    fmnist = ROOT / "tasks" / "lopt_fmnist.toml"
+    if table == "lopt_digits_table":  # the Fashion-MNIST budget, on another inner task
+        assert specs[0]["outer"] == resolve_spec(load_spec(fmnist), fmnist)["outer"]

@@ -83,8 +83,9 @@ def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
     for label, v in by.items():
         base = label[:-len(GMN_SUFFIX)] if label.endswith(GMN_SUFFIX) else None
         if base in by:
-            ratio = v / by[base] if by[base] > 0 else float("inf")
-            out["gmn_vs_base"][label] = {"ratio": ratio, "target": gmn_ratio, "met": ratio >= gmn_ratio}
+            # both rows at 0 (neither reaches tuned Adam's best loss): no ratio, and not met
+            ratio = v / by[base] if by[base] > 0 else (float("inf") if v > 0 else float("nan"))
+            out["gmn_vs_base"][label] = {"ratio": ratio, "target": gmn_ratio, "met": bool(ratio >= gmn_ratio)}
     learned = {k: v for k, v in by.items() if k not in ("Adam (tuned)",)}
     if learned:
         top = max(learned, key=learned.get)
@@ -106,7 +107,8 @@ def _markdown(rows: list[dict], summary: dict) -> str:
     t = summary["targets"]
     lines.append("")
     for label, g in t["gmn_vs_base"].items():
-        lines.append(f"- {label} vs without GradMetaNet: {g['ratio']:.2f}× (target ≥ {g['target']}×: "
+        ratio = f"{g['ratio']:.2f}×" if g["ratio"] == g["ratio"] else "undefined (both step reductions 0)"
+        lines.append(f"- {label} vs without GradMetaNet: {ratio} (target ≥ {g['target']}×: "
                      f"{'met' if g['met'] else 'not met'})")
     if "best_row" in t:
         b = t["best_row"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradmeta.experiments.lopt.table import _targets
+from gradmeta.experiments.lopt.table import _markdown, _targets
 from gradmeta.lopt import step_reduction
 from tests.data.conftest import write_idx
 
@@ -71,6 +71,18 @@ def test_targets_pair_each_gradmetanet_row_with_its_base():
     assert t["gmn_vs_base"]["DS + GradMetaNet"]["met"] and t["gmn_vs_base"]["DS + GradMetaNet"]["ratio"] == pytest.approx(1.3)
     assert not t["gmn_vs_base"]["UNF + GradMetaNet"]["met"]
     assert t["best_row"] == {"label": "UNF + GradMetaNet", "step_reduction": 1.6, "target": 1.6, "met": True}
+
+
+def test_a_gradmetanet_row_is_not_credited_when_both_rows_never_reach_adam():
+    row = lambda label, v: {"label": label, "meta_seeds": [0], "step_reduction": {"mean": v}}  # noqa: E731
+    t = _targets([row("DS", 0.0), row("DS + GradMetaNet", 0.0), row("UNF", 0.0), row("UNF + GradMetaNet", 0.5)],
+                 gmn_ratio=1.2, best=1.6)
+    g = t["gmn_vs_base"]["DS + GradMetaNet"]
+    assert g["met"] is False and g["ratio"] != g["ratio"]  # NaN: no ratio of two zeros
+    assert t["gmn_vs_base"]["UNF + GradMetaNet"] == {"ratio": float("inf"), "target": 1.2, "met": True}
+    md = _markdown([{**row("DS", 0.0), **{k: {"mean": 0.1, "std": 0.0} for k in ("best_test_loss", "final_test_loss")},
+                     "step_reduction": {"mean": 0.0, "std": 0.0}}], {"targets": t})
+    assert "DS + GradMetaNet vs without GradMetaNet: undefined (both step reductions 0) (target ≥ 1.2×: not met)" in md
 
 
 def test_step_reduction_of_the_reference_is_one_and_of_a_slower_curve_below():

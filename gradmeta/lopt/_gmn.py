@@ -111,6 +111,25 @@ def _spec_for(model: nn.Module, who: str, where: str):
     return spec
 
 
+def _first_examples(gs, n: int):
+    """The ``GradientSet`` of the first ``n`` examples of ``gs`` (its factors sliced along the batch
+    axis), or ``None`` when a layer stores something other than per-example tensors."""
+    import dataclasses
+
+    from gradmeta.grads import GradientSet
+
+    B, layers = gs.batch_size, {}
+    for name in gs:
+        f = gs[name]
+        inputs = f._inputs
+        if not (f.backprops.shape[:1] == (B,) and (inputs is None or (torch.is_tensor(inputs)
+                                                                      and inputs.shape[:1] == (B,)))):
+            return None
+        layers[name] = dataclasses.replace(f, backprops=f.backprops[:n],
+                                           _inputs=None if inputs is None else inputs[:n])
+    return GradientSet(layers, gs.losses[:n])
+
+
 class _BranchLO(LearnedRule):
     """Shared by the learned optimizers made of a :class:`PerParamMLP` (``self.base``, meta-parameters
     ``"mlp.*"``) and an equivariant network (``self.net``, meta-parameters ``"<prefix>.*"``)."""
@@ -213,16 +232,22 @@ class GradMetaNetLO(_BranchLO):
     def gradients(self, model: nn.Module, loss_fn, params: Params, inputs, targets):
         """``(mean_grad, gradient_set, mean_loss)``: the set is of the first ``examples`` examples
         (all when ``examples`` is ``None`` or at least the batch size). Pure in ``params`` and the
-        batch (``functional_factors``), so it runs under ``vmap``."""
+        batch (``functional_factors``), so it runs under ``vmap``.
+
+        One factored pass over the whole batch gives the mean gradient and the loss, and its first
+        ``examples`` examples are the subsample's set (an example's factors do not depend on the
+        others: the model mixes no examples); a set whose stored inputs are not per-example tensors
+        (none of the supported layers) is recollected on the subsample instead."""
         from gradmeta.grads import functional_factors
 
         B = len(targets)
+        gs = functional_factors(model, loss_fn, params, inputs, targets)
         if self.examples is None or self.examples >= B:
-            gs = functional_factors(model, loss_fn, params, inputs, targets)
             return gs.mean_grad(), gs, gs.losses.mean()
-        # the whole batch's mean gradient (plain autograd), the first `examples` examples' factors
-        grads, loss = super().gradients(model, loss_fn, params, inputs, targets)[::2]
-        return grads, functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples]), loss
+        sub = _first_examples(gs, self.examples)
+        if sub is None:
+            sub = functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples])
+        return gs.mean_grad(), sub, gs.losses.mean()
 
     def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
                gradient_set=None) -> tuple[Params, GMNState]:

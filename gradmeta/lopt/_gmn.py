@@ -62,6 +62,7 @@ class RelativeNeuronIds(nn.Module):
     def __init__(self, sizes: dict[str, int], c: int, frequencies: int = 4):
         super().__init__()
         self.sizes, self.K = dict(sizes), frequencies
+        self._codes: dict = {}
         self.weight = nn.Parameter(torch.empty(c, 2 * frequencies))
         self.reset_parameters()
 
@@ -71,10 +72,20 @@ class RelativeNeuronIds(nn.Module):
             self.weight.normal_(0, 0.1)
 
     def __getitem__(self, key: str) -> Tensor:
-        n, w = self.sizes[key], self.weight
-        r = (torch.arange(n, dtype=w.dtype, device=w.device) + 0.5) / n
-        ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=w.dtype, device=w.device)
-        return torch.cat([ang.sin(), ang.cos()], -1) @ w.T
+        w = self.weight
+        return self.code(self.sizes[key], w.dtype, w.device) @ w.T
+
+    def code(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(n, 2K)``: ``code((i + ½)/n)`` for ``i < n`` (no meta-parameter: computed once per size)."""
+        key = (n, dtype, device)
+        if key in self._codes:
+            return self._codes[key]
+        r = (torch.arange(n, dtype=dtype, device=device) + 0.5) / n
+        ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=dtype, device=device)
+        code = torch.cat([ang.sin(), ang.cos()], -1)
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not be reused under autograd
+            self._codes[key] = code
+        return code
 
 
 def _size_free(net: nn.Module, neuron_ids: str) -> nn.Module:

@@ -26,24 +26,50 @@ from ._spec import SymmetrySpec
 PRODUCTS = ("gelu", "bilinear")
 
 
+#: A :class:`Linear` with at most this many outputs multiplies as ``weight @ xᵀ`` on a CPU.
+_ROWS_LAST_MAX_OUT = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, ``x (..., c_in) -> (..., c_out)``.
+
+    With at most 8 outputs on a CPU it is computed as ``weight @ xᵀ`` (the long row axis last; the
+    result is a transposed view): BLAS runs that several times faster than ``x @ weightᵀ`` for so
+    few channels (GradMetaNet's typical widths), under ``vmap`` too.
+    """
+    c_out, c_in = weight.shape
+    if c_out > _ROWS_LAST_MAX_OUT or x.dim() < 2 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, c_in).T
+    y = torch.mm(weight, rows) if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows)
+    return y.T.view(*x.shape[:-1], c_out)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and initialisation) whose product is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class SetNeuronLayer(nn.Module):
     """Exchangeable layer: ``M₁g + M₂ mean_t g + M₃ mean_{b,t} g + M₄ mean_n g + M₅ mean_{b,t,n} g + bias``."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.self_ = nn.Linear(c_in, c_out)
-        self.pools = nn.ModuleList(nn.Linear(c_in, c_out, bias=False) for _ in range(4))
+        self.self_ = Linear(c_in, c_out)
+        self.pools = nn.ModuleList(Linear(c_in, c_out, bias=False) for _ in range(4))
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         tok, data, neuron, everything = self.pools
         if g.shape[2] == 1:  # one token: mean_t g = g, fold M₂ into M₁ (one full-size matmul)
-            out = F.linear(g, self.self_.weight + tok.weight, self.self_.bias)
+            out = linear(g, self.self_.weight + tok.weight)
         else:
-            out = self.self_(g) + tok(g.mean(2, keepdim=True))
+            out = linear(g, self.self_.weight).add_(tok(g.mean(2, keepdim=True)))
         pooled_n = g.mean(3, keepdim=True)                             # (G, B, T, 1, c)
         pooled_d = g.mean((1, 2), keepdim=True)                        # (G, 1, 1, N, c)
-        small = data(pooled_d) + everything(pooled_d.mean(3, keepdim=True))
-        # two broadcast adds on the full-size tensor instead of four
+        # the bias joins the small (G, 1, 1, N, c) terms: two broadcast adds on the full-size tensor
+        small = linear(pooled_d, data.weight, self.self_.bias) + everything(pooled_d.mean(3, keepdim=True))
         return out.add_(small).add_(neuron(pooled_n))
 
 
@@ -52,8 +78,8 @@ class NeuronDeepSets(nn.Module):
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.m1 = nn.Linear(c_in, c_out)
-        self.m2 = nn.Linear(c_in, c_out, bias=False)
+        self.m1 = Linear(c_in, c_out)
+        self.m2 = Linear(c_in, c_out, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.m1(h) + self.m2(h.mean(-2, keepdim=True))
@@ -75,14 +101,28 @@ class _MHA(nn.Module):
         if c % heads:
             raise ValueError(f"channels={c} not divisible by heads={heads}")
         self.heads = heads
-        self.qkv = nn.Linear(c, 3 * c)
-        self.out = nn.Linear(c, c)
+        self.qkv = Linear(c, 3 * c)
+        self.out = Linear(c, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, c)
         *lead, L, c = x.shape
         q, k, v = self.qkv(x).reshape(-1, L, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(*lead, L, c))
+        return self.out(_attention(q, k, v).transpose(1, 2).reshape(*lead, L, c))
+
+
+#: Attention whose score matrix has at most this many entries is computed with plain batched
+#: products (vmap-able: no per-sample loop, as ``scaled_dot_product_attention``'s CPU kernel has no
+#: batching rule); larger ones use the memory-efficient kernel.
+_PLAIN_ATTENTION_SCORES = 1 << 20
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / √d) v`` for ``q, k, v (batch, heads, L, d)``: the value of
+    ``F.scaled_dot_product_attention(q, k, v)``."""
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > _PLAIN_ATTENTION_SCORES:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return scores.softmax(-1) @ v
 
 
 class AttentionBlock(nn.Module):
@@ -97,7 +137,7 @@ class AttentionBlock(nn.Module):
         self.n1, self.n2, self.n3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
         self.data_attn = _MHA(c, heads)
         self.neuron_attn = _MHA(c, heads)
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.mlp = nn.Sequential(Linear(c, 2 * c), nn.GELU(), Linear(2 * c, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.data_attn(self.n1(x).transpose(1, 2)).transpose(1, 2)
@@ -149,9 +189,9 @@ class ProductReadout(nn.Module):
 
     def _init_tail(self, hidden: int, edge_channels: int, param_ids: bool) -> None:
         """The layers both readouts share, created after the product layers (fixed init order)."""
-        self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.w2, self.w1 = nn.Linear(hidden, self.out_dim), nn.Linear(hidden, self.out_dim)
+        self.e2 = Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.e1 = Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.w2, self.w1 = Linear(hidden, self.out_dim), Linear(hidden, self.out_dim)
         self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
 
     def _rows(self, h: torch.Tensor, axis: tuple[str, ...]) -> torch.Tensor:
@@ -176,7 +216,7 @@ class GeluReadout(ProductReadout):
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
                  out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
         super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
-        self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
+        self.u2, self.v2, self.u1 = Linear(c, hidden), Linear(c, hidden, bias=False), Linear(c, hidden)
         self._init_tail(hidden, edge_channels, param_ids)
 
     def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -196,7 +236,7 @@ class GeluReadout(ProductReadout):
             if per_datum:
                 z = _chunked_mean(hx, hy, bias)
             else:
-                z = F.gelu(_outer(hx, hy) + bias)
+                z = F.gelu(_plus(_outer(hx, hy), bias))
             out[name] = self._squeeze(lin(z))
         return out
 
@@ -220,9 +260,9 @@ class BilinearReadout(ProductReadout):
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
                  out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
         super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
-        self.u2, self.v2 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # weights: U, V
-        self.u1, self.v1 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # biases: U', V'
-        self.in2, self.in1 = nn.Linear(2 * hidden, hidden), nn.Linear(2 * hidden, hidden)  # [z, slog z]
+        self.u2, self.v2 = Linear(c, hidden), Linear(c, hidden)   # weights: U, V
+        self.u1, self.v1 = Linear(c, hidden), Linear(c, hidden)   # biases: U', V'
+        self.in2, self.in1 = Linear(2 * hidden, hidden), Linear(2 * hidden, hidden)  # [z, slog z]
         self._init_tail(hidden, edge_channels, param_ids)
 
     def products(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,7 +313,12 @@ def _outer(hx, hy):
 
 def _gelu_sum(hx, hy, bias):
     bias = bias.unsqueeze(1) if torch.is_tensor(bias) and bias.dim() > 1 else bias
-    return F.gelu(_outer(hx, hy) + bias).sum(1)
+    return F.gelu(_plus(_outer(hx, hy), bias)).sum(1)
+
+
+def _plus(z, bias):
+    """``z + bias``; a plain ``0`` (no edge features, no parameter ids) is skipped: no full-size copy."""
+    return z if isinstance(bias, (int, float)) and bias == 0 else z + bias
 
 
 def _chunked_mean(hx, hy, bias):

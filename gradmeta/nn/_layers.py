@@ -40,7 +40,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     c_out, c_in = weight.shape
     if c_out > _ROWS_LAST_MAX_OUT or x.dim() < 2 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, c_in).T
+    # (c_in, rows): a view both for a channels-last x and for one laid out channels-first (as returned here)
+    rows = x.movedim(-1, 0).reshape(c_in, -1) if x.stride(-1) != 1 else x.reshape(-1, c_in).T
     y = torch.mm(weight, rows) if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows)
     return y.T.view(*x.shape[:-1], c_out)
 
@@ -101,8 +102,8 @@ class _MHA(nn.Module):
         if c % heads:
             raise ValueError(f"channels={c} not divisible by heads={heads}")
         self.heads = heads
-        self.qkv = Linear(c, 3 * c)
-        self.out = Linear(c, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, c)
         *lead, L, c = x.shape
@@ -137,7 +138,7 @@ class AttentionBlock(nn.Module):
         self.n1, self.n2, self.n3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
         self.data_attn = _MHA(c, heads)
         self.neuron_attn = _MHA(c, heads)
-        self.mlp = nn.Sequential(Linear(c, 2 * c), nn.GELU(), Linear(2 * c, c))
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.data_attn(self.n1(x).transpose(1, 2)).transpose(1, 2)
@@ -189,8 +190,8 @@ class ProductReadout(nn.Module):
 
     def _init_tail(self, hidden: int, edge_channels: int, param_ids: bool) -> None:
         """The layers both readouts share, created after the product layers (fixed init order)."""
-        self.e2 = Linear(edge_channels, hidden, bias=False) if edge_channels else None
-        self.e1 = Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.e2 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
+        self.e1 = nn.Linear(edge_channels, hidden, bias=False) if edge_channels else None
         self.w2, self.w1 = Linear(hidden, self.out_dim), Linear(hidden, self.out_dim)
         self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
 
@@ -216,7 +217,7 @@ class GeluReadout(ProductReadout):
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
                  out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
         super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
-        self.u2, self.v2, self.u1 = Linear(c, hidden), Linear(c, hidden, bias=False), Linear(c, hidden)
+        self.u2, self.v2, self.u1 = nn.Linear(c, hidden), nn.Linear(c, hidden, bias=False), nn.Linear(c, hidden)
         self._init_tail(hidden, edge_channels, param_ids)
 
     def forward(self, h: torch.Tensor, edges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -260,9 +261,9 @@ class BilinearReadout(ProductReadout):
     def __init__(self, spec: SymmetrySpec, offsets: dict[str, tuple[int, int]], c: int, hidden: int,
                  out_dim: int = 1, edge_channels: int = 0, param_ids: bool = False, product: str | None = None):
         super().__init__(spec, offsets, c, hidden, out_dim, edge_channels, param_ids, product)
-        self.u2, self.v2 = Linear(c, hidden), Linear(c, hidden)   # weights: U, V
-        self.u1, self.v1 = Linear(c, hidden), Linear(c, hidden)   # biases: U', V'
-        self.in2, self.in1 = Linear(2 * hidden, hidden), Linear(2 * hidden, hidden)  # [z, slog z]
+        self.u2, self.v2 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # weights: U, V
+        self.u1, self.v1 = nn.Linear(c, hidden), nn.Linear(c, hidden)   # biases: U', V'
+        self.in2, self.in1 = nn.Linear(2 * hidden, hidden), nn.Linear(2 * hidden, hidden)  # [z, slog z]
         self._init_tail(hidden, edge_channels, param_ids)
 
     def products(self, h: torch.Tensor) -> dict[str, torch.Tensor]:

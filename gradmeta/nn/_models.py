@@ -230,7 +230,7 @@ class GradMetaNetPlusPlus(GradMetaNet):
 
     def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         G, B, T, N, c = g.shape
-        h = g.reshape(G, B * T, N, c)
+        h = g.reshape(G, B * T, N, c).contiguous()  # channels last: the layer norms and attention read rows
         for block in self.blocks:
             h = block(h)
         return h

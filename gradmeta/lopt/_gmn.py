@@ -278,13 +278,18 @@ class GradMetaNetLO(_BranchLO):
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
                                     "the batching rule")
             out = functional_call(self.net, gmn_meta, args)
-        out = {k: v.reshape(*params[k].shape, self.E).to(params[k].dtype) for k, v in out.items()}
+        # readouts and their averages as (N, E), the entries of every parameter in order: a few
+        # whole-vector operations instead of a few per parameter
+        rows = lambda per_param: torch.cat([per_param[k].reshape(-1, self.E).to(params[k].dtype)  # noqa: E731
+                                            for k in params])
         t = state.base.step + 1
-        avg = {k: torch.lerp(state.avg[k], out[k], 1 - self.avg_decay) for k in params}
-        extra = {k: torch.cat([out[k], avg[k] / (1 - self.avg_decay ** t)], -1) for k in params}
+        out, old_avg = rows(out), rows(state.avg)
+        avg = torch.lerp(old_avg, out, 1 - self.avg_decay)
+        extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 1).T  # (2E, N)
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
-        ok = base.skipped == state.base.skipped
-        avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
+        avg = torch.where(base.skipped == state.base.skipped, avg, old_avg)
+        avg = {k: a.view(*params[k].shape, self.E)
+               for k, a in zip(params, avg.split([params[k].numel() for k in params]))}
         return new, GMNState(base, avg)
 
     def skipped(self, state: GMNState) -> Tensor:

@@ -108,22 +108,8 @@ class _MHA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, c)
         *lead, L, c = x.shape
         q, k, v = self.qkv(x).reshape(-1, L, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.out(_attention(q, k, v).transpose(1, 2).reshape(*lead, L, c))
-
-
-#: Attention whose score matrix has at most this many entries is computed with plain batched
-#: products (vmap-able: no per-sample loop, as ``scaled_dot_product_attention``'s CPU kernel has no
-#: batching rule); larger ones use the memory-efficient kernel.
-_PLAIN_ATTENTION_SCORES = 1 << 20
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q kᵀ / √d) v`` for ``q, k, v (batch, heads, L, d)``: the value of
-    ``F.scaled_dot_product_attention(q, k, v)``."""
-    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > _PLAIN_ATTENTION_SCORES:
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    return scores.softmax(-1) @ v
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(*lead, L, c))
 
 
 class AttentionBlock(nn.Module):

@@ -1,15 +1,14 @@
 """The CPU fast paths of GradMetaNet's layers equal their plain formulas in float64: few-channel
-products as ``weight @ xᵀ``, the set×neuron layer with its bias folded into the small terms, the
-neuron encoder's single product over the bag, and the plain (vmap-able) attention."""
+products as ``weight @ xᵀ``, the set×neuron layer with its bias folded into the small terms, and
+the neuron encoder's single product over the bag."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from gradmeta.models import mlp
 from gradmeta.nn import GradMetaNet, symmetry_spec
-from gradmeta.nn import _layers
-from gradmeta.nn._layers import AttentionBlock, SetNeuronLayer, linear
+from gradmeta.nn._layers import SetNeuronLayer, linear
 
 
 def _gen(seed=0):
@@ -76,26 +75,3 @@ def test_neuron_encoder_equals_its_formula(sets):
         gs = gm.collect_gradients(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
         feats.append(net.layout.features(gs))
     torch.testing.assert_close(net.encoder(feats), _encoder_naive(net.encoder, feats), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("small", [True, False])
-def test_attention_equals_scaled_dot_product_attention(small, monkeypatch):
-    if not small:  # force the memory-efficient kernel
-        monkeypatch.setattr(_layers, "_PLAIN_ATTENTION_SCORES", 0)
-    g = _gen(2)
-    q, k, v = (torch.randn(3, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    ref = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v
-    torch.testing.assert_close(_layers._attention(q, k, v), ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), ref, rtol=1e-12, atol=1e-12)
-
-
-def test_attention_block_under_vmap_equals_the_loop():
-    """Per-particle meta-parameters under vmap (the plain path: no per-sample fallback loop)."""
-    torch.manual_seed(0)
-    block = AttentionBlock(8, heads=2).double()
-    params = {k: v.detach() + 0.01 * torch.randn(3, *v.shape, generator=_gen(3), dtype=torch.float64)
-              for k, v in block.named_parameters()}
-    x = torch.randn(3, 1, 5, 11, 8, generator=_gen(4), dtype=torch.float64)
-    out = vmap(lambda p, xi: functional_call(block, p, (xi,)))(params, x)
-    ref = torch.stack([functional_call(block, {k: v[i] for k, v in params.items()}, (x[i],)) for i in range(3)])
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

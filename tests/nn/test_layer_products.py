@@ -75,3 +75,19 @@ def test_neuron_encoder_equals_its_formula(sets):
         gs = gm.collect_gradients(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
         feats.append(net.layout.features(gs))
     torch.testing.assert_close(net.encoder(feats), _encoder_naive(net.encoder, feats), rtol=1e-12, atol=1e-12)
+
+
+def test_neuron_encoder_with_several_embeddings_equals_its_formula():
+    """A transformer's spaces have several kinds (one embedding each): per-space products."""
+    import gradmeta as gm
+    from gradmeta.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab=7, d_model=8, n_heads=2, n_blocks=1, max_len=5).double()
+    net = GradMetaNet(symmetry_spec(model), channels=8).double()
+    assert len(net.encoder.embed) > 1
+    x = torch.randint(0, 7, (3, 5), generator=_gen(5))
+    gs = gm.collect_gradients(model, lambda o, t: F.cross_entropy(o.transpose(1, 2), t, reduction="none").mean(1),
+                              x, x)
+    feats = [net.layout.features(gs)]
+    torch.testing.assert_close(net.encoder(feats), _encoder_naive(net.encoder, feats), rtol=1e-12, atol=1e-12)

@@ -20,7 +20,7 @@ side with the per-parameter one (same task, particles, truncation; interleaved; 
 Usage::
 
     python benchmarks/lopt.py                      # both suites -> benchmarks/results/lopt_{step,pes}.{json,md}
-    python benchmarks/lopt.py --suite pes          # the PES-iteration table only
+    python benchmarks/lopt.py --suite pes          # the PES-iteration table only (--pes-repeats N: medians of N)
     python benchmarks/lopt.py --quick --out DIR    # small sizes (smoke test)
 """
 from __future__ import annotations
@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
+    ap.add_argument("--pes-repeats", type=int, default=7, help="interleaved PES iterations per rule (medians)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suite in ("all", "pes"):
-        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, 7, 1))
+        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, args.pes_repeats, 1))
         data = {"benchmark": "lopt_pes",
                 "title": "One PES meta-training iteration: GradMetaNet learned optimizers vs the per-parameter one",
                 "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick},

@@ -62,6 +62,7 @@ class RelativeNeuronIds(nn.Module):
     def __init__(self, sizes: dict[str, int], c: int, frequencies: int = 4):
         super().__init__()
         self.sizes, self.K = dict(sizes), frequencies
+        self._codes: dict = {}
         self.weight = nn.Parameter(torch.empty(c, 2 * frequencies))
         self.reset_parameters()
 
@@ -71,10 +72,20 @@ class RelativeNeuronIds(nn.Module):
             self.weight.normal_(0, 0.1)
 
     def __getitem__(self, key: str) -> Tensor:
-        n, w = self.sizes[key], self.weight
-        r = (torch.arange(n, dtype=w.dtype, device=w.device) + 0.5) / n
-        ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=w.dtype, device=w.device)
-        return torch.cat([ang.sin(), ang.cos()], -1) @ w.T
+        w = self.weight
+        return self.code(self.sizes[key], w.dtype, w.device) @ w.T
+
+    def code(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(n, 2K)``: ``code((i + ½)/n)`` for ``i < n`` (no meta-parameter: computed once per size)."""
+        key = (n, dtype, device)
+        if key in self._codes:
+            return self._codes[key]
+        r = (torch.arange(n, dtype=dtype, device=device) + 0.5) / n
+        ang = math.pi * r[:, None] * torch.arange(1, self.K + 1, dtype=dtype, device=device)
+        code = torch.cat([ang.sin(), ang.cos()], -1)
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not be reused under autograd
+            self._codes[key] = code
+        return code
 
 
 def _size_free(net: nn.Module, neuron_ids: str) -> nn.Module:
@@ -109,6 +120,25 @@ def _spec_for(model: nn.Module, who: str, where: str):
                          "(nn.Linear layers and elementwise activations, any widths and depth) and "
                          "gradmeta.models.GPT; convolutional layers are not") from None
     return spec
+
+
+def _first_examples(gs, n: int):
+    """The ``GradientSet`` of the first ``n`` examples of ``gs`` (its factors sliced along the batch
+    axis), or ``None`` when a layer stores something other than per-example tensors."""
+    import dataclasses
+
+    from gradmeta.grads import GradientSet
+
+    B, layers = gs.batch_size, {}
+    for name in gs:
+        f = gs[name]
+        inputs = f._inputs
+        if not (f.backprops.shape[:1] == (B,) and (inputs is None or (torch.is_tensor(inputs)
+                                                                      and inputs.shape[:1] == (B,)))):
+            return None
+        layers[name] = dataclasses.replace(f, backprops=f.backprops[:n],
+                                           _inputs=None if inputs is None else inputs[:n])
+    return GradientSet(layers, gs.losses[:n])
 
 
 class _BranchLO(LearnedRule):
@@ -213,16 +243,22 @@ class GradMetaNetLO(_BranchLO):
     def gradients(self, model: nn.Module, loss_fn, params: Params, inputs, targets):
         """``(mean_grad, gradient_set, mean_loss)``: the set is of the first ``examples`` examples
         (all when ``examples`` is ``None`` or at least the batch size). Pure in ``params`` and the
-        batch (``functional_factors``), so it runs under ``vmap``."""
+        batch (``functional_factors``), so it runs under ``vmap``.
+
+        One factored pass over the whole batch gives the mean gradient and the loss, and its first
+        ``examples`` examples are the subsample's set (an example's factors do not depend on the
+        others: the model mixes no examples); a set whose stored inputs are not per-example tensors
+        (none of the supported layers) is recollected on the subsample instead."""
         from gradmeta.grads import functional_factors
 
         B = len(targets)
+        gs = functional_factors(model, loss_fn, params, inputs, targets)
         if self.examples is None or self.examples >= B:
-            gs = functional_factors(model, loss_fn, params, inputs, targets)
             return gs.mean_grad(), gs, gs.losses.mean()
-        # the whole batch's mean gradient (plain autograd), the first `examples` examples' factors
-        grads, loss = super().gradients(model, loss_fn, params, inputs, targets)[::2]
-        return grads, functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples]), loss
+        sub = _first_examples(gs, self.examples)
+        if sub is None:
+            sub = functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples])
+        return gs.mean_grad(), sub, gs.losses.mean()
 
     def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
                gradient_set=None) -> tuple[Params, GMNState]:
@@ -242,13 +278,18 @@ class GradMetaNetLO(_BranchLO):
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
                                     "the batching rule")
             out = functional_call(self.net, gmn_meta, args)
-        out = {k: v.reshape(*params[k].shape, self.E).to(params[k].dtype) for k, v in out.items()}
+        # readouts and their averages as (N, E), the entries of every parameter in order: a few
+        # whole-vector operations instead of a few per parameter
+        rows = lambda per_param: torch.cat([per_param[k].reshape(-1, self.E).to(params[k].dtype)  # noqa: E731
+                                            for k in params])
         t = state.base.step + 1
-        avg = {k: torch.lerp(state.avg[k], out[k], 1 - self.avg_decay) for k in params}
-        extra = {k: torch.cat([out[k], avg[k] / (1 - self.avg_decay ** t)], -1) for k in params}
+        out, old_avg = rows(out), rows(state.avg)
+        avg = torch.lerp(old_avg, out, 1 - self.avg_decay)
+        extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 1).T  # (2E, N)
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
-        ok = base.skipped == state.base.skipped
-        avg = {k: torch.where(ok, avg[k], state.avg[k]) for k in params}
+        avg = torch.where(base.skipped == state.base.skipped, avg, old_avg)
+        avg = {k: a.view(*params[k].shape, self.E)
+               for k, a in zip(params, avg.split([params[k].numel() for k in params]))}
         return new, GMNState(base, avg)
 
     def skipped(self, state: GMNState) -> Tensor:

@@ -128,14 +128,16 @@ class PerParamMLP(LearnedRule):
             grads: gradients of the mean batch loss, like ``params``.
             state: from :meth:`init` or a previous update.
             params: current parameters.
-            extra: per-parameter features ``(*shape, extra_features)`` when ``extra_features > 0``.
+            extra: per-parameter features ``{name: (*shape, extra_features)}`` when ``extra_features > 0``,
+                or already flat: ``(extra_features, N)``, the parameters' entries in ``params`` order.
         """
         if self.extra_features and extra is None:
             raise ValueError(f"PerParamMLP(extra_features={self.extra_features}).update needs extra features")
         layout = ParamLayout.of(params)
         flat_extra = None
         if self.extra_features:
-            flat_extra = torch.cat([extra[k].reshape(-1, self.extra_features).T for k in layout.names], 1)
+            flat_extra = extra if torch.is_tensor(extra) else torch.cat(
+                [extra[k].reshape(-1, self.extra_features).T for k in layout.names], 1)
         new, momenta, second, step, skipped = self.flat_update(
             meta, layout, layout.flatten(params), layout.flatten(grads), layout.flatten(state.momenta, 1),
             layout.flatten(state.second), state.step, state.skipped, flat_extra)

@@ -20,13 +20,14 @@ from ._canonical import canonical_adapter, canonical_svd, procrustes_align, rand
 from ._dataset import (AdapterMismatchError, LabelError, LoraDataset, check_compatible, find_adapter_folders,
                        stack_factors)
 from ._models import MODELS, AdapterModel, GLNet, load_model, save_model
+from ._select import SELECTION_RULES, excess_over_best, select_variant
 from ._train import MODEL_ALIASES, TrainResult, predict, train
 
 __all__ = [
     "load_adapter", "load_lora_file", "list_adapters", "Adapter", "LoraFactors", "AdapterFormatError", "natural_key",
     "LoraDataset", "AdapterMismatchError", "LabelError", "find_adapter_folders", "check_compatible", "stack_factors",
     "AdapterModel", "GLNet", "FactorMLP", "DenseMLP", "SVDMLP", "ProcrustesMLP", "LayerTransformer", "MODELS",
-    "save_model", "load_model", "train", "predict", "TrainResult", "MODEL_ALIASES",
+    "save_model", "load_model", "select_variant", "excess_over_best", "SELECTION_RULES", "train", "predict", "TrainResult", "MODEL_ALIASES",
     "canonical_svd", "canonical_adapter", "procrustes_align", "random_gl",
     "CONFIG_FILE", "WEIGHT_FILES", "DIFFUSERS_COMPONENTS",
 ]

@@ -116,11 +116,16 @@ class GLNet(AdapterModel):
       starts as the spectral MLP and learns what the spectrum misses (singular vectors).
 
     ``residual=False`` is the spectral path alone: same function and, with the same seed and
-    training loop, the same trained model as :class:`SVDMLP` (tested); ``sv_k=0`` is the
-    equivariant network alone. Which of the three (:data:`VARIANTS`) a dataset needs is a
-    model-selection question, answered on a validation split by :func:`gradmeta.lora.train` (and
-    by the ``lora_predict`` task), never on the test set; the spectral path alone wins ties, so
-    the selected GLNet never validates worse than the singular-value baseline.
+    training loop, the same trained model as :class:`SVDMLP` (tested). Whether a dataset needs
+    the residual (:data:`VARIANTS`) is a model-selection question, answered on a validation split
+    by :func:`gradmeta.lora.train` (and by the ``lora_predict`` task), never on the test set, with
+    :func:`gradmeta.lora.select_variant`: the lower validation error, the spectral path alone on
+    ties (or, with ``rule="one_se"``, unless the residual is better by more than one standard error).
+
+    ``sv_k=0`` is the equivariant network alone. It is not among the variants selection chooses
+    from: without the exact singular values nothing keeps it level with :class:`SVDMLP` when the
+    test adapters differ from the validation ones (on a rank shift, trained on ranks 2 and 4 and
+    tested on rank 8, it fell below SVDMLP while validating best); pass ``sv_k=0`` to use it.
 
     Input ``{module: (U (N, n, r), V (N, m, r))}`` (or adapters) -> ``(N, out_dim)``. Invariant to
     ``(U, V) -> (U R, V R⁻ᵀ)`` for any ``R ∈ GL(r)`` per module; rank-agnostic (any ``r``;
@@ -134,9 +139,8 @@ class GLNet(AdapterModel):
         residual: include the equivariant residual.
     """
 
-    #: The variants model selection chooses from (kwargs on top of the user's), ties to the first.
-    VARIANTS = {"spectral": {"residual": False}, "spectral+equivariant": {"residual": True},
-                "equivariant": {"sv_k": 0, "residual": True}}
+    #: The variants model selection chooses from (kwargs on top of the user's), in preference order.
+    VARIANTS = {"spectral": {"residual": False}, "spectral+equivariant": {"residual": True}}
 
     #: kwargs of checkpoints saved before they existed (see :func:`load_model`).
     LEGACY_KWARGS = {"sv_k": 0, "residual": True}

@@ -20,6 +20,7 @@ from ._adapter import Adapter
 from ._dataset import LabelError, LoraDataset, stack_factors
 from ._load import load_adapter
 from ._models import MODELS, AdapterModel, load_model, save_model
+from ._select import excess_over_best, select_variant
 
 __all__ = ["train", "predict", "TrainResult", "MODEL_ALIASES", "model_class"]
 
@@ -120,6 +121,16 @@ def _scores(out: Tensor, y: Tensor, task: str, info: dict) -> dict:
             "loss": float(F.mse_loss(out, (y - info["target_mean"]) / info["target_std"]))}
 
 
+def _validation_errors(out: Tensor, y: Tensor, task: str, info: dict) -> Tensor:
+    """Per-adapter errors whose mean is ``1 - R²`` (averaged over targets) or ``1 - accuracy``."""
+    if task == "classification":
+        return (out.argmax(-1) != y).double()
+    pred = out.double() * info["target_std"].double() + info["target_mean"].double()
+    yy = y.double()
+    ss = ((yy - yy.mean(0)) ** 2).sum(0).clamp_min(1e-300)
+    return (len(yy) * (pred - yy) ** 2 / ss).mean(-1)
+
+
 class _EarlyStop(Exception):
     pass
 
@@ -165,7 +176,8 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
           target: str | Sequence[str] = "", *, task: str = "regression", model: str | Sequence[str] = "glnet",
           val_fraction: float = 0.2, epochs: int = 100, batch_size: int = 32, lr: float = 1e-3,
           weight_decay: float = 1e-4, patience: int = 20, seed: int = 0, device: str = "cpu",
-          model_kwargs: dict | None = None, out: str | os.PathLike | None = None, **dataset_kwargs) -> TrainResult:
+          model_kwargs: dict | None = None, out: str | os.PathLike | None = None, selection: str = "min",
+          **dataset_kwargs) -> TrainResult:
     """Train models on adapters with your own labels; select on a held-out validation split.
 
     Every candidate in ``model`` is trained with AdamW for up to ``epochs`` epochs (early stop after
@@ -174,10 +186,11 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
     ``out``, saved as ``out/model.pt`` (for :func:`predict` / ``gradmeta lora predict``) with
     ``out/metrics.json``. Regression targets are standardised on the training split. GLNet (unless
     ``model_kwargs`` fixes ``residual`` or ``sv_k``) is trained in each of its
-    :data:`GLNet.VARIANTS` -- the exact singular-value path alone, with the equivariant residual,
-    the equivariant network alone -- and the best on validation is kept
-    (``scores["GLNet"]["variant"]``; the spectral path alone wins ties), so it never validates
-    worse than its singular-value path, which is :class:`SVDMLP`.
+    :data:`GLNet.VARIANTS` -- the exact singular-value path alone, and with the equivariant
+    residual -- and the one :func:`select_variant` keeps under ``selection`` (``"min"``: the better
+    validation score, the spectral path on ties, so GLNet never validates worse than its
+    singular-value path, which is :class:`SVDMLP`; ``"one_se"``: the spectral path unless the
+    residual is better by more than one standard error) is returned (``scores["GLNet"]["variant"]``).
 
     Args:
         adapters: a folder of adapters (see :class:`LoraDataset`) or a dataset.
@@ -187,6 +200,7 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
             class names), a list of them, or ``"auto"`` (GLNet and SVDMLP).
         device: where to train (``"cpu"``, ``"cuda"``, ...); the returned model is on the CPU.
         model_kwargs: ``{class name: kwargs}`` for the model constructors.
+        selection: how GLNet's variant is chosen on validation, ``"min"`` or ``"one_se"``.
         **dataset_kwargs: passed to :class:`LoraDataset` (``skip_bad``, ``modules``, ...).
     """
     for key, v in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
@@ -222,7 +236,7 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
             kw.setdefault("max_rank", max(ds.max_ranks))
         variants = {"": {}}
         if name == "GLNet" and not {"residual", "sv_k"} & set(kw):
-            variants = MODELS[name].VARIANTS  # the spectral path alone first: it wins ties
+            variants = MODELS[name].VARIANTS  # in preference order: the spectral path alone first
         fits = []
         for extra in variants.values():
             torch.manual_seed(seed)
@@ -232,11 +246,16 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
                 net.fit_template(_index(pairs, tr[:1]))
             fits.append(_fit_one(net, pairs, y, tr, va, task, info, epochs=epochs, batch_size=batch_size, lr=lr,
                                  weight_decay=weight_decay, patience=patience, seed=seed, device=device))
-        best_i = max(range(len(fits)), key=lambda i: score(fits[i][1]))  # first of equal scores
+        best_i = 0
+        if len(variants) > 1:  # GLNet: which paths the data needs, decided on validation (one-SE rule)
+            with torch.no_grad():
+                rows = {v: _validation_errors(f[0](_index(pairs, va)), y[va], task, info)
+                        for v, f in zip(variants, fits)}
+            best_i = list(variants).index(select_variant(rows, rule=selection))
         net, sc, curve = fits[best_i]
-        if len(variants) > 1:  # GLNet: which paths the data needs, decided on validation
-            sc = {**sc, "variant": list(variants)[best_i],
-                  "variants": {v: score(f[1]) for v, f in zip(variants, fits)}}
+        if len(variants) > 1:
+            sc = {**sc, "variant": list(variants)[best_i], "variants": {v: score(f[1]) for v, f in zip(variants, fits)},
+                  "variants_excess": {v: list(e) for v, e in excess_over_best(rows).items()}}
         scores[name], history[name] = sc, curve
         if best is None or score(sc) > best[0]:
             best = (score(sc), name, net)

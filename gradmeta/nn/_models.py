@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._inputs import NeuronLayout
-from ._layers import AttentionBlock, DataPool, NeuronDeepSets, ProductReadout, SetNeuronLayer
+from ._layers import AttentionBlock, DataPool, Linear, NeuronDeepSets, ProductReadout, SetNeuronLayer, linear
 from ._spec import SymmetrySpec, symmetry_spec
 
 _READOUTS = ("invariant", "neuron", "weight")
@@ -29,8 +29,8 @@ class NeuronEncoder(nn.Module):
     def __init__(self, layout: NeuronLayout, c: int):
         super().__init__()
         self.layout = layout
-        self.embed = nn.ModuleDict({g.replace(".", "_"): nn.Linear(k, c) for g, k in layout.channels.items()})
-        self.pos_map = nn.Linear(c, c, bias=False)
+        self.embed = nn.ModuleDict({g.replace(".", "_"): Linear(k, c) for g, k in layout.channels.items()})
+        self.pos_map = Linear(c, c, bias=False)
         self.register_buffer("pos_code", torch.stack(
             [v for v in layout.positional(c).values()]).float(), persistent=False)
         self.ids = nn.ParameterDict({
@@ -39,14 +39,26 @@ class NeuronEncoder(nn.Module):
 
     def forward(self, feats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         pos = self.pos_map(self.pos_code.to(self.pos_map.weight.dtype))
-        parts = []
-        for k, s in enumerate(self.layout.spec.spaces):
-            x = torch.stack([f[s.name] for f in feats])  # (G, B, T, n, ch)
-            y = self.embed[self.layout.group_of[s.name].replace(".", "_")](x.to(pos.dtype)) + pos[k]
+        spaces = self.layout.spec.spaces
+        embeds = [self.embed[self.layout.group_of[s.name].replace(".", "_")] for s in spaces]
+        # every additive term (embedding bias, positional code, neuron id) is summed on the small
+        # (n, c) side first, then added to the full-size (G, B, T, n, c) product once
+        shifts = []
+        for k, (s, emb) in enumerate(zip(spaces, embeds)):
+            shift = emb.bias + pos[k]
             if not s.permutable:
-                y = y + self.ids[s.name.replace(".", "_")]
-            parts.append(y)
-        return torch.cat(parts, -2)
+                shift = shift + self.ids[s.name.replace(".", "_")]
+            shifts.append(shift.expand(s.size, -1))
+
+        def raw(name: str) -> torch.Tensor:  # (G, B, T, n, ch)
+            x = feats[0][name].unsqueeze(0) if len(feats) == 1 else torch.stack([f[name] for f in feats])
+            return x.to(pos.dtype)
+
+        if len({id(e) for e in embeds}) == 1:  # one embedding for every space: one product on the whole bag
+            x = torch.cat([raw(s.name) for s in spaces], -2)
+            return linear(x, embeds[0].weight) + torch.cat(shifts, 0)
+        return torch.cat([linear(raw(s.name), emb.weight) + shift for s, emb, shift in zip(spaces, embeds, shifts)],
+                         -2)
 
 
 class GradMetaNet(nn.Module):
@@ -114,7 +126,7 @@ class GradMetaNet(nn.Module):
                                        edge_channels + int(weight_aware), param_ids=spec.arch != "mlp",
                                        product=product)
         else:
-            self.head = nn.Linear(c, out_dim)
+            self.head = Linear(c, out_dim)
 
     def _init_trunk(self, c: int, set_layers: int, neuron_layers: int, heads: int) -> None:
         raise NotImplementedError
@@ -218,7 +230,7 @@ class GradMetaNetPlusPlus(GradMetaNet):
 
     def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         G, B, T, N, c = g.shape
-        h = g.reshape(G, B * T, N, c)
+        h = g.reshape(G, B * T, N, c).contiguous()  # channels last: the layer norms and attention read rows
         for block in self.blocks:
             h = block(h)
         return h

@@ -125,3 +125,33 @@ def test_examples_is_checked_and_changes_the_update(small_digits):
         assert torch.equal(out[None][0][k], out[16][0][k])
     assert out[4][2] == out[None][2]  # the loss is always the whole batch's
     assert any(not torch.allclose(out[4][0][k], out[None][0][k]) for k in params)
+
+
+@pytest.mark.parametrize("which", ["mlp", "gpt"])
+def test_subsample_set_sliced_from_the_batch_equals_the_set_collected_on_it(digits64, which):
+    """``gradients`` runs one factored pass over the batch and slices its first ``examples`` examples:
+    the same set as collected on those examples alone, and the batch's mean gradient and loss."""
+    from torch.func import functional_call, grad_and_value
+
+    from gradmeta.grads import functional_factors
+    from gradmeta.lopt import char_lm
+
+    task = digits64 if which == "mlp" else char_lm(batch_size=6, seq_len=5, d_model=8, n_heads=2)
+    lo = GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=3)
+    params = {k: v.double() for k, v in task.init(0).items()}
+    lo.model.double()
+    x, y = task.split(tuple(b[0] for b in task.batches(torch.Generator().manual_seed(0), 1)))
+    x = x.double() if x.is_floating_point() else x
+    from gradmeta.lopt._gmn import _first_examples
+
+    assert _first_examples(functional_factors(lo.model, task.loss_fn, params, x, y), 3) is not None  # sliced
+    grads, sub, loss = lo.gradients(lo.model, task.loss_fn, params, x, y)
+    ref = functional_factors(lo.model, task.loss_fn, params, x[:3], y[:3])
+    assert sub.batch_size == 3 and sub.layer_names == ref.layer_names
+    for name in ref:
+        torch.testing.assert_close(sub[name].backprops, ref[name].backprops, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sub[name].activations, ref[name].activations, rtol=1e-12, atol=1e-12)
+    g_ref, loss_ref = grad_and_value(lambda p: task.loss_fn(functional_call(lo.model, p, (x,)), y).mean())(params)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    for k in params:
+        torch.testing.assert_close(grads[k], g_ref[k], rtol=1e-10, atol=1e-12)

@@ -35,9 +35,12 @@ def test_train_selects_on_validation_and_predicts(labelled, tmp_path):
     assert set(res.scores) == {"GLNet", "SVDMLP"}
     assert res.name == max(res.scores, key=lambda k: res.scores[k]["r2"])
     assert res.scores["SVDMLP"]["r2"] > 0.5  # a norm is a function of the singular values
-    g = res.scores["GLNet"]  # both GLNet variants trained; the better on validation kept
-    assert set(g["variants"]) == set(lora.GLNet.VARIANTS) and g["r2"] == max(g["variants"].values())
-    assert g["variants"][g["variant"]] == g["r2"]
+    g = res.scores["GLNet"]  # every GLNet variant trained; the better on validation kept
+    assert set(g["variants"]) == set(lora.GLNet.VARIANTS) and g["variants"][g["variant"]] == g["r2"]
+    best = max(g["variants"].values())
+    excess = g["variants_excess"]  # mean per-adapter validation error is 1 - R²
+    assert all(excess[v][0] == pytest.approx(best - r2, abs=1e-9) for v, r2 in g["variants"].items())
+    assert g["r2"] == best and g["variant"] == next(v for v in lora.GLNet.VARIANTS if excess[v][0] <= 0)
     assert g["variants"]["spectral"] == res.scores["SVDMLP"]["r2"]  # the spectral path alone is SVDMLP
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert saved["selected"] == res.name and saved["n_train"] + saved["n_val"] == 40

@@ -17,10 +17,12 @@ the held-out adapters:
 
 ``split = "random"`` holds out ``test_fraction`` of the adapters; ``split = "rank"`` trains on
 the adapters of rank ``train_ranks`` and tests on those of ``test_ranks`` (rank generalisation).
-GLNet's variant (exact singular-value path alone, with the equivariant residual, or the
-equivariant network alone) is the one with the lowest loss on a held-out share
-(``glnet_val_fraction``) of the *training* adapters (:func:`fit_glnet_selected`); for a rank
-split with several training ranks, optionally on those of the largest training rank
+GLNet's variant (exact singular-value path alone, or with the equivariant residual) is chosen
+on a held-out share (``glnet_val_fraction``) of the *training* adapters
+(:func:`fit_glnet_selected`): the one with the lower loss there, the spectral path on ties
+(``glnet_select = "min"``; ``"one_se"``: the spectral path unless the residual is better by more
+than one standard error); for a
+rank split with several training ranks, optionally on those of the largest training rank
 (``glnet_val = "largest_rank"``).
 ``speed`` measures, side by side on the same test adapters, the time to *predict* the property
 (``load_adapter`` + GLNet) and to *evaluate* the adapter (PEFT ``PeftModel.from_pretrained`` on the
@@ -44,7 +46,8 @@ import torch.nn.functional as F
 from gradmeta._training import minibatch_train
 from gradmeta.specs import OneOf, Range, Required, register_task
 
-from gradmeta.lora import MODELS, AdapterModel, GLNet, LoraDataset, save_model, stack_factors
+from gradmeta.lora import (MODELS, SELECTION_RULES, AdapterModel, GLNet, LoraDataset, excess_over_best, save_model,
+                           select_variant, stack_factors)
 
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
@@ -68,12 +71,15 @@ PREDICT_DEFAULTS = {
     "seeds": [Range(0, low=0), 1, 2],
     "max_rank": Range(16, low=1),  # of the flattened baselines (FactorMLP, ProcrustesMLP, LayerTransformer)
     "glnet": {"hidden": 8, "channels": 4, "depth": 2, "svd_k": 4, "mlp_hidden": 64, "sv_k": 16},
-    # GLNet's variant (spectral / spectral+equivariant / equivariant) is chosen on this share of the
+    # GLNet's variant (spectral / spectral+equivariant) is chosen on this share of the
     # training adapters (trained on the rest), then retrained on all of them. 0: spectral+equivariant.
     "glnet_val_fraction": Range(0.2, low=0, high=1, high_open=True),
     # "largest_rank": with split = "rank" and two or more train_ranks, GLNet's variant is chosen on the
     # adapters of the largest training rank (trained on the smaller ones), a rank shift like the test's
     "glnet_val": OneOf("random", ("random", "largest_rank")),
+    # how the validation losses choose: "min", the lowest (the spectral path on ties); "one_se", the
+    # first variant (spectral, spectral+equivariant) within one standard error of the lowest (paired)
+    "glnet_select": OneOf("min", SELECTION_RULES),
     "train": {"epochs": Range(40, low=1), "batch_size": Range(64, low=1), "lr": Range(1e-3, low=0, low_open=True),
               "weight_decay": 1e-4},
     "speed": {"enabled": True, "n_adapters": Range(50, low=1)},
@@ -131,19 +137,23 @@ def train_model(net: AdapterModel, pairs, y: torch.Tensor, loss_fn, epochs: int,
 
 
 def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fraction: float, train: dict,
-                       on_epoch=None, held_out: list[int] | None = None) -> tuple[AdapterModel, dict]:
+                       on_epoch=None, held_out: list[int] | None = None,
+                       rule: str = "min") -> tuple[AdapterModel, dict]:
     """Train the :data:`GLNet.VARIANTS <gradmeta.lora.GLNet.VARIANTS>` variant that validates best.
 
     ``build(variant kwargs) -> GLNet``. A seeded ``val_fraction`` of the training adapters is held
-    out; every variant (spectral path alone, with the equivariant residual, equivariant alone) is
-    trained on the rest (same seed and loop) and scored by ``loss_fn`` on it; the one with the
-    lowest loss (the first, the spectral path alone, on ties) is rebuilt and trained on every
-    training adapter. ``val_fraction = 0``: no selection, the spectral path with the residual.
+    out; every variant (spectral path alone, with the equivariant residual) is trained on the
+    rest (same seed and loop) and scored by ``loss_fn`` on it; the variant
+    :func:`gradmeta.lora.select_variant` keeps under ``rule`` (``"min"``: the lowest loss, the
+    spectral path on ties; ``"one_se"``: the first whose loss is within one standard error of the
+    lowest, paired per adapter) is rebuilt and trained on every training adapter.
+    ``val_fraction = 0``: no selection, the spectral path with the residual.
     ``held_out``: explicit validation rows instead of the random share (e.g. the adapters of the
-    largest training rank, so that the validation sees a rank shift as the test does). Returns ``(model, {"variant": name, "val_loss_<variant>": ...})``.
+    largest training rank, so that the validation sees a rank shift as the test does). Returns ``(model, {"variant": name, "val_loss_<variant>": mean loss,
+    "val_excess_<variant>": (mean excess over the lowest, its standard error), ...})``.
     """
     variants = GLNet.VARIANTS
-    chosen, info = "spectral+equivariant", {}
+    chosen, info, per_row = "spectral+equivariant", {}, {}
     if val_fraction > 0 or held_out:
         n = y.shape[0]
         if held_out:
@@ -160,8 +170,10 @@ def fit_glnet_selected(build, pairs, y: torch.Tensor, loss_fn, seed: int, val_fr
             net = build(kw).fit_input_scale(_index(pairs, fit))
             train_model(net, _index(pairs, fit), y[fit], loss_fn, seed=seed, **train)
             with torch.no_grad():
-                info[f"val_loss_{name}"] = float(loss_fn(net(_index(pairs, va)), y[va]))
-        chosen = min(variants, key=lambda v: info[f"val_loss_{v}"])  # first of equal losses
+                per_row[name] = loss_fn(net(_index(pairs, va)), y[va], reduction="none").flatten(1).mean(1)
+            info[f"val_loss_{name}"] = float(per_row[name].mean())
+        chosen = select_variant(per_row, rule=rule)
+        info.update({f"val_excess_{k}": e for k, e in excess_over_best(per_row).items()})
     torch.manual_seed(seed)
     net = build(variants[chosen]).fit_input_scale(pairs)
     train_model(net, pairs, y, loss_fn, seed=seed, on_epoch=on_epoch, **train)
@@ -308,6 +320,7 @@ def lora_predict(run: Run) -> dict:
                     held = [j for j, i in enumerate(tr) if max(ds.adapters[i].ranks.values()) == top]
                 net, chosen = fit_glnet_selected(build, p_tr, (y_tr - mu) / sd, loss_fn, seed,
                                                  spec["glnet_val_fraction"], spec["train"], held_out=held,
+                                                 rule=spec["glnet_select"],
                                                  on_epoch=lambda e, l: curve.append(l))
             else:
                 torch.manual_seed(seed)

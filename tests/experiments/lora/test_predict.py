@@ -134,8 +134,9 @@ def test_training_loop_is_bitwise_the_old_loop(name):
 
 
 def test_glnet_variant_selected_on_inner_validation(zoo_run):
-    """fit_glnet_selected keeps the variant with the lowest held-out training loss; the spectral
-    variant it refits on every training adapter is exactly SVDMLP trained the same way."""
+    """fit_glnet_selected keeps the variant of lowest held-out training loss (rule "one_se": the
+    first within one standard error of it); the spectral variant it refits on every training
+    adapter is exactly SVDMLP trained the same way."""
     from gradmeta.experiments.lora.predict import fit_glnet_selected, train_model
 
     _, zoo = zoo_run
@@ -149,7 +150,11 @@ def test_glnet_variant_selected_on_inner_validation(zoo_run):
     build = lambda kw: lora.GLNet(shapes, 1, **kw)
     net, info = fit_glnet_selected(build, pairs, y, mse, 0, 0.25, train)
     losses = {v: info[f"val_loss_{v}"] for v in lora.GLNet.VARIANTS}
+    excess = {v: info[f"val_excess_{v}"] for v in lora.GLNet.VARIANTS}
+    assert all(excess[v][0] == pytest.approx(losses[v] - min(losses.values()), abs=1e-6) for v in losses)
     assert info["variant"] == min(losses, key=losses.get)
+    _, info_se = fit_glnet_selected(build, pairs, y, mse, 0, 0.25, train, rule="one_se")
+    assert info_se["variant"] == next(v for v in lora.GLNet.VARIANTS if excess[v][0] <= excess[v][1])
     assert (net.sv_k > 0, net.residual) == {"spectral": (True, False), "spectral+equivariant": (True, True),
                                             "equivariant": (False, True)}[info["variant"]]
     forced, _ = fit_glnet_selected(lambda kw: build({"residual": False}), pairs, y, mse, 0, 0.0, train)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from gradmeta.params import ParamLayout
 
-from ._learned import DECAYS, LOState
+from ._learned import DECAYS, LOState, uniform_fan_in, zero_moment_state
 from ._rule import LearnedRule
 
 __all__ = ["GeneralistRule", "progress_features", "CENTRES"]
@@ -88,7 +88,7 @@ class GeneralistRule(LearnedRule):
         F, P, h = self.n_features, len(CENTRES), self.hidden
 
         def lin(d_in: int, d_out: int) -> Tensor:
-            return (torch.rand(d_in, d_out, generator=g) * 2 - 1) * math.sqrt(6.0 / d_in)
+            return uniform_fan_in(d_in, d_out, g)
 
         return {"w0": lin(F + P, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
                 "w2": torch.zeros(h, 3), "b2": torch.zeros(3), "log_lr": torch.tensor(math.log(self.lr)),
@@ -96,11 +96,7 @@ class GeneralistRule(LearnedRule):
 
     def init(self, params: Params) -> LOState:
         """Zero momenta and second moments; ``step = skipped = 0``."""
-        first = next(iter(params.values()))
-        zero = torch.zeros((), dtype=first.dtype, device=first.device)
-        return LOState(zero, {k: torch.zeros(len(DECAYS), *v.shape, dtype=v.dtype, device=v.device)
-                              for k, v in params.items()},
-                       {k: torch.zeros_like(v) for k, v in params.items()}, zero)
+        return zero_moment_state(params)
 
     def update(self, meta: Params, grads: Params, state: LOState, params: Params) -> tuple[Params, LOState]:
         """One step: ``(new_params, new_state)``; skipped (inputs returned) if anything is not finite."""

@@ -64,6 +64,20 @@ def _constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor
     return weights, torch.tensor(TIMESCALES, dtype=dtype, device=device)
 
 
+def uniform_fan_in(d_in: int, d_out: int, generator: torch.Generator) -> Tensor:
+    """``(d_in, d_out)`` uniform in ``±√(6 / d_in)`` (He-uniform), drawn from ``generator``."""
+    return (torch.rand(d_in, d_out, generator=generator) * 2 - 1) * math.sqrt(6.0 / d_in)
+
+
+def zero_moment_state(params: Params) -> LOState:
+    """Zero momenta ``(6, *shape)`` and second moments per parameter; ``step = skipped = 0``."""
+    first = next(iter(params.values()))
+    zero = torch.zeros((), dtype=first.dtype, device=first.device)
+    return LOState(zero, {k: torch.zeros(len(DECAYS), *v.shape, dtype=v.dtype, device=v.device)
+                          for k, v in params.items()},
+                   {k: torch.zeros_like(v) for k, v in params.items()}, zero)
+
+
 def rms_normalise(x: Tensor, layout: ParamLayout, eps: float = 1e-12, ids: Tensor | None = None) -> Tensor:
     """``x / RMS`` per row of ``x (F, N)`` and per tensor of ``layout`` (its ``N`` flat entries).
 
@@ -106,18 +120,14 @@ class PerParamMLP(LearnedRule):
         F, h = self.n_features, self.hidden
 
         def lin(d_in: int, d_out: int) -> Tensor:
-            return (torch.rand(d_in, d_out, generator=g) * 2 - 1) * math.sqrt(6.0 / d_in)
+            return uniform_fan_in(d_in, d_out, g)
 
         return {"w0": lin(F, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
                 "w2": torch.zeros(h, 2), "b2": torch.zeros(2), "log_lr": torch.tensor(math.log(self.lr))}
 
     def init(self, params: Params) -> LOState:
         """Zero momenta and second moments; ``step = skipped = 0``."""
-        first = next(iter(params.values()))
-        zero = torch.zeros((), dtype=first.dtype, device=first.device)
-        return LOState(zero, {k: torch.zeros(len(DECAYS), *v.shape, dtype=v.dtype, device=v.device)
-                              for k, v in params.items()},
-                       {k: torch.zeros_like(v) for k, v in params.items()}, zero)
+        return zero_moment_state(params)
 
     def update(self, meta: Params, grads: Params, state: LOState, params: Params,
                extra: Params | None = None) -> tuple[Params, LOState]:

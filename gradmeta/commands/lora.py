@@ -101,7 +101,8 @@ def _cmd_train(args) -> int:
     models = args.model.split(",") if args.model != "auto" else "auto"
     res = train(args.adapters, args.labels, args.target.split(","), task=args.task, model=models,
                 val_fraction=args.val_fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                patience=args.patience, seed=args.seed, device=args.device, out=args.out, skip_bad=args.skip_bad)
+                patience=args.patience, seed=args.seed, device=args.device, out=args.out, skip_bad=args.skip_bad,
+                selection=args.selection)
     for name, sc in res.scores.items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sc.items()
                           if k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -124,6 +125,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--model", default="glnet", help="glnet, svd, factor, dense, procrustes, transformer; "
                    "comma-separated to select on the validation split; auto = glnet,svd (default glnet)")
     q.add_argument("--val-fraction", type=float, default=0.2)
+    q.add_argument("--selection", choices=("min", "one_se"), default="min",
+                   help="how GLNet's variant is chosen on validation: min = the better score (ties to the "
+                        "spectral path); one_se = the spectral path unless the residual wins by more than one "
+                        "standard error")
     q.add_argument("--epochs", type=int, default=100)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--lr", type=float, default=1e-3)

@@ -20,7 +20,7 @@ from ._adapter import Adapter
 from ._dataset import LabelError, LoraDataset, stack_factors
 from ._load import load_adapter
 from ._models import MODELS, AdapterModel, load_model, save_model
-from ._select import excess_over_best, select_variant
+from ._select import SELECTION_RULES, excess_over_best, select_variant
 
 __all__ = ["train", "predict", "TrainResult", "MODEL_ALIASES", "model_class"]
 
@@ -210,6 +210,8 @@ def train(adapters: str | os.PathLike | LoraDataset, labels: str | os.PathLike |
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
     if task not in ("regression", "classification"):
         raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
     ds = adapters if isinstance(adapters, LoraDataset) else LoraDataset(adapters, labels, **dataset_kwargs)

@@ -69,8 +69,13 @@ def test_cli_train_predict_classification(labelled, tmp_path, capsys):
     assert rc == 0 and row["size"] in ("big", "small") and row["p_big"] + row["p_small"] == pytest.approx(1)
     rc, out, err = run(capsys, "lora", "train", "--adapters", str(labelled / "adapters"), "--labels",
                        str(labelled / "labels.csv"), "--target", "lognorm", "--model", "glnet,svd", "--epochs", "3",
-                       "--out", str(tmp_path / "g"))
+                       "--selection", "one_se", "--out", str(tmp_path / "g"))
     assert rc == 0 and "GLNet" in out and "variant " in out, err
+    g = json.loads((tmp_path / "g" / "metrics.json").read_text())["validation"]["GLNet"]
+    excess = g["variants_excess"]  # the one-SE rule: the first variant within one standard error of the best
+    assert g["variant"] == next(v for v in lora.GLNet.VARIANTS if excess[v][0] <= excess[v][1])
+    with pytest.raises(ValueError, match="selection must be one of"):
+        lora.train(labelled / "adapters", labelled / "labels.csv", "lognorm", selection="best")
 
 
 def _one_line_error(rc, err):

@@ -33,6 +33,17 @@ def assert_dicts_close(got: dict, want: dict, atol: float = 1e-10, rtol: float =
         torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
+def assert_reductions_match(gs, want: dict[str, torch.Tensor], atol: float = 1e-10):
+    """A gradient set's per-example gradients, norms, Gram, Fisher diagonal and mean against
+    per-example gradients ``want`` (``{name: (B, *shape)}``, e.g. from :func:`naive_per_example_grads`)."""
+    assert_dicts_close(gs.per_example_grads(), want, atol=atol)
+    flat = flatten_params(want)
+    torch.testing.assert_close(gs.grad_norms(), flat.norm(dim=1), atol=atol, rtol=0)
+    torch.testing.assert_close(gs.gram(), flat @ flat.T, atol=atol, rtol=0)
+    assert_dicts_close(gs.fisher_diagonal(), {k: g.square().mean(0) for k, g in want.items()}, atol=atol)
+    assert_dicts_close(gs.mean_grad(), {k: g.mean(0) for k, g in want.items()}, atol=atol)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

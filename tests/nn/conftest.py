@@ -30,6 +30,27 @@ def nontrivial_perms(spec, rng):
     return out
 
 
+def assert_gmn_equivariant(model, spec, perms, gs, gp, tol=1e-10) -> dict:
+    """GradMetaNet (both readouts, small, float64) on the gradient sets ``gs`` of ``model`` and ``gp``
+    of the network permuted by ``perms``: the invariant readout is unchanged and the weight readout
+    is permuted like the parameters. Returns the weight readout's expected ``{name: tensor}``."""
+    from gradmeta.nn import GradMetaNet
+
+    want = {}
+    for readout in ("invariant", "weight"):
+        torch.manual_seed(1)
+        net = GradMetaNet.for_model(model, readout=readout, channels=8, set_layers=1, neuron_layers=1,
+                                    heads=2).double()
+        out, out_p = net(gs), net(gp)
+        if readout == "invariant":
+            torch.testing.assert_close(out_p, out, atol=tol, rtol=0)
+        else:
+            want = spec.permute(out, perms)
+            for k in want:
+                torch.testing.assert_close(out_p[k], want[k], atol=tol, rtol=0)
+    return want
+
+
 def mlp_case(widths, batch, seed=0, activation="tanh"):
     """(model, inputs, targets) in float64 for a classification MLP."""
     g = torch.Generator().manual_seed(seed)

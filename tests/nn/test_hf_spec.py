@@ -7,8 +7,9 @@ from torch import nn
 
 import gradmeta as gm
 from gradmeta.grads import causal_lm_losses
-from gradmeta.nn import GradMetaNet, symmetry_spec
+from gradmeta.nn import symmetry_spec
 from tests.grads.test_hf_models import _batch, _gpt2, _llama
+from tests.nn.conftest import assert_gmn_equivariant, nontrivial_perms
 from tests.nn.conftest import permuted_model as _permuted
 
 pytest.importorskip("transformers")
@@ -41,24 +42,12 @@ def test_equivariance_on_real_hf_models(name):
     model = build().double().eval()
     spec = symmetry_spec(model)
     inputs, labels = _batch()
-    rng = torch.Generator().manual_seed(3)
-    perms = {k: (p.flip(0) if (p == torch.arange(len(p))).all() else p)
-             for k, p in spec.random_permutations(rng).items()}
+    perms = nontrivial_perms(spec, torch.Generator().manual_seed(3))
     pm = _permuted(model, spec, perms)
     torch.testing.assert_close(pm(**inputs).logits, model(**inputs).logits, atol=tol, rtol=0)
     gs = gm.collect_gradients(model, causal_lm_losses, inputs, labels)
     gp = gm.collect_gradients(pm, causal_lm_losses, inputs, labels)
-    for readout in ("invariant", "weight"):
-        torch.manual_seed(1)
-        net = GradMetaNet.for_model(model, readout=readout, channels=8, set_layers=1, neuron_layers=1,
-                                    heads=2).double()
-        out, out_p = net(gs), net(gp)
-        if readout == "invariant":
-            torch.testing.assert_close(out_p, out, atol=tol, rtol=0)
-        else:
-            want = spec.permute(out, perms)
-            for k in want:
-                torch.testing.assert_close(out_p[k], want[k], atol=tol, rtol=0)
+    assert_gmn_equivariant(model, spec, perms, gs, gp, tol)
 
 
 def test_llama_spec_keeps_rotary_dims_fixed_and_gates_joint():

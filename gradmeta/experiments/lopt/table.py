@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from gradmeta._io import atomic_write
-from gradmeta.lopt import ADAM_LRS, SGDM_LRS, adam, learned_curves, sgdm, step_reduction, train_curves
+from gradmeta.lopt import adam, learned_curves, sgdm, step_reduction, train_curves
 from gradmeta.specs import Range, register_task
 
-from .tasks import _TASK, _POS, _from_run, _nonempty, _task
+from .tasks import _POS, PROTOCOL_DEFAULTS, _from_run, _nonempty, _task
 
 if TYPE_CHECKING:
     from gradmeta.run import Run
@@ -38,18 +38,13 @@ __all__ = ["lopt_table", "TABLE_DEFAULTS", "GMN_SUFFIX"]
 GMN_SUFFIX = " + GradMetaNet"
 
 TABLE_DEFAULTS = {
-    "threads": Range(1, low=0),
-    "inner": _TASK,
+    **PROTOCOL_DEFAULTS,
     "runs_root": "runs",
     "rows": [""],  # run-folder stems, e.g. "lopt_fmnist" for runs_root/lopt_fmnist_s0 ...
     "labels": [""],  # one per row, e.g. "DS"; "<X> + GradMetaNet" rows are compared with "<X>"
     "meta_seeds": [Range(0, low=0), 1, 2],
-    "seeds": [Range(1, low=0), 2, 3, 4, 5],
     "steps": Range(1000, low=1),
     "eval_every": Range(25, low=1),
-    "data_seed": Range(0, low=0),
-    "adam_lrs": [Range(x, **_POS) for x in ADAM_LRS],
-    "sgdm_lrs": [Range(x, **_POS) for x in SGDM_LRS],
     "sgdm_momenta": [Range(0.9, low=0, high=1, high_open=True)],
     "targets": {"gmn_ratio": Range(1.2, **_POS), "best": Range(1.6, **_POS)},
 }

@@ -35,7 +35,7 @@ from gradmeta.specs import OneOf, Range, Required, register_task
 if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runner
     from gradmeta.run import Run
 
-__all__ = ["lopt_meta_train", "lopt_eval", "TRAIN_DEFAULTS", "EVAL_DEFAULTS"]
+__all__ = ["lopt_meta_train", "lopt_eval", "TRAIN_DEFAULTS", "EVAL_DEFAULTS", "PROTOCOL_DEFAULTS"]
 
 _POS = dict(low=0, low_open=True)  # a positive number
 _TASK = {"name": OneOf("digits", TASK_NAMES), "factory": "", "hidden": [Range(32, low=1)],
@@ -62,17 +62,22 @@ TRAIN_DEFAULTS = {
              "seeds": [Range(1000, low=0), 1001]},
     "checkpoint_every": Range(5, low=1),
 }
-EVAL_DEFAULTS = {
-    "checkpoint": "",
-    "run": "",  # a lopt_meta_train run folder: evaluate its optimizer (any kind) instead of `checkpoint`
+#: The evaluation protocol shared by ``lopt_eval`` and ``lopt_table``: inner task, held-out
+#: initialisation seeds, data order, Adam's and SGDM's learning-rate grids.
+PROTOCOL_DEFAULTS = {
     "threads": Range(1, low=0),
     "inner": _TASK,
     "seeds": [Range(1, low=0), 2, 3, 4, 5],
-    "steps": Range(300, low=1),
-    "eval_every": Range(10, low=1),
     "data_seed": Range(0, low=0),
     "adam_lrs": [Range(x, **_POS) for x in ADAM_LRS],
     "sgdm_lrs": [Range(x, **_POS) for x in SGDM_LRS],
+}
+EVAL_DEFAULTS = {
+    "checkpoint": "",
+    "run": "",  # a lopt_meta_train run folder: evaluate its optimizer (any kind) instead of `checkpoint`
+    **PROTOCOL_DEFAULTS,
+    "steps": Range(300, low=1),
+    "eval_every": Range(10, low=1),
     "timing": {"batch_size": Range(128, low=1), "repeats": Range(200, low=1)},
 }
 

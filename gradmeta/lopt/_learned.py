@@ -9,6 +9,12 @@ as in Metz et al. 2022's small per-parameter MLPs):
 * a step-count encoding ``tanh(t/τ)`` for ``τ = 1, 3, …, 10⁴`` (shared by all parameters);
 * optionally ``extra`` per-parameter features supplied by the caller (e.g. a GradMetaNet readout).
 
+With ``extra_gate=True`` the extra features enter through their own first-layer rows ``w0_extra``
+times a learned per-feature gate ``extra_gate`` that starts at zero, and the other meta-parameters
+are drawn exactly as for the optimizer without extra features: a freshly initialised rule with
+extra features then computes exactly the same updates as the plain one of the same seed, and
+meta-training can only add the extra features' contribution as far as it helps.
+
 It outputs a direction ``d`` and a log-scale ``s`` per parameter; the update is
 
     ``θ ← θ − clip(α · (e^{0.1 s} · m_sgd + λ · d), ±max_update)``,  ``α = exp(log_lr)``,
@@ -99,31 +105,49 @@ class PerParamMLP(LearnedRule):
         step_mult: ``λ``, the scale of the learned direction (in units of normalised features).
         max_update: per-element bound on ``|Δθ|`` (update clipping).
         extra_features: number of caller-supplied per-parameter features (0: none).
+        extra_gate: the extra features enter scaled by learned per-feature gates initialised at
+            zero (meta-parameters ``w0_extra (extra_features, hidden)`` and ``extra_gate
+            (extra_features,)``), and the other meta-parameters are those of
+            ``PerParamMLP(extra_features=0)`` of the same seed; ``False``: the extra features are
+            more rows of ``w0``, drawn with the others.
     """
 
     n_base_features = 2 + 2 * len(DECAYS) + len(TIMESCALES)
 
     def __init__(self, hidden: int = 32, lr: float = 0.1, step_mult: float = 0.03, max_update: float = 0.1,
-                 extra_features: int = 0):
+                 extra_features: int = 0, extra_gate: bool = False):
+        if not isinstance(extra_gate, bool):
+            raise ValueError(f"PerParamMLP: extra_gate must be True or False, got {extra_gate!r}")
         self.hidden, self.lr, self.step_mult = hidden, lr, step_mult
-        self.max_update, self.extra_features = max_update, extra_features
+        self.max_update, self.extra_features, self.extra_gate = max_update, extra_features, extra_gate
         self.n_features = self.n_base_features + extra_features
+        self._gated = extra_gate and extra_features > 0
 
     def config(self) -> dict:
         """Constructor arguments, enough to rebuild this optimizer (``PerParamMLP(**config)``)."""
-        return {"hidden": self.hidden, "lr": self.lr, "step_mult": self.step_mult,
-                "max_update": self.max_update, "extra_features": self.extra_features}
+        config = {"hidden": self.hidden, "lr": self.lr, "step_mult": self.step_mult,
+                  "max_update": self.max_update, "extra_features": self.extra_features}
+        if self.extra_gate:  # written only when set: configs saved before the option load unchanged
+            config["extra_gate"] = True
+        return config
 
     def init_meta(self, seed: int = 0) -> Params:
-        """Meta-parameters: MLP ``F → h → h → 2`` (last layer zero) and ``log_lr``."""
+        """Meta-parameters: MLP ``F → h → h → 2`` (last layer zero) and ``log_lr``; with
+        ``extra_gate``, ``w0`` has the base features' rows only (the same draw as without extra
+        features) and ``w0_extra``, drawn after all of them, and ``extra_gate = 0`` are added."""
         g = torch.Generator().manual_seed(seed)
-        F, h = self.n_features, self.hidden
+        F, h = (self.n_base_features if self._gated else self.n_features), self.hidden
 
         def lin(d_in: int, d_out: int) -> Tensor:
             return uniform_fan_in(d_in, d_out, g)
 
-        return {"w0": lin(F, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
+        meta = {"w0": lin(F, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
                 "w2": torch.zeros(h, 2), "b2": torch.zeros(2), "log_lr": torch.tensor(math.log(self.lr))}
+        if self._gated:
+            # the fan-in of the whole first layer, as the ungated rows have
+            meta["w0_extra"] = (torch.rand(self.extra_features, h, generator=g) * 2 - 1) * math.sqrt(6.0 / self.n_features)
+            meta["extra_gate"] = torch.zeros(self.extra_features)
+        return meta
 
     def init(self, params: Params) -> LOState:
         """Zero momenta and second moments; ``step = skipped = 0``."""
@@ -181,7 +205,11 @@ class PerParamMLP(LearnedRule):
         # the step-count encoding is the same for every parameter: it enters as a bias
         time = torch.tanh(t / timescales)
         w0 = meta["w0"]
-        h = torch.addmm(meta["b0"] + time @ w0[x.shape[0]:], x.T, w0[:x.shape[0]]).relu_()
+        n_x = x.shape[0] - (self.extra_features if self._gated else 0)  # rows of x read by w0
+        w_x = w0[:n_x]
+        if self._gated:  # gating the rows scales the features: (g·x)ᵀw = xᵀ(g·w)
+            w_x = torch.cat([w_x, meta["extra_gate"].unsqueeze(1) * meta["w0_extra"]], 0)
+        h = torch.addmm(meta["b0"] + time @ w0[n_x:], x.T, w_x).relu_()
         h = torch.addmm(meta["b1"], h, meta["w1"]).relu_()
         out = torch.addmm(meta["b2"], h, meta["w2"])  # (N, 2)
         # Small output multipliers (as Metz et al.'s λ₁, λ₂) keep early meta-training stable.

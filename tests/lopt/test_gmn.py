@@ -37,6 +37,32 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("cls", [GradMetaNetLO, WeightSpaceLO])
+def test_a_gated_branch_starts_as_the_per_parameter_lo_of_the_same_seed(small_digits, cls):
+    """Gates at zero: any per-parameter part (here a trained-looking one) steps exactly as the
+    per-parameter optimizer, whatever the branch's meta-parameters; an open gate changes the step."""
+    lo, ref = cls(small_digits, hidden=8, extra_gate=True), PerParamMLP(hidden=8)
+    meta, ref_meta = lo.init_meta(2), ref.init_meta(2)
+    assert all(torch.equal(meta[f"mlp.{k}"], v) for k, v in ref_meta.items())
+    noise = torch.Generator().manual_seed(0)
+    meta = {k: v + (0 if k == "mlp.extra_gate" else 0.3) * torch.randn(v.shape, generator=noise)
+            for k, v in meta.items()}
+    ref_meta = {k: meta[f"mlp.{k}"] for k in ref_meta}
+    params = small_digits.init(0)
+    s, s_ref, p_ref = lo.init(params), ref.init(params), params
+    batches = small_digits.batches(torch.Generator().manual_seed(0), 3)
+    for t in range(3):
+        batch = tuple(b[t] for b in batches)
+        opened = lo.step(small_digits, {**meta, "mlp.extra_gate": torch.ones_like(meta["mlp.extra_gate"])},
+                         params, s, batch)[0]
+        params, s, _ = lo.step(small_digits, meta, params, s, batch)
+        g = grad(lambda q: small_digits.loss(q, batch).mean())(p_ref)
+        p_ref, s_ref = ref.update(ref_meta, g, s_ref, p_ref)
+        for k in params:
+            torch.testing.assert_close(params[k], p_ref[k], rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(opened[k], params[k]) for k in params)
+
+
 def test_pes_meta_gradient_for_the_gradmetanet_lo(small_digits):
     lo = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8)
     meta = lo.init_meta(0)

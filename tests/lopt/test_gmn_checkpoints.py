@@ -11,7 +11,8 @@ from gradmeta.models import classification_loss, mlp
 def _rules(task):
     return [GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, avg_decay=0.8, layers=2),
             GradMetaNetLO(task, gmn_channels=2, variant="plusplus", weight_aware=True, hidden=8, layers=1),
-            WeightSpaceLO(task, out_channels=2, hidden=8)]
+            WeightSpaceLO(task, out_channels=2, hidden=8),
+            GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, layers=2, extra_gate=True)]
 
 
 def _trained_looking(lo, seed=0):
@@ -19,7 +20,7 @@ def _trained_looking(lo, seed=0):
     return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in lo.init_meta(seed).items()}
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 def test_round_trip_gives_the_same_rule_and_the_same_steps(small_digits, tmp_path, which):
     lo = _rules(small_digits)[which]
     meta = _trained_looking(lo)

@@ -16,6 +16,8 @@ def _trained_looking(lo, dtype=torch.float32, seed=1):
     gen = torch.Generator().manual_seed(seed)
     meta = {k: v.to(dtype) for k, v in lo.init_meta(0).items()}
     meta["mlp.w2"] = 0.3 * torch.randn(meta["mlp.w2"].shape, generator=gen, dtype=dtype)
+    if "mlp.extra_gate" in meta:  # gates start at 0: open them so that the branch is read
+        meta["mlp.extra_gate"] = torch.randn(meta["mlp.extra_gate"].shape, generator=gen, dtype=dtype)
     return meta
 
 
@@ -82,9 +84,10 @@ def test_pes_estimate_equals_the_per_particle_loop(small_digits, monkeypatch):
     assert any(float(v.abs().max()) > 0 for k, v in g.items() if k.startswith("gmn."))
 
 
-@pytest.mark.parametrize("variant", ["base", "plusplus"])
-def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant):
-    lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=True, hidden=8, examples=7)
+@pytest.mark.parametrize("variant,gate", [("base", False), ("plusplus", False), ("base", True)])
+def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate):
+    lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=True, hidden=8, examples=7,
+                       extra_gate=gate)
     meta = _trained_looking(lo, torch.float64)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
 

@@ -108,3 +108,44 @@ def test_update_equals_the_tensor_by_tensor_reference(extra_features):
             torch.testing.assert_close(params[k], want[k], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(state.momenta[k], want_m[k], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(state.second[k], want_v[k], rtol=1e-12, atol=1e-12)
+
+
+def _gated_reference_meta(meta: dict) -> dict:
+    """The ungated layout of a gated rule's meta-parameters: ``w0`` = base rows, gate · ``w0_extra``, time rows."""
+    nb = PerParamMLP.n_base_features - 9  # base feature rows; the 9 time-scale rows come last
+    w0 = torch.cat([meta["w0"][:nb], meta["extra_gate"].unsqueeze(1) * meta["w0_extra"], meta["w0"][nb:]])
+    return {**{k: v for k, v in meta.items() if k not in ("w0_extra", "extra_gate")}, "w0": w0}
+
+
+def test_gated_extra_features_start_as_the_plain_rule_and_open_by_their_gates():
+    g = torch.Generator().manual_seed(0)
+    lo, plain = PerParamMLP(hidden=8, extra_features=3, extra_gate=True), PerParamMLP(hidden=8)
+    meta, plain_meta = lo.init_meta(4), plain.init_meta(4)
+    # the same draw as the rule without extra features, plus the gated rows and zero gates
+    assert set(meta) == set(plain_meta) | {"w0_extra", "extra_gate"}
+    assert all(torch.equal(meta[k], plain_meta[k]) for k in plain_meta)
+    assert meta["extra_gate"].shape == (3,) and not meta["extra_gate"].any() and meta["w0_extra"].shape == (3, 8)
+    assert lo.config()["extra_gate"] and "extra_gate" not in plain.config()
+    assert PerParamMLP(**lo.config()).init_meta(4).keys() == meta.keys()
+    with pytest.raises(ValueError, match="extra_gate must be True or False"):
+        PerParamMLP(extra_features=2, extra_gate="yes")
+    meta = {k: v.double() for k, v in meta.items()}
+    meta["w2"] = 0.3 * torch.randn(8, 2, generator=g, dtype=torch.float64)  # a rule that moves off SGDM
+    params = {"a.weight": torch.randn(5, 4, generator=g, dtype=torch.float64),
+              "a.bias": torch.randn(5, generator=g, dtype=torch.float64)}
+    grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    extra = {k: 10 * torch.randn(*v.shape, 3, generator=g, dtype=torch.float64) for k, v in params.items()}
+    plain64 = {k: meta[k] for k in plain_meta}
+    # gates at zero: exactly the plain rule's step, whatever the extra features
+    got = lo.update(meta, grads, lo.init(params), params, extra)[0]
+    want = plain.update(plain64, grads, plain.init(params), params)[0]
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+    # open gates: the ungated reference with the gated rows in w0
+    meta["extra_gate"] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    got = lo.update(meta, grads, lo.init(params), params, extra)[0]
+    want = per_param_mlp_update(lo, _gated_reference_meta(meta), grads, lo.init(params), params, extra)[0]
+    moved = plain.update(plain64, grads, plain.init(params), params)[0]
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(got[k], moved[k]) for k in params)

@@ -52,7 +52,10 @@ TRAIN_DEFAULTS = {
                   # GradMetaNet / weight-space branch: width, depth, heads (GradMetaNet++), examples of the
                   # batch fed to GradMetaNet (0: all), ids of input/output neurons ("relative": any size)
                   "gmn_width": Range(8, low=1), "gmn_layers": Range(4, low=1), "gmn_heads": Range(1, low=1),
-                  "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned"))},
+                  "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned")),
+                  # the branch's features enter the MLP through learned gates starting at 0 (the
+                  # rule starts as the per-parameter MLP of the same seed, PerParamMLP extra_gate)
+                  "extra_gate": False},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
               "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
@@ -118,6 +121,8 @@ def _make_lo(task, cfg: dict):
     if cfg["kind"] == "per_param_mlp":
         return PerParamMLP(**base)
     ids = cfg.get("neuron_ids", "relative")
+    if cfg.get("extra_gate", False):  # a run folder written before the key has no entry
+        base["extra_gate"] = True
     if cfg["kind"] == "weightspace":
         return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], channels=cfg.get("gmn_width", 8),
                              neuron_ids=ids, **base)

@@ -132,3 +132,25 @@ def test_meta_train_the_weight_space_lo_and_evaluate_its_run_folder(tmp_path):
     bad.write_text(ev.read_text().replace(str(out), str(tmp_path / "missing")))
     with pytest.raises(FileNotFoundError, match="not a lopt_meta_train run folder"):
         gr.run_spec(bad, tmp_path / "bad", progress=False)
+
+
+def test_gated_branch_from_a_spec_meta_trains_and_its_run_folder_rebuilds_it(tmp_path):
+    from gradmeta.experiments.lopt.tasks import _from_run, _make_lo
+    from gradmeta.lopt import PerParamMLP, make_task
+    from gradmeta.specs import load_spec, resolve_spec
+
+    spec = tmp_path / "gate.toml"
+    spec.write_text(SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = '
+                                                      '"gradmetanet"\ngmn_channels = 2\nexamples = 4\ngmn_layers = 1'
+                                                      '\nextra_gate = true'))
+    out = gr.run_spec(spec, tmp_path / "gate", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert meta["mlp.extra_gate"].shape == (4,) and meta["mlp.w0_extra"].shape == (4, 8)
+    assert meta["mlp.w0"].shape == (PerParamMLP.n_base_features, 8)
+    assert meta["mlp.extra_gate"].abs().max() > 0  # meta-trained off its zero start
+    task = make_task("digits", hidden=[8], batch_size=16)
+    lo, saved = _from_run(str(out), task)
+    assert lo.base.extra_gate and set(saved) == set(meta) == set(lo.init_meta(0))
+    old = {k: v for k, v in resolve_spec(load_spec(spec), spec)["optimizer"].items() if k != "extra_gate"}
+    ungated = _make_lo(task, old)  # a run folder written before the key
+    assert not ungated.base.extra_gate and "mlp.extra_gate" not in ungated.init_meta(0)

@@ -7,7 +7,9 @@ first ``examples`` examples) is computed as a pure function of the parameters
 running average over past steps (EMA, decay ``avg_decay``, bias corrected) are concatenated to the
 per-parameter features of :class:`PerParamMLP` (``extra_features = 2E``). The update keeps the
 residual form, so an untrained optimizer is still SGD with momentum, whatever the GradMetaNet
-outputs. Meta-parameters are the MLP's (``"mlp.*"``) and the GradMetaNet's (``"gmn.*"``). The
+outputs. With ``extra_gate=True`` those features enter through learned per-feature gates that
+start at zero (:class:`PerParamMLP`), so a fresh rule is exactly the per-parameter MLP of the same
+seed. Meta-parameters are the MLP's (``"mlp.*"``) and the GradMetaNet's (``"gmn.*"``). The
 whole step is pure, so the outer trainers run its particles under ``torch.func.vmap``.
 
 :class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant: the branch is an
@@ -205,7 +207,10 @@ class GradMetaNetLO(_BranchLO):
         neuron_ids: ``"relative"`` (size-independent ids of input / output neurons,
             :class:`RelativeNeuronIds`) or ``"learned"`` (one learned vector per neuron: tied to
             the model's input and output sizes).
-        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
+        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
+            ``extra_gate``: the branch's features enter through learned gates starting at zero, so a
+            fresh rule steps exactly as ``PerParamMLP`` of the same seed and meta-training opens the
+            branch only as far as it helps).
     """
 
     kind = "gradmetanet"
@@ -315,7 +320,8 @@ class WeightSpaceLO(_BranchLO):
         out_channels: ``E``, branch outputs per parameter entry.
         channels, layers: width and depth of the weight-space net.
         neuron_ids: as :class:`GradMetaNetLO`.
-        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``).
+        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
+            ``extra_gate`` as :class:`GradMetaNetLO`).
     """
 
     prefix = "ws"

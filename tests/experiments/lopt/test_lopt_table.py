@@ -62,6 +62,17 @@ def test_driver_meta_trains_every_row_and_writes_the_table(tmp_path):
     s2 = json.loads((res / "t.json").read_text())["summary"]
     assert len(s2["missing"]) == 4 and s2["rows"]["DS"]["meta_seeds"] == [0, 1]
     assert s2["rows"]["DS"]["step_reduction"] == s["rows"]["DS"]["step_reduction"]  # deterministic
+    # the gated rows with their gates closed: "open" re-evaluates exactly the table's rules
+    import lopt_gate_ablation
+
+    assert lopt_gate_ablation.main(["--runs-root", str(runs), "--meta-seeds", "0", "1", "--results", str(res),
+                                    "--name", "abl", *[a for o in table_set for a in ("--table-set", o)]]) == 0
+    abl = json.loads((res / "abl.json").read_text())["rows"]
+    assert set(abl) == set(LABELS) - {"DS"}  # every row with a branch is gated in the shipped specs
+    for label in abl:
+        per_seed = s["rows"][label]["step_reduction"]["per_meta_seed"]
+        assert [abl[label][str(m)]["open"]["step_reduction"] for m in (0, 1)] == pytest.approx(per_seed, abs=1e-9)
+        assert all(abl[label][str(m)]["closed"]["best_test_loss"] > 0 for m in (0, 1))
 
 
 def test_targets_pair_each_gradmetanet_row_with_its_base():
@@ -121,6 +132,28 @@ def test_driver_refuses_a_table_without_row_specs_or_of_another_task(tmp_path):
         table_defaults(spec, ['rows=[""]'])
     with pytest.raises(ValueError, match="not 'lopt_table'"):
         table_defaults(ROOT / "tasks" / "lopt_fmnist.toml", [])
+
+
+def test_closing_the_gates_of_a_branch_rule_gives_the_per_parameter_rule_of_its_mlp_part():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lopt_gate_ablation import closed_rule
+
+    from gradmeta.lopt import GradMetaNetLO, PerParamMLP, make_task
+
+    task = make_task("digits", hidden=[8], batch_size=16)
+    lo = GradMetaNetLO(task, gmn_channels=2, hidden=8, lr=0.05, examples=4, layers=1, extra_gate=True)
+    gen = torch.Generator().manual_seed(0)
+    meta = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in lo.init_meta(1).items()}
+    plain, plain_meta = closed_rule(lo, meta)
+    assert isinstance(plain, PerParamMLP) and plain.lr == 0.05 and set(plain_meta) == set(plain.init_meta(0))
+    params = task.init(0)
+    batch = tuple(b[0] for b in task.batches(torch.Generator().manual_seed(0), 1))
+    shut = {**meta, "mlp.extra_gate": torch.zeros(2 * 2)}
+    want, opened = (lo.step(task, m, params, lo.init(params), batch)[0] for m in (shut, meta))
+    got = plain.step(task, plain_meta, params, plain.init(params), batch)[0]
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(got[k], opened[k]) for k in params)
 
 
 @pytest.mark.parametrize("table", ["lopt_fmnist_table", "lopt_digits_table", "lopt_char_lm_table"])

@@ -42,10 +42,13 @@ class MetaTraining:
         meta_lr: learning rate of the Adam meta-optimiser.
         grad_clip: the meta-gradient is scaled to at most this norm (a non-finite one to zero).
         seed: seeds the meta-parameters and every random draw of the outer trainer.
+        lr_scales: ``{name prefix: factor}``: meta-parameters whose name starts with a prefix are
+            stepped at ``meta_lr × factor`` (first matching prefix; e.g. a smaller meta learning
+            rate for a branch's ``"gmn."`` meta-parameters); ``None``: one learning rate for all.
     """
 
     def __init__(self, rule, outer: GradientEstimator, *, meta_lr: float = 3e-3, grad_clip: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, lr_scales: dict[str, float] | None = None):
         if not isinstance(outer, GradientEstimator):
             raise TypeError(f"MetaTraining: outer must be a GradientEstimator (PES, ES, TruncatedBackprop), "
                             f"got {type(outer).__name__}")
@@ -53,10 +56,25 @@ class MetaTraining:
             raise ValueError("MetaTraining: the outer trainer was built for another learned optimizer")
         self.rule, self.outer, self.grad_clip = rule, outer, grad_clip
         self.meta = {k: v.requires_grad_() for k, v in rule.init_meta(seed).items()}
-        self.opt = torch.optim.Adam(self.meta.values(), lr=meta_lr)
+        self.opt = torch.optim.Adam(self._groups(meta_lr, lr_scales or {}), lr=meta_lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.state = None
         self.iteration = 0
+
+    def _groups(self, meta_lr: float, lr_scales: dict[str, float]) -> list[dict]:
+        """Adam parameter groups: one per learning rate, in the order of ``self.meta`` (one group, as
+        without ``lr_scales``, when every factor is 1)."""
+        for prefix, f in lr_scales.items():
+            if not (isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 and math.isfinite(f)):
+                raise ValueError(f"MetaTraining: lr_scales[{prefix!r}] must be a positive number, got {f!r}")
+            if not any(k.startswith(prefix) for k in self.meta):
+                raise ValueError(f"MetaTraining: lr_scales prefix {prefix!r} names no meta-parameter of "
+                                 f"{type(self.rule).__name__} (names: {', '.join(self.meta)})")
+        groups: dict[float, list] = {}
+        for k, v in self.meta.items():
+            f = next((f for p, f in lr_scales.items() if k.startswith(p)), 1.0)
+            groups.setdefault(float(f), []).append(v)
+        return [{"params": ps, "lr": meta_lr * f} for f, ps in groups.items()]
 
     def start(self) -> None:
         """Draw the outer trainer's first particles (after :meth:`load_state_dict` if resuming)."""

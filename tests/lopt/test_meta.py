@@ -64,3 +64,31 @@ def test_bad_factories_and_arguments_are_refused(wine):
         meta_train(wine, lo, functools.partial(ES, particles=2, horizon=2), iterations=0)
     with pytest.raises(ValueError, match="another learned optimizer"):
         meta_train(wine, lo, ES(wine, PerParamMLP(hidden=4), particles=2, horizon=2), iterations=1)
+
+
+def test_lr_scales_step_the_named_meta_parameters_at_their_own_rate(wine):
+    from gradmeta.lopt import MetaTraining
+
+    lo = PerParamMLP(hidden=4)
+
+    def one_step(lr_scales):
+        mt = MetaTraining(lo, PES(wine, lo, particles=2, truncation=2, horizon=4), meta_lr=0.01, seed=1,
+                          lr_scales=lr_scales)
+        before = {k: v.clone() for k, v in mt.detached().items()}  # detached() shares storage
+        mt.step()
+        return {k: (mt.meta[k].detach() - before[k]).abs() for k in before}, mt
+
+    plain, mt_plain = one_step(None)
+    scaled, _ = one_step({"w0": 0.1, "b": 0.5})
+    # Adam's first step moves every entry with a non-zero gradient by its learning rate
+    for k, f in (("w0", 0.1), ("b0", 0.5), ("b1", 0.5), ("w1", 1.0), ("log_lr", 1.0)):
+        moved = plain[k] > 0
+        assert moved.any(), k
+        torch.testing.assert_close(scaled[k][moved], torch.full_like(scaled[k][moved], 0.01 * f), rtol=1e-3, atol=0)
+    # all factors 1: one group, the optimizer state of a run without lr_scales
+    same, mt_same = one_step({"w0": 1.0})
+    assert len(mt_same.opt.param_groups) == 1 and all(torch.equal(same[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="names no meta-parameter"):
+        one_step({"gmn.": 0.1})
+    with pytest.raises(ValueError, match="positive number"):
+        one_step({"w0": 0.0})

@@ -60,6 +60,8 @@ TRAIN_DEFAULTS = {
               "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
               "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
               "log_loss": False, "meta_lr": Range(3e-3, **_POS), "grad_clip": Range(1.0, **_POS),
+              # meta learning rate of a branch's meta-parameters (and of its gates) ÷ meta_lr
+              "branch_lr_scale": Range(1.0, **_POS),
               "objective": OneOf("train", ("train", "valid"))},
     "eval": {"every": Range(25, low=1), "steps": Range(200, low=1), "eval_every": Range(10, low=1),
              "seeds": [Range(1000, low=0), 1001]},
@@ -132,6 +134,15 @@ def _make_lo(task, cfg: dict):
                          heads=cfg.get("gmn_heads", 1), examples=cfg.get("examples") or None, neuron_ids=ids, **base)
 
 
+def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
+    """``MetaTraining``'s ``lr_scales`` for a branch's meta-parameters (``"<prefix>."``, and the
+    gated rows and gates ``"mlp.w0_extra"``, ``"mlp.extra_gate"``); ``None`` for a rule without one."""
+    if scale == 1 or not hasattr(lo, "prefix"):
+        return None
+    names = lo.init_meta(seed)
+    return {p: scale for p in (f"{lo.prefix}.", "mlp.w0_extra", "mlp.extra_gate") if any(k.startswith(p) for k in names)}
+
+
 def _from_run(folder: str, task):
     """``(optimizer, meta)`` of a ``lopt_meta_train`` run folder (its resolved spec and latest
     checkpoint, read with ``weights_only``), for optimizers of any kind on ``task``."""
@@ -168,7 +179,8 @@ def lopt_meta_train(run: Run) -> dict:
         trainer = ES(task, lo, sigma=o["sigma"], **common)
     else:
         trainer = PES(task, lo, truncation=o["truncation"], sigma=o["sigma"], **common)
-    mt = MetaTraining(lo, trainer, meta_lr=o["meta_lr"], grad_clip=o["grad_clip"], seed=s["seed"])
+    mt = MetaTraining(lo, trainer, meta_lr=o["meta_lr"], grad_clip=o["grad_clip"], seed=s["seed"],
+                      lr_scales=_branch_lr_scales(lo, o["branch_lr_scale"], s["seed"]))
     meta = mt.meta
     history = {"meta": {"step": [], "meta_loss": [], "grad_norm": [], "lr": [], "skipped": []},
                "eval": {"step": [], "final_test_loss": [], "best_test_loss": []}}

@@ -154,3 +154,15 @@ def test_gated_branch_from_a_spec_meta_trains_and_its_run_folder_rebuilds_it(tmp
     old = {k: v for k, v in resolve_spec(load_spec(spec), spec)["optimizer"].items() if k != "extra_gate"}
     ungated = _make_lo(task, old)  # a run folder written before the key
     assert not ungated.base.extra_gate and "mlp.extra_gate" not in ungated.init_meta(0)
+
+
+def test_branch_lr_scale_names_the_branch_and_gates_only():
+    from gradmeta.experiments.lopt.tasks import _branch_lr_scales
+    from gradmeta.lopt import GradMetaNetLO, PerParamMLP, WeightSpaceLO, make_task
+
+    task = make_task("digits", hidden=[8], batch_size=16)
+    assert _branch_lr_scales(PerParamMLP(), 0.3, 0) is None  # no branch: nothing to scale
+    assert _branch_lr_scales(GradMetaNetLO(task, layers=1), 1.0, 0) is None
+    assert _branch_lr_scales(GradMetaNetLO(task, layers=1), 0.3, 0) == {"gmn.": 0.3}
+    assert _branch_lr_scales(WeightSpaceLO(task, extra_gate=True), 0.3, 0) == {
+        "ws.": 0.3, "mlp.w0_extra": 0.3, "mlp.extra_gate": 0.3}

@@ -99,22 +99,24 @@ class DataPool(NeuronDeepSets):
 #: Explicit attention materialises the ``(L, L)`` scores of at most about this many elements at a
 #: time (per vmapped sample): memory stays bounded for long sequences, and the scores of a chunk
 #: stay in cache between the product, the softmax and the second product.
-_SCORES_ELEMENTS = 1 << 16
+_SCORES_ELEMENTS = 1 << 15
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q kᵀ / √d) v`` along the sequence axis: ``q, k, v (..., L, d) -> (..., L, d)``.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale · q kᵀ) v`` along the sequence axis: ``q, k, v (..., L, d) -> (..., L, d)``;
+    ``scale`` defaults to ``1/√d``.
 
-    Equal to ``F.scaled_dot_product_attention`` (no mask, default scale ``1/√d``). On a CPU it is
-    computed explicitly, by matrix products and a softmax over chunks of the leading (sequence)
-    axes of about ``_SCORES_ELEMENTS`` scores: those ops have ``vmap`` batching rules, whereas the
-    CPU attention kernel has none and would run once per vmapped sample. Other devices use the
-    fused kernel.
+    Equal to ``F.scaled_dot_product_attention`` (no mask). On a CPU it is computed explicitly, by
+    matrix products and a softmax over chunks of the leading (sequence) axes of about
+    ``_SCORES_ELEMENTS`` scores: those ops have ``vmap`` batching rules, whereas the CPU attention
+    kernel has none and would run once per vmapped sample. Other devices use the fused kernel.
     """
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     *lead, L, d = q.shape
-    q = q * d ** -0.5
+    scale = d ** -0.5 if scale is None else scale
+    if scale != 1:
+        q = q * scale
     n = math.prod(lead)
     rows = max(1, _SCORES_ELEMENTS // max(L * L, 1))
     if n <= rows:
@@ -141,7 +143,9 @@ class _MHA(nn.Module):
     """Multi-head self-attention without positions (permutation equivariant along the sequence).
 
     ``forward(x, dim, norm)``: ``x (..., c)`` attended along its axis ``dim`` (the other axes index
-    independent sequences), after the layer norm ``norm`` if given; same shape out.
+    independent sequences), after the layer norm ``norm`` if given; same shape out. The queries,
+    keys and values are the first, second and third ``c`` outputs of ``qkv``, each split into
+    ``heads`` consecutive slices of ``c / heads``.
     """
 
     def __init__(self, c: int, heads: int):
@@ -153,13 +157,25 @@ class _MHA(nn.Module):
         self.out = Linear(c, c)
 
     def forward(self, x: torch.Tensor, dim: int = -2, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        qkv = self.qkv(x) if norm is None else _normed_linear(x, norm, self.qkv)
-        qkv = qkv.movedim(dim, -2)                                          # (..., L, 3c)
-        *lead, L, c3 = qkv.shape
-        h, c = self.heads, c3 // 3
-        qkv = qkv.view(*lead, L, 3, h, c // h).movedim(-3, 0).transpose(-3, -2)  # (3, ..., h, L, c/h)
-        y = attention(qkv[0], qkv[1], qkv[2])                               # (..., h, L, c/h)
-        return self.out(y.transpose(-3, -2).reshape(*lead, L, c)).movedim(-2, dim)
+        c = x.shape[-1]
+        h, d = self.heads, c // self.heads
+        w, b = self.qkv.weight, self.qkv.bias
+        if norm is not None:  # the norm's affine map folded into qkv: the full-size tensor is only normalised
+            x = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+            w, b = w * norm.weight, torch.addmv(b, w, norm.bias)
+        # Exact rewrites that spare full-size passes: the scale 1/√d goes into the query map; the
+        # key bias adds q·b_k to every score of a row, which the softmax ignores; the value bias
+        # comes out of the attention unchanged (each row of weights sums to 1) and joins the
+        # output bias.
+        scale = d ** -0.5
+        b_q, _, b_v = b.split(c)
+        qkv = linear(x, torch.cat([w[:c] * scale, w[c:]])).movedim(dim, -2)        # (..., L, 3c)
+        *lead, L, _ = qkv.shape
+        qkv = qkv.view(*lead, L, 3, h, d).movedim(-3, 0).transpose(-3, -2)          # (3, ..., h, L, d)
+        q = qkv[0] + (b_q * scale).view(h, 1, d)
+        y = attention(q, qkv[1], qkv[2], scale=1.0)                                 # (..., h, L, d)
+        y = y.transpose(-3, -2).reshape(*lead, L, c)
+        return linear(y, self.out.weight, torch.addmv(self.out.bias, self.out.weight, b_v)).movedim(-2, dim)
 
 
 class AttentionBlock(nn.Module):
@@ -346,7 +362,7 @@ _READOUT_CLASSES = {"gelu": GeluReadout, "bilinear": BilinearReadout}
 _CHUNK_ELEMENTS = 1 << 22
 #: Without autograd, chunks of at most this many elements (per vmapped sample): the per-datum
 #: sums stay in cache between the broadcast sum, the gelu and the data mean.
-_CACHE_ELEMENTS = 1 << 16
+_CACHE_ELEMENTS = 1 << 14
 
 
 def _channels_first(t, n_axes: int):
@@ -374,7 +390,8 @@ def _gelu_sum(hx, hy, bias):
         z = z.add_(bias)                    # z is a fresh tensor: no second full-size copy
     else:
         z = _plus(z, bias)
-    return F.gelu(z).sum(1)
+    z = F.gelu(z)
+    return z[:, 0] if z.shape[1] == 1 else z.sum(1)
 
 
 def _is_zero(bias) -> bool:
@@ -394,11 +411,13 @@ def _chunked_mean(hx, hy, bias):
     step = max(1, (_CHUNK_ELEMENTS if torch.is_grad_enabled() else _CACHE_ELEMENTS) // max(per, 1))
     if step >= S:
         return _gelu_sum(hx, hy, bias) / S
-    total = 0
+    total = None
     for s in range(0, S, step):
         args = (hx[:, s:s + step], None if hy is None else hy[:, s:s + step], bias)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_gelu_sum, *args, use_reentrant=False)
-        else:
-            total = total + _gelu_sum(*args)
+            part = checkpoint(_gelu_sum, *args, use_reentrant=False)
+            total = part if total is None else total + part
+        else:  # accumulated in place (the first part is a fresh tensor)
+            part = _gelu_sum(*args)
+            total = part if total is None else total.add_(part)
     return total / S

@@ -287,12 +287,14 @@ class GeluReadout(ProductReadout):
             bias = 0 if e is None else el(e)
             if self.pid is not None:
                 bias = bias + self.pid[k]
-            # channels first, (G, [S,] K, nx[, ny]): the broadcast sum, gelu and data mean run
-            # along the long neuron axis (a channels-last layout has rows of K entries)
-            hx, hy, bias = _channels_first(hx, 1), None if hy is None else _channels_first(hy, 1), \
-                _channels_first(bias, len(axes))
-            z = _chunked_mean(hx, hy, bias) if per_datum else F.gelu(_plus(_outer(hx, hy), bias))
-            out[name] = self._squeeze(lin(z.movedim(-1 - len(axes), -1)))
+            if per_datum:
+                # channels first, (G, S, K, nx[, ny]): the broadcast sum, gelu and data mean run
+                # along the long neuron axis (a channels-last layout has rows of K entries)
+                z = _chunked_mean(_channels_first(hx, 1), None if hy is None else _channels_first(hy, 1),
+                                  _channels_first(bias, len(axes))).movedim(-1 - len(axes), -1)
+            else:
+                z = F.gelu(_plus(hx if hy is None else hx.unsqueeze(-2) + hy.unsqueeze(-3), bias))
+            out[name] = self._squeeze(lin(z))
         return out
 
 

@@ -94,7 +94,7 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     models = {"adam": mlp(widths), "learned": mlp(widths)}
     models["learned"].load_state_dict(models["adam"].state_dict())
     opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
-            "learned": LearnedOptimizer(models["learned"].parameters())}
+            "learned": LearnedOptimizer(models["learned"].parameters(), checkpoint="digits")}
     x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
     full = {k: [] for k in opts}
     update = {k: [] for k in opts}
@@ -122,7 +122,7 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     ms = {k: statistics.median(v) for k, v in full.items()}  # seconds
     ms_up = {k: statistics.median(v) for k, v in update.items()}
     rows = []
-    for k, label in (("adam", "torch.optim.Adam"), ("learned", "LearnedOptimizer (shipped checkpoint)")):
+    for k, label in (("adam", "torch.optim.Adam"), ("learned", "LearnedOptimizer (shipped digits checkpoint)")):
         rows.append({"label": label, "step_s": ms[k], "update_s": ms_up[k], "ratio": ms[k] / ms["adam"],
                      "state_ratio": _state_bytes(opts[k]) / param_bytes,
                      "floor": 1 + macs / (3 * batch) if k == "learned" else 1.0,

@@ -145,7 +145,8 @@ class PerParamMLP(LearnedRule):
                 "w2": torch.zeros(h, 2), "b2": torch.zeros(2), "log_lr": torch.tensor(math.log(self.lr))}
         if self._gated:
             # the fan-in of the whole first layer, as the ungated rows have
-            meta["w0_extra"] = (torch.rand(self.extra_features, h, generator=g) * 2 - 1) * math.sqrt(6.0 / self.n_features)
+            bound = math.sqrt(6.0 / self.n_features)
+            meta["w0_extra"] = (torch.rand(self.extra_features, h, generator=g) * 2 - 1) * bound
             meta["extra_gate"] = torch.zeros(self.extra_features)
         return meta
 

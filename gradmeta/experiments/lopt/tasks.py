@@ -141,7 +141,8 @@ def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
     if scale == 1 or not hasattr(lo, "prefix"):
         return None
     names = lo.init_meta(seed)
-    return {p: scale for p in (f"{lo.prefix}.", "mlp.w0_extra", "mlp.extra_gate") if any(k.startswith(p) for k in names)}
+    prefixes = (f"{lo.prefix}.", "mlp.w0_extra", "mlp.extra_gate")
+    return {p: scale for p in prefixes if any(k.startswith(p) for k in names)}
 
 
 def _from_run(folder: str, task):

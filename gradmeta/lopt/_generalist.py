@@ -19,7 +19,7 @@ initialisation) outputs ``(a, b, c)``, and
 With ``adaptive=True`` the step size also adapts to the task during the run (a learned
 hypergradient / Rprop-like rule): a log step size ``s`` per entry, zero at the start, follows
 
-    ``s ← clamp(s + 0.1·tanh(w_adapt · [cos(g, d_prev), clamp(g·r_prev·d_prev, ±1), shrink, 1]), ±3)``,
+    ``s ← clamp(s + 0.1·tanh(w_adapt · [cos(g, d_prev), clamp(g·r_prev·d_prev, ±1), shrink]), ±3)``,
     ``θ ← θ − α(p)·e^{s}·u``,
 
 where ``d_prev`` is the previous step's Adam direction (from the incoming state; zero before the
@@ -28,7 +28,8 @@ small this gradient is against the running mean of squared gradients (it falls a
 loss vanishes, e.g. when a small data set is being memorised), and the cosine and the sums are
 over the whole flat vector the rule steps (the model, or one parameter bucket of
 :class:`~gradmeta.lopt.LearnedOptimizer`). A gradient that keeps agreeing with the last
-direction can grow the step, one that turns against it shrink it. ``s`` is kept in
+direction can grow the step, one that turns against it shrink it; there is no constant term,
+so the step size only moves in answer to what the gradients say. ``s`` is kept in
 the state slot of the decay-0.1 momentum (which this rule never reads), so the state has the
 same shapes as without adaptation. ``w_adapt`` is zero at initialisation (``s`` stays 0).
 
@@ -70,7 +71,7 @@ _CLAMP = 10.0
 #: What the adaptive step size reads (``adaptive=True``): the alignment of this gradient with the
 #: previous step's Adam direction, over the whole flat vector and per entry.
 ADAPT_FEATURES: tuple[str, ...] = ("cos(g, d_prev) over the flat vector", "clamp(g·r_prev·d_prev, ±1) per entry",
-                                   "clamp(¼·log(|g|² / Σ v̂_prev), ±1) over the flat vector", "1 (a bias)")
+                                   "clamp(¼·log(|g|² / Σ v̂_prev), ±1) over the flat vector")
 #: Per-step change of the log step size is at most this; the log step size stays within ±_LOG_STEP_MAX.
 _ADAPT_RATE, _LOG_STEP_MAX = 0.1, 3.0
 
@@ -98,7 +99,7 @@ def _adapted_log_step(w: Tensor, grads: Tensor, momenta: Tensor, second: Tensor,
     shrink = 0.25 * torch.log(grads.square().sum().clamp_min(1e-30)
                               / (second.sum() / (1 - 0.999 ** prev)).clamp_min(1e-30))
     shrink = torch.where(step > 0, shrink.clamp(-1.0, 1.0), torch.zeros_like(shrink))
-    feats = torch.stack([cos.expand_as(elem), elem, shrink.expand_as(elem), torch.ones_like(elem)])
+    feats = torch.stack([cos.expand_as(elem), elem, shrink.expand_as(elem)])
     delta = _ADAPT_RATE * torch.tanh(w @ feats)
     return (momenta[0] + delta).clamp(-_LOG_STEP_MAX, _LOG_STEP_MAX)
 
@@ -110,7 +111,7 @@ class GeneralistRule(LearnedRule):
         hidden: width of the two hidden layers of the per-parameter MLP.
         lr: initial ``exp(log_lr)`` (the untrained rule is Adam at this learning rate).
         total_steps: length of the run the progress ``p = t / total_steps`` refers to (``None``: ``p = 0``).
-        adaptive: add the learned per-run step-size adaptation (meta-parameter ``w_adapt (4,)``).
+        adaptive: add the learned per-run step-size adaptation (meta-parameter ``w_adapt (3,)``).
     """
 
     n_features = 4
@@ -128,7 +129,7 @@ class GeneralistRule(LearnedRule):
 
     def init_meta(self, seed: int = 0) -> Params:
         """MLP ``4 (+5 progress) → h → h → 3`` (last layer zero), ``log_lr``, ``w_sched (5,)`` zero
-        (and ``w_adapt (4,)`` zero when adaptive)."""
+        (and ``w_adapt (3,)`` zero when adaptive)."""
         g = torch.Generator().manual_seed(seed)
         F, P, h = self.n_features, len(CENTRES), self.hidden
 

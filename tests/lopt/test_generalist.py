@@ -67,7 +67,7 @@ def _reference_log_steps(meta, ref, grads, t):
             r = 1 / (math.sqrt(v.reshape(-1)[i] / (1 - 0.999 ** max(t - 1, 1))) + 1e-8)
             gr = min(max(grads[k].reshape(-1)[i] * r, -10), 10)
             elem = min(max(gr * d_prev[k].reshape(-1)[i], -1), 1)
-            z = meta["w_adapt"][0] * cos + meta["w_adapt"][1] * elem + meta["w_adapt"][2] * shrink + meta["w_adapt"][3]
+            z = meta["w_adapt"][0] * cos + meta["w_adapt"][1] * elem + meta["w_adapt"][2] * shrink
             s.reshape(-1)[i] = min(max(s.reshape(-1)[i] + 0.1 * math.tanh(z), -3), 3)
         out[k] = s
     return out
@@ -78,7 +78,7 @@ def test_matches_slow_reference_float64(total, adaptive):
     rule = GeneralistRule(hidden=6, total_steps=total, adaptive=adaptive)
     meta = _random_meta(rule, scale=1.0)
     if adaptive:
-        meta["w_adapt"] = torch.tensor([8.0, -3.0, 2.0, 0.3], dtype=torch.float64)
+        meta["w_adapt"] = torch.tensor([8.0, -3.0, 2.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
     state = rule.init(params)
@@ -235,7 +235,7 @@ def test_adaptive_is_bounded_and_old_checkpoints_load(tmp_path):
 
     rule = GeneralistRule(hidden=4, adaptive=True)
     meta = rule.init_meta(0)
-    meta["w_adapt"] = torch.tensor([1e4, 1e4, 0.0, 1e4])
+    meta["w_adapt"] = torch.tensor([1e4, 1e4, 0.0])
     params = {"w": torch.zeros(50)}
     state = rule.init(params)
     for _ in range(80):  # a constant gradient: every alignment is +1, the step size grows to its cap

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -324,7 +325,8 @@ def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 
             "step_reduction": r["step_reduction"].tolist(), "skipped": r["skipped"].tolist(),
             "adam_default_best": torch.nan_to_num(d, nan=float("inf")).min(-1).values.tolist(),
             "curve": r["test_loss"].mean(0).tolist(), "adam_curve": r["adam_test_loss"].mean(0).tolist(),
-            "eval_steps": r["eval_steps"].tolist(), "seconds": time.time() - t0}
+            "eval_steps": r["eval_steps"].tolist(), "seconds": time.time() - t0,
+            "load_average_1min": os.getloadavg()[0]}
         print(f"{name}: best {mine_best.mean():.4g} vs Adam {adam_best.mean():.4g} (lr {r['adam_lr']}), "
               f"final {r['final_test_loss'].mean():.4g}, SR {r['step_reduction'].median():.2f}, "
               f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)

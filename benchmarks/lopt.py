@@ -15,7 +15,11 @@ forward and backward cost about ``3·B`` per parameter, so the ratio cannot go b
 
 ``--suite pes`` times one PES meta-training iteration (``PES.grad``: every particle unrolled
 ``truncation`` inner steps, vectorised with ``vmap``) of the GradMetaNet learned optimizers side by
-side with the per-parameter one (same task, particles, truncation; interleaved; medians), as ratios.
+side with the per-parameter one (same task, particles, truncation), as ratios. Each round runs one
+iteration of every rule in turn; "vs per-parameter" is the ratio of the medians over rounds and
+"paired" the median over rounds of (rule's time / per-parameter time of the same round), which is
+less sensitive to load changing between rounds on a shared machine. The load average is recorded
+at the start and at the end.
 
 Usage::
 
@@ -49,6 +53,7 @@ PES_RULES = [
     ("GradMetaNet++, 32 of {B} examples", "plusplus", {"examples": 32}),
     ("GradMetaNet++, 16 of {B} examples", "plusplus", {"examples": 16}),
     ("GradMetaNet++, 16 of {B} examples, 2 blocks", "plusplus", {"examples": 16, "layers": 2}),
+    ("GradMetaNet++, 8 of {B} examples", "plusplus", {"examples": 8}),
     ("GradMetaNet++, 8 of {B} examples, 2 blocks", "plusplus", {"examples": 8, "layers": 2}),
     ("weight-space (WeightSpaceLO)", "weightspace", {}),
 ]
@@ -89,7 +94,7 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     models = {"adam": mlp(widths), "learned": mlp(widths)}
     models["learned"].load_state_dict(models["adam"].state_dict())
     opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
-            "learned": LearnedOptimizer(models["learned"].parameters())}
+            "learned": LearnedOptimizer(models["learned"].parameters(), checkpoint="digits")}
     x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
     full = {k: [] for k in opts}
     update = {k: [] for k in opts}
@@ -117,7 +122,7 @@ def run_case(name: str, widths: list[int], batch: int, repeats: int, warmup: int
     ms = {k: statistics.median(v) for k, v in full.items()}  # seconds
     ms_up = {k: statistics.median(v) for k, v in update.items()}
     rows = []
-    for k, label in (("adam", "torch.optim.Adam"), ("learned", "LearnedOptimizer (shipped checkpoint)")):
+    for k, label in (("adam", "torch.optim.Adam"), ("learned", "LearnedOptimizer (shipped digits checkpoint)")):
         rows.append({"label": label, "step_s": ms[k], "update_s": ms_up[k], "ratio": ms[k] / ms["adam"],
                      "state_ratio": _state_bytes(opts[k]) / param_bytes,
                      "floor": 1 + macs / (3 * batch) if k == "learned" else 1.0,
@@ -142,7 +147,7 @@ def _pes_rule(task, kind: str, kwargs: dict):
 
 def run_pes(hidden: int, batch: int, particles: int, truncation: int, repeats: int, warmup: int) -> dict:
     """One PES iteration per rule, interleaved rule by rule; medians; ratios to the per-parameter rule."""
-    import warnings
+    import os
 
     task = digits_mlp(hidden=[hidden], batch_size=batch)
     runs = []
@@ -153,22 +158,24 @@ def run_pes(hidden: int, batch: int, particles: int, truncation: int, repeats: i
         gen = torch.Generator().manual_seed(0)
         runs.append({"label": label.format(B=batch), "kind": kind, "pes": pes, "meta": meta, "gen": gen,
                      "state": pes.init(meta, gen), "times": []})
-    with warnings.catch_warnings():  # GradMetaNet++'s attention has no vmap batching rule on CPU (loops; timed as is)
-        warnings.simplefilter("ignore", UserWarning)
-        for i in range(warmup + repeats):
-            for r in runs:
-                t0 = time.perf_counter()
-                _, r["state"], _ = r["pes"].grad(r["meta"], r["state"], r["gen"])
-                if i >= warmup:
-                    r["times"].append(time.perf_counter() - t0)
-    ref = statistics.median(runs[0]["times"])
+    for i in range(warmup + repeats):
+        for r in runs:
+            t0 = time.perf_counter()
+            _, r["state"], _ = r["pes"].grad(r["meta"], r["state"], r["gen"])
+            if i >= warmup:
+                r["times"].append(time.perf_counter() - t0)
+    ref = runs[0]["times"]
     rows = [{"label": r["label"], "iter_s": statistics.median(r["times"]),
-             "ratio": statistics.median(r["times"]) / ref, "target": PES_TARGETS.get(r["kind"]),
+             "ratio": statistics.median(r["times"]) / statistics.median(ref),
+             "paired_ratio": statistics.median(t / t0 for t, t0 in zip(r["times"], ref)),
+             "target": PES_TARGETS.get(r["kind"]),
              "n_meta": sum(v.numel() for v in r["meta"].values())} for r in runs]
+    load_end = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     desc = (f"Digits MLP 64-{hidden}-10, batch {batch}; one PES iteration = {particles} particles (vmapped) × "
-            f"{truncation} inner steps; median of {repeats} interleaved iterations after {warmup} warm-up. "
-            "GradMetaNet width 8, E = 4 outputs per entry; per-parameter MLP hidden 32.")
-    return {"name": "pes_digits", "description": desc, "results": rows}
+            f"{truncation} inner steps; median of {repeats} interleaved rounds after {warmup} warm-up "
+            f"(load average at the end: {load_end}). GradMetaNet width 8, E = 4 outputs per entry, 4 "
+            "layers / attention blocks unless stated, 1 attention head; per-parameter MLP hidden 32.")
+    return {"name": "pes_digits", "description": desc, "load_avg_at_end": load_end, "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
-    ap.add_argument("--pes-repeats", type=int, default=7, help="interleaved PES iterations per rule (medians)")
+    ap.add_argument("--pes-repeats", type=int, default=15, help="interleaved PES rounds (medians)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suite in ("all", "pes"):
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 "columns": [{"key": "label", "header": "learned optimizer"},
                             {"key": "iter_s", "header": "PES iteration", "format": "ms"},
                             {"key": "ratio", "header": "vs per-parameter", "format": "ratio"},
+                            {"key": "paired_ratio", "header": "paired", "format": "ratio"},
                             {"key": "target", "header": "target", "format": "ratio"},
                             {"key": "n_meta", "header": "meta-parameters"}],
                 "cases": [pes]}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -274,10 +273,7 @@ class GradMetaNetLO(_BranchLO):
                              "batch) computes it")
         gmn_meta = self._part(meta, "gmn")
         args = (gradient_set, params) if self.weight_aware else (gradient_set,)
-        with warnings.catch_warnings():  # GradMetaNet++'s CPU attention kernel has no vmap rule: it loops, correctly
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
-                                    "the batching rule")
-            out = functional_call(self.net, gmn_meta, args)
+        out = functional_call(self.net, gmn_meta, args)
         # readouts and their averages as (N, E), the entries of every parameter in order: a few
         # whole-vector operations instead of a few per parameter
         rows = lambda per_param: torch.cat([per_param[k].reshape(-1, self.E).to(params[k].dtype)  # noqa: E731

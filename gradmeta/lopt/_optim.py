@@ -2,7 +2,7 @@
 
 Use it where ``torch.optim.Adam`` would go::
 
-    opt = LearnedOptimizer(model.parameters(), lr=1.0)   # the shipped checkpoint
+    opt = LearnedOptimizer(model.parameters(), total_steps=len(batches))   # the shipped generalist
     for x, y in batches:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -13,12 +13,14 @@ Checkpoint files (written by :func:`save_checkpoint`, read with ``torch.load(wei
 hold ``{"format", "kind", "config", "meta"}``: the optimizer class's constructor arguments and its
 meta-parameters. The package ships two, by name in :data:`NAMED_CHECKPOINTS`:
 
-* ``"digits"`` (the default), ``checkpoints/lopt_digits.pt``, a :class:`PerParamMLP` meta-trained
-  by ``gradmeta run tasks/lopt_digits.toml`` (the spec lies next to it);
-* ``"generalist"``, ``checkpoints/lopt_generalist.pt``, a :class:`GeneralistRule` meta-trained on
-  a distribution of tasks by ``benchmarks/lopt_generalist.py`` (settings in
-  ``checkpoints/lopt_generalist.toml``): ``LearnedOptimizer(params, checkpoint="generalist",
-  total_steps=...)``.
+* ``"generalist"`` (the default), ``checkpoints/lopt_generalist.pt``, a :class:`GeneralistRule`
+  meta-trained on a distribution of tasks by ``benchmarks/lopt_generalist.py`` (settings in
+  ``checkpoints/lopt_generalist.toml``): Adam's direction with a learned, bounded correction and
+  step-size schedule over the progress ``t / total_steps``; it never moves a parameter whose
+  gradient has always been zero;
+* ``"digits"``, ``checkpoints/lopt_digits.pt``, a :class:`PerParamMLP` meta-trained on the digits
+  MLP only by ``gradmeta run tasks/lopt_digits.toml`` (the spec lies next to it): faster than tuned
+  Adam on that task and MLPs like it, worse elsewhere, and it drifts at zero gradient.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint
            "CHECKPOINT_FORMAT", "NAMED_CHECKPOINTS"]
 
 CHECKPOINT_FORMAT = "gradmeta.lopt/1"
-#: The checkpoint loaded by ``LearnedOptimizer(params)`` (meta-trained on the digits MLP task).
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_digits.pt"
-#: Shipped checkpoints by name (``LearnedOptimizer(params, checkpoint="generalist")``).
-NAMED_CHECKPOINTS = {"digits": DEFAULT_CHECKPOINT,
-                     "generalist": Path(__file__).parent / "checkpoints" / "lopt_generalist.pt"}
+#: The checkpoint loaded by ``LearnedOptimizer(params)``: the generalist, meta-trained on a distribution of tasks.
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_generalist.pt"
+#: Shipped checkpoints by name (``LearnedOptimizer(params, checkpoint="digits")``).
+NAMED_CHECKPOINTS = {"generalist": DEFAULT_CHECKPOINT,
+                     "digits": Path(__file__).parent / "checkpoints" / "lopt_digits.pt"}
 _KINDS = {"per_param_mlp": PerParamMLP, "gradmetanet": GradMetaNetLO, "weightspace": WeightSpaceLO,
           "generalist": GeneralistRule}
 _FLAT_KINDS = (PerParamMLP, GeneralistRule)  # rules that read only p.grad (usable by LearnedOptimizer)
@@ -178,30 +180,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
     applies one learned update to every parameter that has a dense gradient; parameters without a
     gradient (or with a sparse one) are skipped and keep their state. Per parameter group,
 
-        ``θ ← θ·(1 − lr·weight_decay) − lr · clip(α(e^{0.1 s}·m_sgd + λ d), ±max_update)``
+        ``θ ← θ·(1 − lr·weight_decay) − lr · u``
 
-    with ``α, λ`` and the MLP outputs ``d, s`` of the checkpoint's :class:`PerParamMLP`; ``lr``
-    multiplies the learned step (``lr = 1``: the update the optimizer was meta-trained with; any
-    ``torch.optim.lr_scheduler`` may change it, ``OneCycleLR`` with ``cycle_momentum=False`` as the
-    rule has no momentum hyperparameter to cycle; ``lr = 0``: no movement). Parameters are stepped in
-    buckets of one parameter group, device and dtype, each by one fused pass over all of its
-    entries. State (six momenta and a second moment per entry, 7× the parameters) is kept in
-    float32 for 16-bit parameters and in the parameter dtype otherwise. A step whose update is
-    not finite anywhere is skipped (parameters and state unchanged) and counted in
-    :attr:`skipped_steps`.
+    with ``u`` the checkpoint rule's update. The default (``"generalist"``,
+    :class:`~gradmeta.lopt.GeneralistRule`) is ``u = α(p)·(Adam's direction, rescaled and mixed
+    with a fast and a slow momentum by a bounded learned per-entry correction)``, ``α(p)`` a
+    learned step size over the progress ``p = t / total_steps``: pass ``total_steps`` (the length
+    of your run) so its schedule spans the run. The ``"digits"`` checkpoint
+    (:class:`PerParamMLP`) is ``u = clip(α(e^{0.1 s}·m_sgd + λ d), ±max_update)`` with ``α, λ``
+    and the MLP outputs ``d, s``. ``lr`` multiplies the learned step (``lr = 1``: the update the
+    optimizer was meta-trained with; any ``torch.optim.lr_scheduler`` may change it,
+    ``OneCycleLR`` with ``cycle_momentum=False`` as the rules have no momentum hyperparameter to
+    cycle; ``lr = 0``: no movement). Parameters are stepped in buckets of one parameter group,
+    device and dtype, each by one fused pass over all of its entries. State (six momenta and a
+    second moment per entry, 7× the parameters) is kept in float32 for 16-bit parameters and in
+    the parameter dtype otherwise. A step whose update is not finite anywhere is skipped
+    (parameters and state unchanged) and counted in :attr:`skipped_steps`.
 
     Args:
         params: an iterable of parameters or of param-group dicts (as every ``torch.optim`` optimizer).
         lr: multiplier on the learned step (default 1).
         weight_decay: decoupled weight decay coefficient (default 0).
-        checkpoint: a file from :func:`save_checkpoint`; ``None`` loads the shipped
-            :data:`DEFAULT_CHECKPOINT` (meta-trained on a digits MLP).
-        total_steps: the length of your run; the step count the learned rule sees is then rescaled
-            to ``t · H / total_steps`` (``H``, the horizon it was meta-trained on), so its learned
-            schedule spans your run. ``None``: the raw step count. With a ``generalist`` checkpoint
-            (:class:`~gradmeta.lopt.GeneralistRule`) the rule conditions on the progress
-            ``t / total_steps`` directly; ``None`` keeps its progress at 0 (its start-of-training
-            behaviour for the whole run).
+        checkpoint: a file from :func:`save_checkpoint` or a shipped one by name (``"generalist"``,
+            ``"digits"``); ``None`` loads :data:`DEFAULT_CHECKPOINT` (the generalist).
+        total_steps: the length of your run. The generalist (default) conditions on the progress
+            ``t / total_steps``; ``None`` keeps its progress at 0 (its start-of-training behaviour
+            for the whole run). For a :class:`PerParamMLP` checkpoint the step count the rule sees
+            is rescaled to ``t · H / total_steps`` (``H``, the horizon it was meta-trained on), so
+            its learned schedule spans your run; ``None``: the raw step count.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1.0, weight_decay: float = 0.0,

@@ -14,6 +14,8 @@ layer accepts any ``B``, ``T`` (and any width of a permuted space).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,22 +96,86 @@ class DataPool(NeuronDeepSets):
         return super().forward(g.mean((1, 2)))
 
 
+#: Explicit attention materialises the ``(L, L)`` scores of at most about this many elements at a
+#: time (per vmapped sample): memory stays bounded for long sequences, and the scores of a chunk
+#: stay in cache between the product, the softmax and the second product.
+_SCORES_ELEMENTS = 1 << 15
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale · q kᵀ) v`` along the sequence axis: ``q, k, v (..., L, d) -> (..., L, d)``;
+    ``scale`` defaults to ``1/√d``.
+
+    Equal to ``F.scaled_dot_product_attention`` (no mask). On a CPU it is computed explicitly, by
+    matrix products and a softmax over chunks of the leading (sequence) axes of about
+    ``_SCORES_ELEMENTS`` scores: those ops have ``vmap`` batching rules, whereas the CPU attention
+    kernel has none and would run once per vmapped sample. Other devices use the fused kernel.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    *lead, L, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    if scale != 1:
+        q = q * scale
+    n = math.prod(lead)
+    rows = max(1, _SCORES_ELEMENTS // max(L * L, 1))
+    if n <= rows:
+        return _attend(q, k, v)
+    q, k, v = q.reshape(n, L, d), k.reshape(n, L, d), v.reshape(n, L, d)
+    return torch.cat([_attend(q[a:a + rows], k[a:a + rows], v[a:a + rows]) for a in range(0, n, rows)]
+                     ).view(*lead, L, d)
+
+
+def _attend(q, k, v):
+    """``softmax(q kᵀ) v``, the second product as ``(vᵀ aᵀ)ᵀ`` (faster on a CPU for few channels)."""
+    a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), -1)
+    return torch.matmul(v.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _normed_linear(x: torch.Tensor, norm: nn.LayerNorm, lin: nn.Linear) -> torch.Tensor:
+    """``lin(norm(x))`` with the norm's affine map folded into the linear map (``W diag(γ)``,
+    ``b + W β``): the full-size tensor is normalised once, never scaled and shifted."""
+    xhat = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+    return linear(xhat, lin.weight * norm.weight, torch.addmv(lin.bias, lin.weight, norm.bias))
+
+
 class _MHA(nn.Module):
-    """Multi-head self-attention without positions (permutation equivariant along the sequence)."""
+    """Multi-head self-attention without positions (permutation equivariant along the sequence).
+
+    ``forward(x, dim, norm)``: ``x (..., c)`` attended along its axis ``dim`` (the other axes index
+    independent sequences), after the layer norm ``norm`` if given; same shape out. The queries,
+    keys and values are the first, second and third ``c`` outputs of ``qkv``, each split into
+    ``heads`` consecutive slices of ``c / heads``.
+    """
 
     def __init__(self, c: int, heads: int):
         super().__init__()
         if c % heads:
             raise ValueError(f"channels={c} not divisible by heads={heads}")
         self.heads = heads
-        self.qkv = nn.Linear(c, 3 * c)
-        self.out = nn.Linear(c, c)
+        self.qkv = Linear(c, 3 * c)
+        self.out = Linear(c, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, c)
-        *lead, L, c = x.shape
-        q, k, v = self.qkv(x).reshape(-1, L, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(*lead, L, c))
+    def forward(self, x: torch.Tensor, dim: int = -2, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        c = x.shape[-1]
+        h, d = self.heads, c // self.heads
+        w, b = self.qkv.weight, self.qkv.bias
+        if norm is not None:  # the norm's affine map folded into qkv: the full-size tensor is only normalised
+            x = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+            w, b = w * norm.weight, torch.addmv(b, w, norm.bias)
+        # Exact rewrites that spare full-size passes: the scale 1/√d goes into the query map; the
+        # key bias adds q·b_k to every score of a row, which the softmax ignores; the value bias
+        # comes out of the attention unchanged (each row of weights sums to 1) and joins the
+        # output bias.
+        scale = d ** -0.5
+        b_q, _, b_v = b.split(c)
+        qkv = linear(x, torch.cat([w[:c] * scale, w[c:]])).movedim(dim, -2)        # (..., L, 3c)
+        *lead, L, _ = qkv.shape
+        qkv = qkv.view(*lead, L, 3, h, d).movedim(-3, 0).transpose(-3, -2)          # (3, ..., h, L, d)
+        q = qkv[0] + (b_q * scale).view(h, 1, d)
+        y = attention(q, qkv[1], qkv[2], scale=1.0)                                 # (..., h, L, d)
+        y = y.transpose(-3, -2).reshape(*lead, L, c)
+        return linear(y, self.out.weight, torch.addmv(self.out.bias, self.out.weight, b_v)).movedim(-2, dim)
 
 
 class AttentionBlock(nn.Module):
@@ -124,12 +190,13 @@ class AttentionBlock(nn.Module):
         self.n1, self.n2, self.n3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
         self.data_attn = _MHA(c, heads)
         self.neuron_attn = _MHA(c, heads)
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.mlp = nn.Sequential(Linear(c, 2 * c), nn.GELU(), Linear(2 * c, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.data_attn(self.n1(x).transpose(1, 2)).transpose(1, 2)
-        x = x + self.neuron_attn(self.n2(x))
-        return x + self.mlp(self.n3(x))
+        x = x + self.data_attn(x, dim=-3, norm=self.n1)
+        x = x + self.neuron_attn(x, norm=self.n2)
+        hidden, act, out = self.mlp
+        return x + out(act(_normed_linear(x, self.n3, hidden)))
 
 
 class ProductReadout(nn.Module):
@@ -221,9 +288,12 @@ class GeluReadout(ProductReadout):
             if self.pid is not None:
                 bias = bias + self.pid[k]
             if per_datum:
-                z = _chunked_mean(hx, hy, bias)
+                # channels first, (G, S, K, nx[, ny]): the broadcast sum, gelu and data mean run
+                # along the long neuron axis (a channels-last layout has rows of K entries)
+                z = _chunked_mean(_channels_first(hx, 1), None if hy is None else _channels_first(hy, 1),
+                                  _channels_first(bias, len(axes))).movedim(-1 - len(axes), -1)
             else:
-                z = F.gelu(_plus(_outer(hx, hy), bias))
+                z = F.gelu(_plus(hx if hy is None else hx.unsqueeze(-2) + hy.unsqueeze(-3), bias))
             out[name] = self._squeeze(lin(z))
         return out
 
@@ -292,34 +362,64 @@ _READOUT_CLASSES = {"gelu": GeluReadout, "bilinear": BilinearReadout}
 # Per-datum product readouts are evaluated in chunks of data of at most this many elements, with
 # activation checkpointing, so memory stays O(chunk·P·hidden) instead of O(S·P·hidden).
 _CHUNK_ELEMENTS = 1 << 22
+#: Without autograd, chunks of at most this many elements (per vmapped sample): the per-datum
+#: sums stay in cache between the broadcast sum, the gelu and the data mean.
+_CACHE_ELEMENTS = 1 << 14
+
+
+def _channels_first(t, n_axes: int):
+    """``(..., *sizes, K) -> (..., K, *sizes)`` for ``n_axes`` trailing axes, laid out contiguously
+    (the neuron axes innermost, also under ``vmap``); a plain number or a ``(K,)`` vector
+    broadcasts as ``(K, 1, ...)``."""
+    if not torch.is_tensor(t):
+        return t
+    if t.dim() == 1:
+        return t.view(-1, *[1] * n_axes)
+    return t.movedim(-1, -1 - n_axes).contiguous()
 
 
 def _outer(hx, hy):
-    return hx if hy is None else hx.unsqueeze(-2) + hy.unsqueeze(-3)
+    """``hx[..., :, None] + hy[..., None, :]`` (channels first: ``(..., K, nx)`` and ``(..., K, ny)``)."""
+    return hx if hy is None else hx.unsqueeze(-1) + hy.unsqueeze(-2)
 
 
 def _gelu_sum(hx, hy, bias):
-    bias = bias.unsqueeze(1) if torch.is_tensor(bias) and bias.dim() > 1 else bias
-    return F.gelu(_plus(_outer(hx, hy), bias)).sum(1)
+    """``sum_s gelu(hx[:, s, :, :, None] + hy[:, s, :, None, :] + bias)`` (channels first, data axis 1)."""
+    per_entry = 2 + (1 if hy is None else 2)  # (G, K, nx[, ny]): insert the data axis
+    bias = bias.unsqueeze(1) if torch.is_tensor(bias) and bias.dim() == per_entry else bias
+    z = _outer(hx, hy)
+    if hy is not None and not torch.is_grad_enabled() and not _is_zero(bias):
+        z = z.add_(bias)                    # z is a fresh tensor: no second full-size copy
+    else:
+        z = _plus(z, bias)
+    z = F.gelu(z)
+    return z[:, 0] if z.shape[1] == 1 else z.sum(1)
+
+
+def _is_zero(bias) -> bool:
+    return isinstance(bias, (int, float)) and bias == 0
 
 
 def _plus(z, bias):
     """``z + bias``; a plain ``0`` (no edge features, no parameter ids) is skipped: no full-size copy."""
-    return z if isinstance(bias, (int, float)) and bias == 0 else z + bias
+    return z if _is_zero(bias) else z + bias
 
 
 def _chunked_mean(hx, hy, bias):
-    """``mean_s gelu(hx[:, s, :, None] + hy[:, s, None, :] + bias)``; hx/hy ``(G, S, n, k)``."""
+    """``mean_s gelu(hx[:, s, :, :, None] + hy[:, s, :, None, :] + bias)``; hx/hy ``(G, S, K, n)``
+    (channels first), bias ``(G, K, nx[, ny])`` or broadcastable; ``(G, K, nx[, ny])``."""
     S = hx.shape[1]
-    per = hx.shape[-2] * (1 if hy is None else hy.shape[-2]) * hx.shape[-1] * hx.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(per, 1))
+    per = hx.shape[-1] * (1 if hy is None else hy.shape[-1]) * hx.shape[-2] * hx.shape[0]
+    step = max(1, (_CHUNK_ELEMENTS if torch.is_grad_enabled() else _CACHE_ELEMENTS) // max(per, 1))
     if step >= S:
         return _gelu_sum(hx, hy, bias) / S
-    total = 0
+    total = None
     for s in range(0, S, step):
         args = (hx[:, s:s + step], None if hy is None else hy[:, s:s + step], bias)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_gelu_sum, *args, use_reentrant=False)
-        else:
-            total = total + _gelu_sum(*args)
+            part = checkpoint(_gelu_sum, *args, use_reentrant=False)
+            total = part if total is None else total + part
+        else:  # accumulated in place (the first part is a fresh tensor)
+            part = _gelu_sum(*args)
+            total = part if total is None else total.add_(part)
     return total / S

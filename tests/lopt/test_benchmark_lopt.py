@@ -28,3 +28,4 @@ def test_quick_lopt_benchmark(tmp_path):
     assert pes[0]["label"].startswith("per-parameter") and pes[0]["ratio"] == 1.0
     assert all(r["iter_s"] > 0 and abs(r["ratio"] - r["iter_s"] / pes[0]["iter_s"]) < 1e-12 for r in pes)
     assert {r["target"] for r in pes} == {None, 2.0, 5.0}
+    assert pes[0]["paired_ratio"] == 1.0 and all(r["paired_ratio"] > 0 for r in pes)

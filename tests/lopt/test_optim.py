@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradmeta.lopt import (DEFAULT_CHECKPOINT, LearnedOptimizer, LOState, PerParamMLP, load_checkpoint,
-                           save_checkpoint)
+from gradmeta.lopt import (DEFAULT_CHECKPOINT, NAMED_CHECKPOINTS, GeneralistRule, LearnedOptimizer, LOState,
+                           PerParamMLP, load_checkpoint, save_checkpoint)
 from gradmeta.models import classification_loss, mlp
 from tests.lopt.references import per_param_mlp_update
 
@@ -297,17 +297,29 @@ def test_total_steps_rescales_the_step_encoding(checkpoint):
     assert any(not torch.equal(a, b) for a, b in zip(out[None], out[500]))
 
 
-def test_shipped_checkpoint_loads_weights_only_and_spec_lies_next_to_it():
-    assert DEFAULT_CHECKPOINT.is_file(), "the package must ship a learned-optimizer checkpoint"
-    assert DEFAULT_CHECKPOINT.with_suffix(".toml").is_file(), "the spec that produced it must lie next to it"
-    blob = torch.load(DEFAULT_CHECKPOINT, weights_only=True)
+@pytest.mark.parametrize("name", sorted(NAMED_CHECKPOINTS))
+def test_shipped_checkpoints_load_weights_only_and_their_settings_lie_next_to_them(name):
+    path = NAMED_CHECKPOINTS[name]
+    assert path.is_file(), f"the package must ship the {name} learned-optimizer checkpoint"
+    assert path.with_suffix(".toml").is_file(), "the settings that produced it must lie next to it"
+    blob = torch.load(path, weights_only=True)
     assert blob["format"] == "gradmeta.lopt/1"
     model = mlp([64, 32, 10])
-    opt = LearnedOptimizer(model.parameters(), total_steps=600)  # horizon 300 read from the spec next to it
+    opt = LearnedOptimizer(model.parameters(), checkpoint=name, total_steps=600)
     x, y = torch.rand(32, 64), torch.randint(0, 10, (32,))
     _backward(model, x, y)
     opt.step()
-    assert opt._time_scale == 0.5 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if name == "digits":  # horizon 300 read from the spec next to it
+        assert opt._time_scale == 0.5
+    else:  # the generalist conditions on t / total_steps itself
+        assert opt._time_scale == 1.0 and opt.lo.total_steps == 600
+
+
+def test_default_checkpoint_is_the_generalist():
+    assert DEFAULT_CHECKPOINT == NAMED_CHECKPOINTS["generalist"]
+    assert isinstance(LearnedOptimizer(mlp([4, 3]).parameters()).lo, GeneralistRule)
+    assert isinstance(LearnedOptimizer(mlp([4, 3]).parameters(), checkpoint="digits").lo, PerParamMLP)
 
 
 def test_non_finite_step_is_skipped(checkpoint):

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GradMetaNetLO, MetaTraining, PerParamMLP,
-                           TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves, load_checkpoint,
-                           load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times, train_curves)
+from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GeneralistRule, GradMetaNetLO, MetaTraining,
+                           PerParamMLP, TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves,
+                           load_checkpoint, load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times,
+                           train_curves)
 from gradmeta._io import safe_torch_load
 from gradmeta.specs import OneOf, Range, Required, register_task
 
@@ -237,6 +238,8 @@ def lopt_eval(run: Run) -> dict:
     else:
         lo, meta = load_checkpoint(s["checkpoint"] or None, model=getattr(task, "model", None))
     seeds, steps, every = s["seeds"], s["steps"], s["eval_every"]
+    if isinstance(lo, GeneralistRule) and lo.total_steps is None:  # its schedule spans the evaluated run
+        lo.total_steps = steps
     bar = run.progress(3, desc="lopt_eval")
     ev = evaluate(task, lo, meta, seeds=seeds, steps=steps, eval_every=every, adam_lrs=s["adam_lrs"],
                   data_seed=s["data_seed"])
@@ -262,8 +265,8 @@ def lopt_eval(run: Run) -> dict:
         history["per_seed"][f"{name}_best_test_loss"] = best.tolist()
         history["per_seed"][f"{name}_final_test_loss"] = final.tolist()
     summary["learned_skipped_steps"] = runs["learned"]["skipped"]
-    # step time: LearnedOptimizer runs PerParamMLP checkpoints, on module-backed tasks
-    if isinstance(lo, PerParamMLP) and hasattr(task, "model") and hasattr(task, "loss_fn"):
+    # step time: LearnedOptimizer runs PerParamMLP and GeneralistRule checkpoints, on module-backed tasks
+    if isinstance(lo, (PerParamMLP, GeneralistRule)) and hasattr(task, "model") and hasattr(task, "loss_fn"):
         tb = s["timing"]["batch_size"]
         if s["inner"]["factory"]:  # a user task: timed at its own batch size
             timing_task, tb = task, getattr(task, "batch_size", None)

@@ -6,7 +6,7 @@
     python benchmarks/lopt_generalist.py report --out runs/lopt_generalist_eval
 
 ``train`` resumes from the run folder (run it again for the next slice); ``eval`` skips tasks
-already in ``heldout.json``; ``report`` writes ``benchmarks/results/lopt_generalist.{md,json}``.
+already in ``heldout.json``; ``report`` writes ``benchmarks/results/<--name>.{md,json,png}`` (default ``lopt_generalist``).
 Tasks and protocol: :mod:`gradmeta.experiments.lopt.generalist`.
 """
 import argparse
@@ -31,11 +31,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 150])
+    ap.add_argument("--adaptive", action="store_true", help="GeneralistRule(adaptive=True): learned per-step step-size adaptation")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the rule's initial base learning rate")
+    ap.add_argument("--objective", choices=["train", "valid"], default="train",
+                    help="meta-loss: mean log inner train loss, or validation loss after each step")
+    ap.add_argument("--name", default="lopt_generalist",
+                    help="report: write benchmarks/results/<name>.{md,json,png} (default: the shipped checkpoint's)")
+    ap.add_argument("--init", default=None, help='JSON starting values of meta-parameters, e.g. \'{"w_adapt": [10, 0]}\'')
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.command == "train":
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
-                     tasks=tuple(args.tasks or G.TRAIN_TASKS), horizons=tuple(args.horizons))
+                     tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive else G.TRAIN_TASKS_V1)),
+                     horizons=tuple(args.horizons), adaptive=args.adaptive, lr=args.lr, objective=args.objective,
+                     init=json.loads(args.init) if args.init else None)
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or G.HELDOUT_TASKS))
@@ -44,11 +53,11 @@ def main() -> None:
         table, targets = G.summarise(results)
         env = f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread"
         md = f"{table}\n\nTargets: {json.dumps(targets)}\n\n{env}\n"
-        Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-        Path("benchmarks/results/lopt_generalist.md").write_text(md)
-        Path("benchmarks/results/lopt_generalist.json").write_text(
-            json.dumps({"targets": targets, "results": results, "env": env}, indent=1))
-        _plot(results, Path("benchmarks/results/lopt_generalist.png"))
+        res = Path("benchmarks/results")
+        res.mkdir(parents=True, exist_ok=True)
+        (res / f"{args.name}.md").write_text(md)
+        (res / f"{args.name}.json").write_text(json.dumps({"targets": targets, "results": results, "env": env}, indent=1))
+        _plot(results, res / f"{args.name}.png")
         print(md)
 
 

@@ -16,6 +16,23 @@ initialisation) outputs ``(a, b, c)``, and
     ``u = e^{0.5·tanh a}·d + 0.5·tanh(b)·d_fast + 0.5·tanh(c)·d_slow``
     ``θ ← θ − α(p)·u``,   ``α(p) = exp(log_lr + 2·tanh(w_sched · φ(p)))``.
 
+With ``adaptive=True`` the step size also adapts to the task during the run (a learned
+hypergradient / Rprop-like rule): a log step size ``s`` per entry, zero at the start, follows
+
+    ``s ← clamp(s + 0.1·tanh(w_adapt · [cos(g, d_prev), clamp(g·r_prev·d_prev, ±1), shrink]), ±3)``,
+    ``θ ← θ − α(p)·e^{s}·u``,
+
+where ``d_prev`` is the previous step's Adam direction (from the incoming state; zero before the
+first step), ``shrink = clamp(¼·log(|g|² / Σ v̂_prev), ±1)`` (zero at the first step) says how
+small this gradient is against the running mean of squared gradients (it falls as the training
+loss vanishes, e.g. when a small data set is being memorised), and the cosine and the sums are
+over the whole flat vector the rule steps (the model, or one parameter bucket of
+:class:`~gradmeta.lopt.LearnedOptimizer`). A gradient that keeps agreeing with the last
+direction can grow the step, one that turns against it shrink it; there is no constant term,
+so the step size only moves in answer to what the gradients say. ``s`` is kept in
+the state slot of the decay-0.1 momentum (which this rule never reads), so the state has the
+same shapes as without adaptation. ``w_adapt`` is zero at initialisation (``s`` stays 0).
+
 Properties by construction:
 
 * **untrained = Adam** (β = 0.9, 0.999, ε = 10⁻⁸) at learning rate ``exp(log_lr)`` (unless a
@@ -23,8 +40,8 @@ Properties by construction:
 * **no drift at zero gradient**: every term of ``u`` is a product with a momentum of the
   gradient, so with no gradient ever seen the update is exactly zero, whatever the
   meta-parameters (θ is never an input, and a learned output only ever *scales* a gradient term);
-* **bounded**: ``|u| ≤ 1.65·10 + 5 + 5`` and ``α(p) ∈ exp(log_lr ± 2)``, so no learned output can
-  blow the step up late in training.
+* **bounded**: ``|u| ≤ 1.65·10 + 5 + 5``, ``α(p) ∈ exp(log_lr ± 2)`` and ``e^{s} ∈ e^{±3}``, so no
+  learned output can blow the step up late in training.
 
 ``total_steps`` (the length of the run) sets the progress; ``None`` means an unknown length:
 the progress stays ``0`` for the whole run (the rule keeps its start-of-training behaviour and
@@ -44,13 +61,19 @@ from gradmeta.params import ParamLayout
 from ._learned import DECAYS, LOState, uniform_fan_in, zero_moment_state
 from ._rule import LearnedRule
 
-__all__ = ["GeneralistRule", "progress_features", "CENTRES"]
+__all__ = ["GeneralistRule", "progress_features", "CENTRES", "ADAPT_FEATURES"]
 
 Params = dict[str, Tensor]
 #: Centres of the radial progress encoding.
 CENTRES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 _FAST, _MID, _SLOW = DECAYS.index(0.5), DECAYS.index(0.9), DECAYS.index(0.99)
 _CLAMP = 10.0
+#: What the adaptive step size reads (``adaptive=True``): the alignment of this gradient with the
+#: previous step's Adam direction, over the whole flat vector and per entry.
+ADAPT_FEATURES: tuple[str, ...] = ("cos(g, d_prev) over the flat vector", "clamp(g·r_prev·d_prev, ±1) per entry",
+                                   "clamp(¼·log(|g|² / Σ v̂_prev), ±1) over the flat vector")
+#: Per-step change of the log step size is at most this; the log step size stays within ±_LOG_STEP_MAX.
+_ADAPT_RATE, _LOG_STEP_MAX = 0.1, 3.0
 
 
 def progress_features(t: Tensor, total_steps: int | None, dtype: torch.dtype, device) -> Tensor:
@@ -60,6 +83,27 @@ def progress_features(t: Tensor, total_steps: int | None, dtype: torch.dtype, de
     return torch.exp(-((p - centres) / 0.25).square())
 
 
+def _adapted_log_step(w: Tensor, grads: Tensor, momenta: Tensor, second: Tensor, step: Tensor) -> Tensor:
+    """New log step size ``(N,)`` from the stored one (``momenta[0]``) and this gradient ``(N,)``.
+
+    ``d_prev = m̂_{0.9}·r`` of the previous step (zero before the first step) from the incoming
+    state; ``s ← clamp(s + 0.1·tanh(w · f), ±3)`` with the features ``f`` of :data:`ADAPT_FEATURES`
+    (the third, how small this gradient is against the history of squared gradients, is zero at
+    the first step). Zero ``w``: ``s`` stays 0.
+    """
+    prev = step.clamp_min(1)  # before the first step the moments are zero and d_prev = 0
+    r_prev = 1.0 / ((second / (1 - 0.999 ** prev)).sqrt() + 1e-8)
+    d_prev = (momenta[_MID] / (1 - 0.9 ** prev) * r_prev).clamp(-_CLAMP, _CLAMP)
+    cos = (grads * d_prev).sum() / (grads.norm() * d_prev.norm()).clamp_min(1e-30)
+    elem = ((grads * r_prev).clamp(-_CLAMP, _CLAMP) * d_prev).clamp(-1.0, 1.0)
+    shrink = 0.25 * torch.log(grads.square().sum().clamp_min(1e-30)
+                              / (second.sum() / (1 - 0.999 ** prev)).clamp_min(1e-30))
+    shrink = torch.where(step > 0, shrink.clamp(-1.0, 1.0), torch.zeros_like(shrink))
+    feats = torch.stack([cos.expand_as(elem), elem, shrink.expand_as(elem)])
+    delta = _ADAPT_RATE * torch.tanh(w @ feats)
+    return (momenta[0] + delta).clamp(-_LOG_STEP_MAX, _LOG_STEP_MAX)
+
+
 class GeneralistRule(LearnedRule):
     """Adam-like generalist learned optimizer (see the module docstring for features and update).
 
@@ -67,32 +111,37 @@ class GeneralistRule(LearnedRule):
         hidden: width of the two hidden layers of the per-parameter MLP.
         lr: initial ``exp(log_lr)`` (the untrained rule is Adam at this learning rate).
         total_steps: length of the run the progress ``p = t / total_steps`` refers to (``None``: ``p = 0``).
+        adaptive: add the learned per-run step-size adaptation (meta-parameter ``w_adapt (3,)``).
     """
 
     n_features = 4
 
-    def __init__(self, hidden: int = 16, lr: float = 3e-3, total_steps: int | None = None):
+    def __init__(self, hidden: int = 16, lr: float = 3e-3, total_steps: int | None = None, adaptive: bool = False):
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"GeneralistRule: total_steps must be a positive integer or None, got {total_steps!r}")
-        self.hidden, self.lr = hidden, lr
+        self.hidden, self.lr, self.adaptive = hidden, lr, bool(adaptive)
         self.total_steps = int(total_steps) if total_steps is not None else None
 
     def config(self) -> dict:
         """Constructor arguments that define the meta-parameters (``total_steps`` is per run, not saved)."""
-        return {"hidden": self.hidden, "lr": self.lr}
+        return {"hidden": self.hidden, "lr": self.lr, **({"adaptive": True} if self.adaptive else {})}
 
     def init_meta(self, seed: int = 0) -> Params:
-        """MLP ``4 (+5 progress) → h → h → 3`` (last layer zero), ``log_lr``, ``w_sched (5,)`` zero."""
+        """MLP ``4 (+5 progress) → h → h → 3`` (last layer zero), ``log_lr``, ``w_sched (5,)`` zero
+        (and ``w_adapt (3,)`` zero when adaptive)."""
         g = torch.Generator().manual_seed(seed)
         F, P, h = self.n_features, len(CENTRES), self.hidden
 
         def lin(d_in: int, d_out: int) -> Tensor:
             return uniform_fan_in(d_in, d_out, g)
 
-        return {"w0": lin(F + P, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
+        meta = {"w0": lin(F + P, h), "b0": torch.zeros(h), "w1": lin(h, h), "b1": torch.zeros(h),
                 "w2": torch.zeros(h, 3), "b2": torch.zeros(3), "log_lr": torch.tensor(math.log(self.lr)),
                 "w_sched": torch.zeros(P)}
+        if self.adaptive:
+            meta["w_adapt"] = torch.zeros(len(ADAPT_FEATURES))
+        return meta
 
     def init(self, params: Params) -> LOState:
         """Zero momenta and second moments; ``step = skipped = 0``."""
@@ -119,6 +168,8 @@ class GeneralistRule(LearnedRule):
         """
         t = step + 1
         decays = torch.tensor(DECAYS, dtype=grads.dtype, device=grads.device).unsqueeze(1)
+        if self.adaptive:
+            log_step = _adapted_log_step(meta["w_adapt"], grads, momenta, second, step)
         m = torch.lerp(momenta, grads.unsqueeze(0), 1 - decays)
         v = torch.lerp(second, grads.square(), 0.001)
         r = 1.0 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
@@ -131,6 +182,9 @@ class GeneralistRule(LearnedRule):
         out = torch.addmm(meta["b2"], h, meta["w2"]).tanh()  # (N, 3)
         u = (0.5 * out[:, 0]).exp() * x[1] + 0.5 * out[:, 1] * x[0] + 0.5 * out[:, 2] * x[2]
         alpha = (meta["log_lr"] + 2 * torch.tanh(meta["w_sched"] @ phi)).exp()
+        if self.adaptive:
+            u = u * log_step.exp()
+            m = torch.cat([log_step.unsqueeze(0), m[1:]], 0)
         base = params * (1 - lr * weight_decay) if weight_decay else params
         new = base - (lr * alpha) * u
         ok = torch.isfinite(new.sum() + m.sum() + v.sum())

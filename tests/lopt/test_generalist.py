@@ -18,8 +18,10 @@ def _random_meta(rule, seed=1, scale=1.0):
             else torch.tensor(math.log(1e-2), dtype=torch.float64) for k, v in rule.init_meta(0).items()}
 
 
-def _reference_step(meta, p, m, v, g, t, total):
-    """One step of one tensor, scalar by scalar formulas written out (t is 1-based)."""
+def _reference_step(meta, p, m, v, g, t, total, log_step=None):
+    """One step of one tensor, scalar by scalar formulas written out (t is 1-based).
+
+    ``log_step``: per-entry log step sizes of the adaptive rule (already updated for this step)."""
     m = [b * mk + (1 - b) * g for b, mk in zip(DECAYS, m)]
     v = 0.999 * v + 0.001 * g * g
     r = 1 / (torch.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
@@ -35,32 +37,74 @@ def _reference_step(meta, p, m, v, g, t, total):
         a, b, c = torch.tanh(h @ meta["w2"] + meta["b2"])
         u = torch.exp(0.5 * a) * x[1] + 0.5 * b * x[0] + 0.5 * c * x[2]
         alpha = torch.exp(meta["log_lr"] + 2 * torch.tanh(meta["w_sched"] @ phi))
+        if log_step is not None:
+            u = u * torch.exp(log_step.reshape(-1)[i])
         new.reshape(-1)[i] = p.reshape(-1)[i] - alpha * u
+    if log_step is not None:
+        m[0] = log_step.clone()  # the adaptive rule keeps its log step size in the decay-0.1 slot
     return new, m, v
 
 
-@pytest.mark.parametrize("total", [None, 5])
-def test_matches_slow_reference_float64(total):
-    rule = GeneralistRule(hidden=6, total_steps=total)
-    meta = _random_meta(rule)
+def _reference_log_steps(meta, ref, grads, t):
+    """The adaptive log step sizes of every tensor after step ``t``, from the state before it (loops)."""
+    d_prev, dot, ng, nd = {}, 0.0, 0.0, 0.0
+    for k, (p, m, v, *_) in ref.items():
+        d = torch.zeros_like(p)
+        for i in range(p.numel()):
+            if t > 1:
+                r = 1 / (math.sqrt(v.reshape(-1)[i] / (1 - 0.999 ** (t - 1))) + 1e-8)
+                d.reshape(-1)[i] = min(max(m[2].reshape(-1)[i] / (1 - 0.9 ** (t - 1)) * r, -10), 10)
+            gi = grads[k].reshape(-1)[i]
+            dot, ng, nd = dot + gi * d.reshape(-1)[i], ng + gi * gi, nd + d.reshape(-1)[i] ** 2
+        d_prev[k] = d
+    cos = dot / max(math.sqrt(ng) * math.sqrt(nd), 1e-30)
+    vsum = sum(float(v.sum()) for _, _, v, *_ in ref.values()) / (1 - 0.999 ** max(t - 1, 1))
+    shrink = min(max(0.25 * math.log(max(float(ng), 1e-30) / max(vsum, 1e-30)), -1), 1) if t > 1 else 0.0
+    out = {}
+    for k, (p, m, v, *_) in ref.items():
+        s = m[0].clone()
+        for i in range(p.numel()):
+            r = 1 / (math.sqrt(v.reshape(-1)[i] / (1 - 0.999 ** max(t - 1, 1))) + 1e-8)
+            gr = min(max(grads[k].reshape(-1)[i] * r, -10), 10)
+            elem = min(max(gr * d_prev[k].reshape(-1)[i], -1), 1)
+            z = meta["w_adapt"][0] * cos + meta["w_adapt"][1] * elem + meta["w_adapt"][2] * shrink
+            s.reshape(-1)[i] = min(max(s.reshape(-1)[i] + 0.1 * math.tanh(z), -3), 3)
+        out[k] = s
+    return out
+
+
+@pytest.mark.parametrize("total,adaptive", [(None, False), (5, False), (5, True), (None, True)])
+def test_matches_slow_reference_float64(total, adaptive):
+    rule = GeneralistRule(hidden=6, total_steps=total, adaptive=adaptive)
+    meta = _random_meta(rule, scale=1.0)
+    if adaptive:
+        meta["w_adapt"] = torch.tensor([8.0, -3.0, 2.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
     state = rule.init(params)
     ref = {k: (v.clone(), [torch.zeros_like(v) for _ in DECAYS], torch.zeros_like(v)) for k, v in params.items()}
     for t in range(1, 8):
         grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 10 ** (t % 3 - 1) for k, v in params.items()}
+        if t >= 4:  # a persistent direction, so that the alignment features are far from zero
+            grads = {k: v.abs() + 0.5 for k, v in grads.items()}
         params, state = rule.update(meta, grads, state, params)
-        ref = {k: _reference_step(meta, *ref[k], grads[k], t, total) for k in ref}
+        steps = _reference_log_steps(meta, ref, grads, t) if adaptive else {k: None for k in ref}
+        ref = {k: _reference_step(meta, *ref[k], grads[k], t, total, steps[k]) for k in ref}
         for k in params:
             torch.testing.assert_close(params[k], ref[k][0], rtol=1e-10, atol=1e-12)
+            if adaptive:
+                torch.testing.assert_close(state.momenta[k][0], ref[k][1][0], rtol=1e-10, atol=1e-12)
+    if adaptive:
+        assert max(float(s.abs().max()) for s in steps.values()) > 0.2  # the step size did adapt
     assert float(state.step) == 7 and float(state.skipped) == 0
 
 
-def test_untrained_is_adam():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_untrained_is_adam(adaptive):
     torch.manual_seed(0)
     model, ref = mlp([6, 5, 3]).double(), mlp([6, 5, 3]).double()
     ref.load_state_dict(model.state_dict())
-    rule = GeneralistRule(lr=3e-3)
+    rule = GeneralistRule(lr=3e-3, adaptive=adaptive)
     path_meta = {k: v.double() for k, v in rule.init_meta(0).items()}
     path_meta["log_lr"] = torch.tensor(math.log(3e-3), dtype=torch.float64)  # not rounded through float32
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -79,10 +123,11 @@ def test_untrained_is_adam():
         torch.testing.assert_close(params[k], p.detach(), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale):
+def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale, adaptive):
     """Random (and large) meta-parameters, 300 steps of zero gradients: parameters exactly still."""
-    rule = GeneralistRule(hidden=8)
+    rule = GeneralistRule(hidden=8, adaptive=adaptive)
     meta = {k: v.float() for k, v in _random_meta(rule, seed=3, scale=scale).items()}
     path = save_checkpoint(tmp_path / "g.pt", rule, meta)
     torch.manual_seed(0)
@@ -102,24 +147,29 @@ def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale):
     assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))
 
 
-def test_vmap_equals_loop():
-    rule = GeneralistRule(hidden=6, total_steps=10)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_vmap_equals_loop(adaptive):
+    rule = GeneralistRule(hidden=6, total_steps=10, adaptive=adaptive)
     meta = {k: v.float() for k, v in _random_meta(rule, seed=2).items()}
     g = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(4, 3, 2, generator=g), "b": torch.randn(4, 2, generator=g)}
-    state = vmap(rule.init)(params)
-    grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
-    vp, vs = vmap(lambda p, gr, s: rule.update(meta, gr, s, p))(params, grads, state)
+    vp, vs = params, vmap(rule.init)(params)
+    lps = [{k: v[i] for k, v in params.items()} for i in range(4)]
+    lss = [rule.init(p) for p in lps]
+    for _ in range(3):  # several steps, so that the adaptive step sizes read a previous direction
+        grads = {k: torch.randn(v.shape, generator=g) + 0.5 for k, v in params.items()}
+        vp, vs = vmap(lambda p, gr, s: rule.update(meta, gr, s, p))(vp, grads, vs)
+        for i in range(4):
+            lps[i], lss[i] = rule.update(meta, {k: v[i] for k, v in grads.items()}, lss[i], lps[i])
     for i in range(4):
-        one = {k: v[i] for k, v in params.items()}
-        lp, ls = rule.update(meta, {k: v[i] for k, v in grads.items()}, rule.init(one), one)
-        for k in lp:
-            torch.testing.assert_close(vp[k][i], lp[k], rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(vs.momenta[k][i], ls.momenta[k])
+        for k in lps[i]:
+            torch.testing.assert_close(vp[k][i], lps[i][k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(vs.momenta[k][i], lss[i].momenta[k], rtol=1e-5, atol=1e-6)
 
 
-def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path):
-    rule = GeneralistRule(hidden=8)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path, adaptive):
+    rule = GeneralistRule(hidden=8, adaptive=adaptive)
     meta = {k: v.double() for k, v in _random_meta(rule, seed=5).items()}
     path = save_checkpoint(tmp_path / "g.pt", rule, meta)
     torch.manual_seed(0)
@@ -147,8 +197,9 @@ def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path):
         torch.testing.assert_close(p.detach(), params[k], rtol=1e-10, atol=1e-12)
 
 
-def test_non_finite_step_is_skipped():
-    rule = GeneralistRule()
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_non_finite_step_is_skipped(adaptive):
+    rule = GeneralistRule(adaptive=adaptive)
     meta = rule.init_meta(0)
     params = {"w": torch.ones(3)}
     state = rule.init(params)
@@ -175,3 +226,25 @@ def test_shipped_generalist_does_not_move_at_zero_gradient():
             p.grad = torch.zeros_like(p)
         opt.step()
     assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))
+
+
+def test_adaptive_is_bounded_and_old_checkpoints_load(tmp_path):
+    """The log step size stays within ±3 whatever ``w_adapt``; a checkpoint saved without the
+    adaptive part (config without ``adaptive``) loads as the non-adaptive rule."""
+    from gradmeta.lopt import load_checkpoint
+
+    rule = GeneralistRule(hidden=4, adaptive=True)
+    meta = rule.init_meta(0)
+    meta["w_adapt"] = torch.tensor([1e4, 1e4, 0.0])
+    params = {"w": torch.zeros(50)}
+    state = rule.init(params)
+    for _ in range(80):  # a constant gradient: every alignment is +1, the step size grows to its cap
+        params, state = rule.update(meta, {"w": torch.ones(50)}, state, params)
+    assert torch.allclose(state.momenta["w"][0], torch.full((50,), 3.0))
+    plain = GeneralistRule(hidden=4)
+    path = save_checkpoint(tmp_path / "old.pt", plain, plain.init_meta(0))
+    lo, m = load_checkpoint(path)
+    assert not lo.adaptive and "w_adapt" not in m and lo.config() == {"hidden": 4, "lr": 3e-3}
+    path = save_checkpoint(tmp_path / "new.pt", rule, meta)
+    lo, m = load_checkpoint(path)
+    assert lo.adaptive and torch.equal(m["w_adapt"], meta["w_adapt"])

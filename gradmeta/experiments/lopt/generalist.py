@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -128,10 +129,11 @@ def classify(model: nn.Module, data, name: str, batch_size: int = 128) -> Superv
     return SupervisedTask(model, classification_loss, X, y, Xt, yt, batch_size, name=name)
 
 
-def synthetic_tabular(seed: int, regression: bool) -> SupervisedTask:
-    """Gaussian-cluster classification (4 classes, 20 features) or a random-teacher regression."""
+def synthetic_tabular(seed: int, regression: bool, n: int = 1200, separation: float = 1.5) -> SupervisedTask:
+    """Gaussian-cluster classification (4 classes, 20 features, centres ``separation·N(0, I)``, noise
+    1.5) or a random-teacher regression, ``n`` rows (a quarter held out as the test split)."""
     g = torch.Generator().manual_seed(seed)
-    n, d = 1200, 20
+    d = 20
     if regression:
         X = torch.randn(n, d, generator=g)
         with torch.random.fork_rng(devices=[]):
@@ -142,10 +144,17 @@ def synthetic_tabular(seed: int, regression: bool) -> SupervisedTask:
         Xtr, ytr, Xte, yte = _split(X, y, seed=seed)
         return SupervisedTask(mlp([d, 32, 1], activation="relu"), mse, Xtr, ytr.unsqueeze(-1), Xte,
                               yte.unsqueeze(-1), 64, name=f"synthetic_regression_{seed}")
-    centres = 1.5 * torch.randn(4, d, generator=g)
+    centres = separation * torch.randn(4, d, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
     X = centres[y] + torch.randn(n, d, generator=g) * 1.5
     return classify(mlp([d, 32, 4]), _split(X, y, seed=seed), f"synthetic_classification_{seed}", 64)
+
+
+def with_valid(task: SupervisedTask, n: int = 512) -> SupervisedTask:
+    """``task`` with the first ``n`` test examples as its validation split (for the meta-objective
+    ``valid``: the meta-training tasks' own test data; the held-out suite is never touched)."""
+    task.X_valid, task.y_valid = task.X_test[:n], task.y_test[:n]
+    return task
 
 
 def _train_builders() -> dict:
@@ -159,6 +168,7 @@ def _train_builders() -> dict:
         "digits_cnn": lambda: classify(SmallCNN(8, 4), _digits(flat=False), "digits_cnn", 64),
         "tabular_classification": lambda: synthetic_tabular(1, regression=False),
         "tabular_regression": lambda: synthetic_tabular(2, regression=True),
+        "tabular_small_classification": lambda: synthetic_tabular(3, regression=False, n=240, separation=1.0),
     }
 
 
@@ -198,6 +208,9 @@ def _heldout_builders() -> dict:
     }
 
 
+#: The first meta-training distribution (the ``[50, 100, 150]``-horizon checkpoint's); the adaptive
+#: rule adds a small, overfitting tabular task.
+TRAIN_TASKS_V1 = tuple(_train_builders())[:8]
 TRAIN_TASKS = tuple(_train_builders())
 HELDOUT_TASKS = tuple(_heldout_builders())
 
@@ -206,12 +219,25 @@ HELDOUT_TASKS = tuple(_heldout_builders())
 
 def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None, horizons=(50, 100, 150),
                particles: int = 16, sigma: float = 0.01, meta_lr: float = 1e-2, hidden: int = 16, seed: int = 0,
-               tasks=TRAIN_TASKS) -> dict:
-    """Meta-train (resuming from ``out/meta_checkpoint.pt``) up to ``iterations``, at most ``max_steps`` now."""
+               tasks=TRAIN_TASKS_V1, adaptive: bool = False, lr: float = 3e-3, objective: str = "train",
+               init: dict | None = None) -> dict:
+    """Meta-train (resuming from ``out/meta_checkpoint.pt``) up to ``iterations``, at most ``max_steps`` now.
+
+    ``adaptive``, ``lr``: the :class:`~gradmeta.lopt.GeneralistRule`'s; ``objective``: mean log of
+    the inner train losses (``"train"``) or of the validation loss after each step (``"valid"``,
+    :func:`with_valid`); ``init``: starting values of some meta-parameters (``{name: list}``,
+    e.g. ``{"w_adapt": [10, 0]}``) instead of :meth:`~gradmeta.lopt.GeneralistRule.init_meta`'s.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rule = GeneralistRule(hidden=hidden)
-    meta = {k: v.requires_grad_() for k, v in rule.init_meta(seed).items()}
+    rule = GeneralistRule(hidden=hidden, lr=lr, adaptive=adaptive)
+    meta = rule.init_meta(seed)
+    for k, v in (init or {}).items():
+        if k not in meta or torch.as_tensor(v).shape != meta[k].shape:
+            raise ValueError(f"meta_train: init {k}={v!r} does not fit the rule's meta-parameters "
+                             f"{ {n: tuple(t.shape) for n, t in meta.items()} }")
+        meta[k] = torch.as_tensor(v, dtype=meta[k].dtype).clone()
+    meta = {k: v.requires_grad_() for k, v in meta.items()}
     opt = torch.optim.Adam(meta.values(), lr=meta_lr)
     gen = torch.Generator().manual_seed(seed)
     picker = random.Random(seed)
@@ -232,10 +258,10 @@ def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None,
     while it < stop:
         name, horizon = picker.choice(list(tasks)), picker.choice(list(horizons))
         if name not in cache:
-            cache[name] = builders[name]()
+            cache[name] = with_valid(builders[name]()) if objective == "valid" else builders[name]()
         rule.total_steps = horizon
         g, info = es_grad(cache[name], rule, {k: v.detach() for k, v in meta.items()}, gen, particles=particles,
-                          horizon=horizon, sigma=sigma, log_loss=True)
+                          horizon=horizon, sigma=sigma, log_loss=True, objective=objective)
         norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
         scale = min(1.0, 1.0 / norm) if norm > 0 and math.isfinite(norm) else 0.0
         for k, v in meta.items():
@@ -263,7 +289,7 @@ def _save(out: Path, meta, opt, gen, picker, history, it, rule) -> None:
     atomic_write(out / "picker.json", lambda f: f.write(json.dumps(picker.getstate()).encode()))
     atomic_write(out / "history.json", lambda f: f.write(json.dumps(history).encode()))
     save_checkpoint(out / "lopt_generalist.pt", rule, sd["meta"], iterations=it,
-                    trained_on=",".join(TRAIN_TASKS))
+                    trained_on=",".join(sorted({h["task"] for h in history})))
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -299,7 +325,8 @@ def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 
             "step_reduction": r["step_reduction"].tolist(), "skipped": r["skipped"].tolist(),
             "adam_default_best": torch.nan_to_num(d, nan=float("inf")).min(-1).values.tolist(),
             "curve": r["test_loss"].mean(0).tolist(), "adam_curve": r["adam_test_loss"].mean(0).tolist(),
-            "eval_steps": r["eval_steps"].tolist(), "seconds": time.time() - t0}
+            "eval_steps": r["eval_steps"].tolist(), "seconds": time.time() - t0,
+            "load_average_1min": os.getloadavg()[0]}
         print(f"{name}: best {mine_best.mean():.4g} vs Adam {adam_best.mean():.4g} (lr {r['adam_lr']}), "
               f"final {r['final_test_loss'].mean():.4g}, SR {r['step_reduction'].median():.2f}, "
               f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)

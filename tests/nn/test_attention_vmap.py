@@ -204,3 +204,24 @@ def test_plusplus_under_vmap_over_particles_equals_the_loop(refs):
         want = functional_call(net, {n: v[i] for n, v in params.items()}, (refs.collect(model, xs[i], y),))
         for n in want:
             torch.testing.assert_close(got[n][i], want[n], atol=TOL, rtol=0)
+
+
+def test_fused_kernel_when_a_graph_is_recorded_explicit_form_otherwise(monkeypatch):
+    """Under autograd the fused kernel (no saved score matrices) is used; without a graph (PES under
+    ``vmap``) the explicit form; both equal the naive reference, gradients included."""
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        out = attention(q, k, v)
+    assert calls == [] and torch.allclose(out, naive_attention(q, k, v), atol=TOL, rtol=0)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    attention(qg, kg, vg).square().sum().backward()
+    assert calls == [1]
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    naive_attention(qr, kr, vr).square().sum().backward()
+    for a, b in ((qg, qr), (kg, kr), (vg, vr)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10, rtol=0)

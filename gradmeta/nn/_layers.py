@@ -111,13 +111,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     matrix products and a softmax over chunks of the leading (sequence) axes of about
     ``_SCORES_ELEMENTS`` scores: those ops have ``vmap`` batching rules, whereas the CPU attention
     kernel has none and would run once per vmapped sample. When a graph is recorded, and on other
-    devices, the fused kernel is used: it saves no ``(L, L)`` score matrix for backward (the
-    explicit form would keep all of them: 4.15 vs 3.17 GB peak for GradMetaNet++ on a 784-256-128-10
-    MLP's gradient set of 16 examples).
+    devices, the fused kernel is used: it saves no ``(L, L)`` score matrix for backward, whereas
+    the explicit form (:func:`explicit_attention`) keeps all of them.
     """
     if q.device.type != "cpu" or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                 or v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return explicit_attention(q, k, v, scale)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` by matrix products and a softmax over chunks of about ``_SCORES_ELEMENTS``
+    scores (``vmap``-able; under autograd it keeps every chunk's ``(L, L)`` probabilities)."""
     *lead, L, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     if scale != 1:

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 150])
     ap.add_argument("--adaptive", action="store_true", help="GeneralistRule(adaptive=True): learned per-step step-size adaptation")
+    ap.add_argument("--lr-free", action="store_true",
+                    help="GeneralistRule(lr_free=True): base step size estimated during the run (Prodigy)")
     ap.add_argument("--lr", type=float, default=3e-3, help="the rule's initial base learning rate")
     ap.add_argument("--objective", choices=["train", "valid"], default="train",
                     help="meta-loss: mean log inner train loss, or validation loss after each step")
@@ -42,9 +44,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.command == "train":
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
-                     tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive else G.TRAIN_TASKS_V1)),
+                     tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive or args.lr_free else G.TRAIN_TASKS_V1)),
                      horizons=tuple(args.horizons), adaptive=args.adaptive, lr=args.lr, objective=args.objective,
-                     init=json.loads(args.init) if args.init else None)
+                     init=json.loads(args.init) if args.init else None, lr_free=args.lr_free)
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or G.HELDOUT_TASKS))

@@ -142,12 +142,12 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
 class _Bucket:
     """Parameters of one (param group, device, dtype, step count) stepped by one fused pass.
 
-    Holds the flat state: ``momenta (6, N)`` and ``second (N,)`` in the compute dtype (float32 for
+    Holds the flat state: ``momenta (rows, N)`` (6 rows, or the rule's ``moment_rows``) and ``second (N,)`` in the compute dtype (float32 for
     16-bit parameters); every parameter's ``optimizer.state[p]`` holds views into them and shares
     the bucket's ``step`` / ``skipped`` counters.
     """
 
-    def __init__(self, params: list[Tensor], states: list[dict], cdtype: torch.dtype):
+    def __init__(self, params: list[Tensor], states: list[dict], cdtype: torch.dtype, rows: int = len(DECAYS)):
         self.params = params
         dev = params[0].device
         self.numels = [p.numel() for p in params]
@@ -159,8 +159,8 @@ class _Bucket:
         zero = torch.zeros((), dtype=torch.float64)
         self.step = first["step"].clone() if first else zero.clone()
         self.skipped = first["skipped"].clone() if first else zero.clone()
-        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(len(DECAYS), -1) if s else
-                                  torch.zeros(len(DECAYS), n, dtype=cdtype, device=dev)
+        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(rows, -1) if s else
+                                  torch.zeros(rows, n, dtype=cdtype, device=dev)
                                   for s, n in zip(states, self.numels)], 1)
         self.second = torch.cat([s["second"].to(dev, cdtype).reshape(-1) if s else
                                  torch.zeros(n, dtype=cdtype, device=dev) for s, n in zip(states, self.numels)])
@@ -168,7 +168,7 @@ class _Bucket:
         v_views = self.second.split(self.numels)
         for s, p, m, v in zip(states, params, m_views, v_views):
             s.clear()
-            s.update(step=self.step, skipped=self.skipped, momenta=m.view(len(DECAYS), *p.shape),
+            s.update(step=self.step, skipped=self.skipped, momenta=m.view(rows, *p.shape),
                      second=v.view(p.shape))
 
 
@@ -277,7 +277,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 step = float(self.state[p]["step"]) if self.state[p] else 0.0
                 keyed.setdefault((p.device, p.dtype, cdtype, step), []).append(p)
             for (_, _, cdtype, _), params in keyed.items():
-                plan.append((group, _Bucket(params, [self.state[p] for p in params], cdtype)))
+                plan.append((group, _Bucket(params, [self.state[p] for p in params], cdtype,
+                                            getattr(self.lo, "moment_rows", len(DECAYS)))))
         self._buckets = {"plan": (signature, plan)}
         return plan
 

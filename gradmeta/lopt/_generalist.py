@@ -35,7 +35,8 @@ same shapes as without adaptation. ``w_adapt`` is zero at initialisation (``s`` 
 
 With ``lr_free=True`` the base step size is not a constant but estimated during the run from
 the distance travelled, as in Prodigy (Mishchenko & Defazio, 2023), for the whole flat vector
-the rule steps: with ``x₀`` the starting point, ``d`` starting at ``d0`` (default ``10⁻⁴``), ``β = √0.999`` and the step
+the rule steps: with ``x₀`` the starting point, ``d`` starting at ``e^{log_d0}`` (a meta-parameter,
+``d0 = 10⁻⁴`` at initialisation), ``β = √0.999`` and the step
 multiplier ``γ_t = lr·e^{2·tanh(w_sched·φ(p))}·min(1, (1 − p)/0.3)`` (constant, then a linear
 decay to zero over the last 30 % of the run),
 
@@ -45,7 +46,8 @@ decay to zero over the last 30 % of the run),
 ``r / ‖s‖₁`` is, for a convex loss, a lower bound of the ∞-norm distance from ``x₀`` to a
 minimiser, so ``d`` grows to the scale of the distance the run has to travel, whatever the
 parameterisation or the scale of the loss; the learned ``log_lr`` (zero at initialisation: the
-untrained rule is Prodigy's Adam with that schedule) and schedule only multiply it. The state has
+untrained rule is Prodigy's Adam with that schedule) and schedule only multiply it, and the
+learned ``log_d0`` sets where it starts (it only grows from there). The state has
 ``moment_rows = 8`` rows instead of 6: ``d`` and ``r`` (one value per flat vector, stored in the
 unread decay-0.999 and 0.9999 rows), ``x₀`` and ``s``.
 
@@ -110,7 +112,7 @@ def _decay_tail(t: Tensor, total_steps: int | None) -> Tensor:
     return ((1 - (t / total_steps).clamp(max=1.0)) / _DECAY_FRACTION).clamp(max=1.0)
 
 
-def _distance_estimate(params: Tensor, grads: Tensor, momenta: Tensor, step: Tensor, gamma: Tensor, d0: float):
+def _distance_estimate(params: Tensor, grads: Tensor, momenta: Tensor, step: Tensor, gamma: Tensor, d0: Tensor):
     """Prodigy's step size for one flat vector: ``(d, new rows d, r, x₀, s (4, N))``.
 
     ``d`` (``()``) is the estimate to step with now (``d0`` at the first step); the rows carry the
@@ -118,7 +120,7 @@ def _distance_estimate(params: Tensor, grads: Tensor, momenta: Tensor, step: Ten
     """
     first = step == 0
     x0 = torch.where(first, params, momenta[_ROW_X0])
-    d = torch.where(first, torch.full_like(step, d0), momenta[_ROW_D, 0])
+    d = torch.where(first, d0.to(step.dtype).expand_as(step), momenta[_ROW_D, 0])
     lam = gamma * d * d
     r = _BETA_DIST * momenta[_ROW_R, 0] + (1 - _BETA_DIST) * lam * (grads * (x0 - params)).sum()
     s = _BETA_DIST * momenta[_ROW_S] + (1 - _BETA_DIST) * lam * grads
@@ -157,7 +159,8 @@ class GeneralistRule(LearnedRule):
         adaptive: add the learned per-run step-size adaptation (meta-parameter ``w_adapt (3,)``).
         lr_free: estimate the base step size during the run from the distance travelled (Prodigy);
             ``lr`` is then ignored (``exp(log_lr)`` starts at 1, a multiplier of the estimate).
-        d0: ``lr_free``: the estimate at the first step (it only grows from there).
+        d0: ``lr_free``: the initial value of the meta-parameter ``exp(log_d0)``, the estimate at
+            the first step (it only grows from there).
     """
 
     n_features = 4
@@ -187,7 +190,7 @@ class GeneralistRule(LearnedRule):
 
     def init_meta(self, seed: int = 0) -> Params:
         """MLP ``4 (+5 progress) → h → h → 3`` (last layer zero), ``log_lr``, ``w_sched (5,)`` zero
-        (and ``w_adapt (3,)`` zero when adaptive)."""
+        (and ``w_adapt (3,)`` zero when adaptive; ``log_d0 = log(d0)`` when lr-free)."""
         g = torch.Generator().manual_seed(seed)
         F, P, h = self.n_features, len(CENTRES), self.hidden
 
@@ -200,6 +203,8 @@ class GeneralistRule(LearnedRule):
                 "w_sched": torch.zeros(P)}
         if self.adaptive:
             meta["w_adapt"] = torch.zeros(len(ADAPT_FEATURES))
+        if self.lr_free:
+            meta["log_d0"] = torch.tensor(math.log(self.d0))
         return meta
 
     def init(self, params: Params) -> LOState:
@@ -246,7 +251,7 @@ class GeneralistRule(LearnedRule):
             m = torch.cat([log_step.unsqueeze(0), m[1:]], 0)
         if self.lr_free:
             gamma = lr * (2 * torch.tanh(meta["w_sched"] @ phi)).exp() * _decay_tail(t, self.total_steps)
-            d, rows = _distance_estimate(params, grads, momenta, step, gamma, self.d0)
+            d, rows = _distance_estimate(params, grads, momenta, step, gamma, meta["log_d0"].exp())
             alpha = alpha * _decay_tail(t, self.total_steps) * d
             m = torch.cat([m[:_ROW_D], rows], 0)
         base = params * (1 - lr * weight_decay) if weight_decay else params

@@ -26,9 +26,10 @@ def _reference_distance(x0, d, r, s, params, grads, gamma):
 
 @pytest.mark.parametrize("total,random_meta", [(9, False), (9, True), (None, True)])
 def test_matches_slow_reference_float64(total, random_meta):
-    rule = GeneralistRule(hidden=6, total_steps=total, lr_free=True, d0=1e-3)
+    rule = GeneralistRule(hidden=6, total_steps=total, lr_free=True)
     meta = _random_meta(rule, scale=1.0) if random_meta else {k: v.double() for k, v in rule.init_meta(0).items()}
     meta["log_lr"] = torch.tensor(0.3, dtype=torch.float64)
+    meta["log_d0"] = torch.tensor(math.log(1e-3), dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
     state = rule.init(params)
@@ -126,7 +127,7 @@ def test_vmap_equals_loop():
 def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path):
     rule = GeneralistRule(hidden=8, lr_free=True, d0=3e-4)
     meta = {k: v.double() for k, v in _random_meta(rule, seed=5).items()}
-    meta["log_lr"] = torch.tensor(0.0, dtype=torch.float64)
+    meta["log_lr"], meta["log_d0"] = torch.tensor(0.0, dtype=torch.float64), torch.tensor(math.log(3e-4), dtype=torch.float64)
     path = save_checkpoint(tmp_path / "g.pt", rule, meta)
     loaded, _ = load_checkpoint(path)
     assert loaded.lr_free and loaded.d0 == 3e-4 and loaded.moment_rows == 8

@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--lr-free", action="store_true",
                     help="GeneralistRule(lr_free=True): base step size estimated during the run (Prodigy)")
     ap.add_argument("--lr", type=float, default=3e-3, help="the rule's initial base learning rate")
-    ap.add_argument("--objective", choices=["train", "valid"], default="train",
-                    help="meta-loss: mean log inner train loss, or validation loss after each step")
+    ap.add_argument("--objective", choices=["train", "valid", "valid_min"], default="train",
+                    help="meta-loss: mean log inner train loss, validation loss after each step, or the lowest of those")
     ap.add_argument("--name", default="lopt_generalist",
                     help="report: write benchmarks/results/<name>.{md,json,png} (default: the shipped checkpoint's)")
     ap.add_argument("--init", default=None, help='JSON starting values of meta-parameters, e.g. \'{"w_adapt": [10, 0]}\'')

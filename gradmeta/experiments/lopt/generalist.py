@@ -258,7 +258,7 @@ def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None,
     while it < stop:
         name, horizon = picker.choice(list(tasks)), picker.choice(list(horizons))
         if name not in cache:
-            cache[name] = with_valid(builders[name]()) if objective == "valid" else builders[name]()
+            cache[name] = with_valid(builders[name]()) if objective != "train" else builders[name]()
         rule.total_steps = horizon
         g, info = es_grad(cache[name], rule, {k: v.detach() for k, v in meta.items()}, gen, particles=particles,
                           horizon=horizon, sigma=sigma, log_loss=True, objective=objective)

@@ -1,8 +1,8 @@
 """A generalist learned optimizer: Adam's direction, modulated by a bounded learned correction,
 with a learned step-size schedule over training progress.
 
-State per parameter: the six momenta ``m_k`` of :data:`~gradmeta.lopt.DECAYS` and the second
-moment ``v`` (decay 0.999), as :class:`~gradmeta.lopt.LOState`. With the bias-corrected
+State per parameter: the six momenta ``m_k`` of :data:`~gradmeta.lopt.DECAYS` (two more rows with
+``lr_free``, below) and the second moment ``v`` (decay 0.999), as :class:`~gradmeta.lopt.LOState`. With the bias-corrected
 ``m̂_k = m_k / (1 − β_k^t)``, ``v̂ = v / (1 − 0.999^t)`` and ``r = 1 / (√v̂ + 10⁻⁸)`` the rule reads,
 per scalar parameter, four *gradient-derived* features (each clamped to ``±10``)
 

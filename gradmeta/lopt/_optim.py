@@ -15,8 +15,9 @@ meta-parameters. The package ships two, by name in :data:`NAMED_CHECKPOINTS`:
 
 * ``"generalist"`` (the default), ``checkpoints/lopt_generalist.pt``, a :class:`GeneralistRule`
   meta-trained on a distribution of tasks by ``benchmarks/lopt_generalist.py`` (settings in
-  ``checkpoints/lopt_generalist.toml``): Adam's direction with a learned, bounded correction and
-  step-size schedule over the progress ``t / total_steps``; it never moves a parameter whose
+  ``checkpoints/lopt_generalist.toml``): Adam's direction with a learned, bounded correction, a
+  base step size estimated during the run from the distance travelled (no learning rate to tune)
+  and a learned schedule over the progress ``t / total_steps``; it never moves a parameter whose
   gradient has always been zero;
 * ``"digits"``, ``checkpoints/lopt_digits.pt``, a :class:`PerParamMLP` meta-trained on the digits
   MLP only by ``gradmeta run tasks/lopt_digits.toml`` (the spec lies next to it): faster than tuned
@@ -183,17 +184,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ``θ ← θ·(1 − lr·weight_decay) − lr · u``
 
     with ``u`` the checkpoint rule's update. The default (``"generalist"``,
-    :class:`~gradmeta.lopt.GeneralistRule`) is ``u = α(p)·(Adam's direction, rescaled and mixed
-    with a fast and a slow momentum by a bounded learned per-entry correction)``, ``α(p)`` a
-    learned step size over the progress ``p = t / total_steps``: pass ``total_steps`` (the length
-    of your run) so its schedule spans the run. The ``"digits"`` checkpoint
+    :class:`~gradmeta.lopt.GeneralistRule` with ``lr_free``) is ``u = α(p)·d·(Adam's direction,
+    rescaled and mixed with a fast and a slow momentum by a bounded learned per-entry correction)``,
+    ``d`` a step size estimated during the run from the distance the parameters have travelled
+    (one per parameter bucket), ``α(p)`` a learned schedule over the progress ``p = t / total_steps``
+    that decays to zero over the last 30 % of the run: pass ``total_steps`` (the length of your
+    run) so its schedule spans the run (``None``: no decay). The ``"digits"`` checkpoint
     (:class:`PerParamMLP`) is ``u = clip(α(e^{0.1 s}·m_sgd + λ d), ±max_update)`` with ``α, λ``
     and the MLP outputs ``d, s``. ``lr`` multiplies the learned step (``lr = 1``: the update the
     optimizer was meta-trained with; any ``torch.optim.lr_scheduler`` may change it,
     ``OneCycleLR`` with ``cycle_momentum=False`` as the rules have no momentum hyperparameter to
     cycle; ``lr = 0``: no movement). Parameters are stepped in buckets of one parameter group,
     device and dtype, each by one fused pass over all of its entries. State (six momenta and a
-    second moment per entry, 7× the parameters) is kept in float32 for 16-bit parameters and in
+    second moment per entry, 7× the parameters; 9× for a generalist with ``lr_free``, which also
+    keeps the starting point and a weighted gradient sum) is kept in float32 for 16-bit parameters and in
     the parameter dtype otherwise. A step whose update is not finite anywhere is skipped
     (parameters and state unchanged) and counted in :attr:`skipped_steps`.
 

@@ -70,3 +70,17 @@ def test_eval_on_a_training_task_and_compare(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "compare", "--out", *outs, "--labels", "A", "--name", "cmp"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "2 --out folders but 1 --labels" in bad.stderr
+
+
+def test_user_models_benchmark_smoke():
+    """``benchmarks/lopt_generalist_user_models.py --quick``: the default optimizer on a HF GPT-2, an
+    ``nn.TransformerEncoder`` and a CNN, three steps each, finite losses and no skipped step."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt_generalist_user_models.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in done.stdout.splitlines() if r.startswith("| ") and "| 3 |" in r]
+    assert len(rows) == 6  # printed as they come, then in the final table
+    for r in rows[:3]:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert all(0 < float(c) < 100 for c in cells[2:5]) and cells[5] == "0"

@@ -4,13 +4,17 @@
     python benchmarks/lopt_generalist.py eval --checkpoint runs/lopt_generalist/lopt_generalist.pt \\
         --out runs/lopt_generalist_eval
     python benchmarks/lopt_generalist.py report --out runs/lopt_generalist_eval
+    python benchmarks/lopt_generalist.py compare --out runs/eval_a runs/eval_b --labels A B --name NAME
 
 ``train`` resumes from the run folder (run it again for the next slice); ``eval`` skips tasks
-already in ``heldout.json``; ``report`` writes ``benchmarks/results/<--name>.{md,json,png}`` (default ``lopt_generalist``).
+already in ``heldout.json``; ``report`` writes ``benchmarks/results/<--name>.{md,json,png}`` (default ``lopt_generalist``);
+``compare`` summarises several ``eval`` folders (e.g. of candidates on the meta-training tasks,
+``--tasks digits_mlp32_relu ...``) in one table, ``benchmarks/results/<--name>.{md,json}``.
 Tasks and protocol: :mod:`gradmeta.experiments.lopt.generalist`.
 """
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -21,8 +25,9 @@ from gradmeta.experiments.lopt import generalist as G
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["train", "eval", "report"])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("command", choices=["train", "eval", "report", "compare"])
+    ap.add_argument("--out", required=True, nargs="+", help="the run folder (compare: several eval folders)")
+    ap.add_argument("--labels", nargs="+", default=None, help="compare: one label per --out folder")
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="(always on: a run folder with a checkpoint is resumed)")
@@ -32,19 +37,27 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 150])
     ap.add_argument("--adaptive", action="store_true", help="GeneralistRule(adaptive=True): learned per-step step-size adaptation")
+    ap.add_argument("--lr-free", action="store_true",
+                    help="GeneralistRule(lr_free=True): base step size estimated during the run (Prodigy)")
     ap.add_argument("--lr", type=float, default=3e-3, help="the rule's initial base learning rate")
-    ap.add_argument("--objective", choices=["train", "valid"], default="train",
-                    help="meta-loss: mean log inner train loss, or validation loss after each step")
+    ap.add_argument("--objective", choices=["train", "valid", "valid_min"], default="train",
+                    help="meta-loss: mean log inner train loss, validation loss after each step, or the lowest of those")
     ap.add_argument("--name", default="lopt_generalist",
                     help="report: write benchmarks/results/<name>.{md,json,png} (default: the shipped checkpoint's)")
     ap.add_argument("--init", default=None, help='JSON starting values of meta-parameters, e.g. \'{"w_adapt": [10, 0]}\'')
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.command != "compare" and len(args.out) != 1:
+        ap.error(f"{args.command} takes one --out folder")
+    if args.command == "compare":
+        _compare(args.out, args.labels or args.out, args.name)
+        return
+    args.out = args.out[0]
     if args.command == "train":
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
-                     tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive else G.TRAIN_TASKS_V1)),
+                     tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive or args.lr_free else G.TRAIN_TASKS_V1)),
                      horizons=tuple(args.horizons), adaptive=args.adaptive, lr=args.lr, objective=args.objective,
-                     init=json.loads(args.init) if args.init else None)
+                     init=json.loads(args.init) if args.init else None, lr_free=args.lr_free)
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or G.HELDOUT_TASKS))
@@ -59,6 +72,30 @@ def main() -> None:
         (res / f"{args.name}.json").write_text(json.dumps({"targets": targets, "results": results, "env": env}, indent=1))
         _plot(results, res / f"{args.name}.png")
         print(md)
+
+
+def _compare(outs: list[str], labels: list[str], name: str) -> None:
+    """One row per eval folder: wins against tuned Adam, geometric mean of best / tuned Adam's best,
+    worst final / best, median step reduction (:func:`~gradmeta.experiments.lopt.generalist.summarise`)."""
+    if len(labels) != len(outs):
+        raise SystemExit(f"compare: {len(outs)} --out folders but {len(labels)} --labels")
+    rows = ["| candidate | best ≤ tuned Adam | geometric mean of best / tuned Adam's best | worst final / best "
+            "| median step reduction |", "|---|---|---|---|---|"]
+    summary = {}
+    for out, label in zip(outs, labels):
+        results = json.loads((Path(out) / "heldout.json").read_text())
+        _, t = G.summarise(results)
+        ratio = math.exp(sum(math.log(sum(r["best"]) / sum(r["adam_best"])) for r in results.values()) / len(results))
+        summary[label] = {**t, "geo_mean_best_over_adam": ratio, "tasks_evaluated": list(results)}
+        rows.append(f"| {label} | {t['wins']}/{t['tasks']} | {ratio:.3f} | {t['max_final_over_best']:.3g} "
+                    f"| {t['median_step_reduction']:.2f} |")
+    env = f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread"
+    md = "\n".join(rows) + f"\n\n{env}\n"
+    res = Path("benchmarks/results")
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"{name}.md").write_text(md)
+    (res / f"{name}.json").write_text(json.dumps({"candidates": summary, "env": env}, indent=1))
+    print(md)
 
 
 def _plot(results: dict, path: Path) -> None:

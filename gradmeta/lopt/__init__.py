@@ -10,7 +10,8 @@
   :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
   :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient),
   :class:`GeneralistRule` (Adam's direction with a bounded learned correction and a learned
-  schedule over training progress; exactly still at zero gradient);
+  schedule over training progress, with ``lr_free`` a step size estimated during the run from the
+  distance travelled; exactly still at zero gradient);
 * **outer trainers** -- :class:`GradientEstimator` s: :class:`PES`, :class:`ES` (:func:`es_grad`),
   :class:`TruncatedBackprop` (``torch.func`` or ``higher``), split over ``torchrun`` ranks with
   :func:`comm_from_env`;

@@ -75,11 +75,12 @@ def uniform_fan_in(d_in: int, d_out: int, generator: torch.Generator) -> Tensor:
     return (torch.rand(d_in, d_out, generator=generator) * 2 - 1) * math.sqrt(6.0 / d_in)
 
 
-def zero_moment_state(params: Params) -> LOState:
-    """Zero momenta ``(6, *shape)`` and second moments per parameter; ``step = skipped = 0``."""
+def zero_moment_state(params: Params, rows: int = len(DECAYS)) -> LOState:
+    """Zero momenta ``(rows, *shape)`` (default 6, one per decay) and second moments per parameter;
+    ``step = skipped = 0``."""
     first = next(iter(params.values()))
     zero = torch.zeros((), dtype=first.dtype, device=first.device)
-    return LOState(zero, {k: torch.zeros(len(DECAYS), *v.shape, dtype=v.dtype, device=v.device)
+    return LOState(zero, {k: torch.zeros(rows, *v.shape, dtype=v.dtype, device=v.device)
                           for k, v in params.items()},
                    {k: torch.zeros_like(v) for k, v in params.items()}, zero)
 

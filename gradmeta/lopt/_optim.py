@@ -15,8 +15,9 @@ meta-parameters. The package ships two, by name in :data:`NAMED_CHECKPOINTS`:
 
 * ``"generalist"`` (the default), ``checkpoints/lopt_generalist.pt``, a :class:`GeneralistRule`
   meta-trained on a distribution of tasks by ``benchmarks/lopt_generalist.py`` (settings in
-  ``checkpoints/lopt_generalist.toml``): Adam's direction with a learned, bounded correction and
-  step-size schedule over the progress ``t / total_steps``; it never moves a parameter whose
+  ``checkpoints/lopt_generalist.toml``): Adam's direction with a learned, bounded correction, a
+  base step size estimated during the run from the distance travelled (no learning rate to tune)
+  and a learned schedule over the progress ``t / total_steps``; it never moves a parameter whose
   gradient has always been zero;
 * ``"digits"``, ``checkpoints/lopt_digits.pt``, a :class:`PerParamMLP` meta-trained on the digits
   MLP only by ``gradmeta run tasks/lopt_digits.toml`` (the spec lies next to it): faster than tuned
@@ -142,12 +143,12 @@ def load_checkpoint(path: str | os.PathLike | None = None, model: nn.Module | No
 class _Bucket:
     """Parameters of one (param group, device, dtype, step count) stepped by one fused pass.
 
-    Holds the flat state: ``momenta (6, N)`` and ``second (N,)`` in the compute dtype (float32 for
+    Holds the flat state: ``momenta (rows, N)`` (6 rows, or the rule's ``moment_rows``) and ``second (N,)`` in the compute dtype (float32 for
     16-bit parameters); every parameter's ``optimizer.state[p]`` holds views into them and shares
     the bucket's ``step`` / ``skipped`` counters.
     """
 
-    def __init__(self, params: list[Tensor], states: list[dict], cdtype: torch.dtype):
+    def __init__(self, params: list[Tensor], states: list[dict], cdtype: torch.dtype, rows: int = len(DECAYS)):
         self.params = params
         dev = params[0].device
         self.numels = [p.numel() for p in params]
@@ -159,8 +160,8 @@ class _Bucket:
         zero = torch.zeros((), dtype=torch.float64)
         self.step = first["step"].clone() if first else zero.clone()
         self.skipped = first["skipped"].clone() if first else zero.clone()
-        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(len(DECAYS), -1) if s else
-                                  torch.zeros(len(DECAYS), n, dtype=cdtype, device=dev)
+        self.momenta = torch.cat([s["momenta"].to(dev, cdtype).reshape(rows, -1) if s else
+                                  torch.zeros(rows, n, dtype=cdtype, device=dev)
                                   for s, n in zip(states, self.numels)], 1)
         self.second = torch.cat([s["second"].to(dev, cdtype).reshape(-1) if s else
                                  torch.zeros(n, dtype=cdtype, device=dev) for s, n in zip(states, self.numels)])
@@ -168,7 +169,7 @@ class _Bucket:
         v_views = self.second.split(self.numels)
         for s, p, m, v in zip(states, params, m_views, v_views):
             s.clear()
-            s.update(step=self.step, skipped=self.skipped, momenta=m.view(len(DECAYS), *p.shape),
+            s.update(step=self.step, skipped=self.skipped, momenta=m.view(rows, *p.shape),
                      second=v.view(p.shape))
 
 
@@ -183,17 +184,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ``θ ← θ·(1 − lr·weight_decay) − lr · u``
 
     with ``u`` the checkpoint rule's update. The default (``"generalist"``,
-    :class:`~gradmeta.lopt.GeneralistRule`) is ``u = α(p)·(Adam's direction, rescaled and mixed
-    with a fast and a slow momentum by a bounded learned per-entry correction)``, ``α(p)`` a
-    learned step size over the progress ``p = t / total_steps``: pass ``total_steps`` (the length
-    of your run) so its schedule spans the run. The ``"digits"`` checkpoint
+    :class:`~gradmeta.lopt.GeneralistRule` with ``lr_free``) is ``u = α(p)·d·(Adam's direction,
+    rescaled and mixed with a fast and a slow momentum by a bounded learned per-entry correction)``,
+    ``d`` a step size estimated during the run from the distance the parameters have travelled
+    (one per parameter bucket), ``α(p)`` a learned schedule over the progress ``p = t / total_steps``
+    that decays to zero over the last 30 % of the run: pass ``total_steps`` (the length of your
+    run) so its schedule spans the run (``None``: no decay). The ``"digits"`` checkpoint
     (:class:`PerParamMLP`) is ``u = clip(α(e^{0.1 s}·m_sgd + λ d), ±max_update)`` with ``α, λ``
     and the MLP outputs ``d, s``. ``lr`` multiplies the learned step (``lr = 1``: the update the
     optimizer was meta-trained with; any ``torch.optim.lr_scheduler`` may change it,
     ``OneCycleLR`` with ``cycle_momentum=False`` as the rules have no momentum hyperparameter to
     cycle; ``lr = 0``: no movement). Parameters are stepped in buckets of one parameter group,
     device and dtype, each by one fused pass over all of its entries. State (six momenta and a
-    second moment per entry, 7× the parameters) is kept in float32 for 16-bit parameters and in
+    second moment per entry, 7× the parameters; 9× for a generalist with ``lr_free``, which also
+    keeps the starting point and a weighted gradient sum) is kept in float32 for 16-bit parameters and in
     the parameter dtype otherwise. A step whose update is not finite anywhere is skipped
     (parameters and state unchanged) and counted in :attr:`skipped_steps`.
 
@@ -277,7 +281,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 step = float(self.state[p]["step"]) if self.state[p] else 0.0
                 keyed.setdefault((p.device, p.dtype, cdtype, step), []).append(p)
             for (_, _, cdtype, _), params in keyed.items():
-                plan.append((group, _Bucket(params, [self.state[p] for p in params], cdtype)))
+                plan.append((group, _Bucket(params, [self.state[p] for p in params], cdtype,
+                                            getattr(self.lo, "moment_rows", len(DECAYS)))))
         self._buckets = {"plan": (signature, plan)}
         return plan
 

@@ -9,8 +9,10 @@ generator)`` gives the particle state, ``grad(meta, state, generator) -> (meta_g
 one estimate, ``to_leaves`` / ``from_leaves`` a checkpointable form of the state.
 
 The meta-loss of one truncation is the mean inner *training* loss over its steps (the loss of each
-step's batch before that step's update), or with ``objective="valid"`` the validation loss after
-each step (``task.valid_loss``); the mean of its logarithm with ``log_loss=True``.
+step's batch before that step's update), or with ``objective="valid"`` the mean validation loss after
+each step (``task.valid_loss``), or with ``objective="valid_min"`` the *lowest* validation loss
+after any of its steps (for :class:`ES`, the best validation loss of the run: what early stopping
+would keep); the logarithm of the losses with ``log_loss=True``.
 
 * :class:`PES` -- Persistent Evolution Strategies (Vicol et al. 2021), antithetic: particles come
   in pairs ``θ ± ε`` sharing initialisation and data; each particle accumulates its perturbations
@@ -38,9 +40,15 @@ __all__ = ["unroll", "GradientEstimator", "PES", "ES", "TruncatedBackprop", "es_
 Params = dict[str, Tensor]
 
 
-def meta_loss(losses: Tensor, log_loss: bool = False) -> Tensor:
-    """Mean over the last axis (the steps of a truncation) of ``losses`` or ``log(losses)``."""
-    return (losses.clamp_min(1e-12).log() if log_loss else losses).mean(-1)
+#: Meta-objectives: what the losses of a truncation are and how they are reduced over its steps.
+OBJECTIVES: dict[str, str] = {"train": "mean", "valid": "mean", "valid_min": "min"}
+
+
+def meta_loss(losses: Tensor, log_loss: bool = False, reduce: str = "mean") -> Tensor:
+    """Mean (or, ``reduce="min"``, minimum) over the last axis (the steps of a truncation) of
+    ``losses`` or ``log(losses)``."""
+    x = losses.clamp_min(1e-12).log() if log_loss else losses
+    return x.amin(-1) if reduce == "min" else x.mean(-1)
 
 
 def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor, ...], objective: str = "train"):
@@ -48,12 +56,13 @@ def unroll(task, lo, meta: Params, params: Params, state, batches: tuple[Tensor,
 
     Returns:
         ``(params, state, losses)`` with ``losses (K,)`` the mean batch loss before each update
-        (``objective="train"``) or the validation loss after it (``"valid"``, ``task.valid_loss``).
+        (``objective="train"``) or the validation loss after it (``"valid"``, ``"valid_min"``:
+        ``task.valid_loss``).
     """
     losses = []
     for t in range(batches[0].shape[0]):
         params, state, loss = lo.step(task, meta, params, state, tuple(b[t] for b in batches))
-        losses.append(task.valid_loss(params) if objective == "valid" else loss)
+        losses.append(task.valid_loss(params) if objective != "train" else loss)
     return params, state, torch.stack(losses)
 
 
@@ -67,9 +76,9 @@ class GradientEstimator:
 
     def __init__(self, task, lo, *, particles: int, truncation: int, horizon: int, log_loss: bool = False,
                  comm: Comm | None = None, objective: str = "train"):
-        if objective not in ("train", "valid"):
-            raise ValueError(f"{type(self).__name__}: objective must be 'train' or 'valid', got {objective!r}")
-        self.objective = objective
+        if objective not in OBJECTIVES:
+            raise ValueError(f"{type(self).__name__}: objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+        self.objective, self._reduce = objective, OBJECTIVES[objective]
         if particles < 1 or truncation < 1 or horizon < truncation:
             raise ValueError(f"{type(self).__name__}: need particles >= 1 and 1 <= truncation <= horizon, got "
                              f"particles={particles}, truncation={truncation}, horizon={horizon}")
@@ -152,8 +161,9 @@ class PES(GradientEstimator):
         sigma: standard deviation of the perturbations of every meta-parameter.
         log_loss: meta-loss on ``log`` of the inner losses.
         comm: splits the pairs over ranks (:mod:`gradmeta.lopt._distributed`); default one process.
-        objective: meta-loss on the inner training losses (``"train"``) or on the validation loss
-            after each step (``"valid"``, the task needs a validation split).
+        objective: meta-loss on the inner training losses (``"train"``), on the validation loss
+            after each step (``"valid"``) or on the lowest of them (``"valid_min"``); the last two
+            need a validation split.
     """
 
     antithetic = True
@@ -181,7 +191,7 @@ class PES(GradientEstimator):
         sl = self._local()
         theta = {k: meta[k].detach() + eps[k][sl] for k in meta}
         params, opt_state, losses = self._unroll_local(theta, state, batches, sl, 0)
-        L = torch.nan_to_num(meta_loss(losses, self.log_loss), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
+        L = torch.nan_to_num(meta_loss(losses, self.log_loss, self._reduce), nan=1e4, posinf=1e4, neginf=-1e4)  # (P_local,)
         accum = {k: state["accum"][k][sl] + eps[k][sl] for k in meta}
         # Σ_i ξ_i L_i over a pair is ξ₊(L₊ − L₋) (ξ₋ = −ξ₊ exactly); differencing first avoids
         # cancellation. Per-pair terms are gathered and summed in pair order, so the estimate is
@@ -243,7 +253,7 @@ class TruncatedBackprop(GradientEstimator):
 
     def _loss_func(self, meta, params, state, batches):
         p, s, losses = unroll(self.task, self.lo, meta, params, state, batches, self.objective)
-        return meta_loss(losses, self.log_loss), (p, s)
+        return meta_loss(losses, self.log_loss, self._reduce), (p, s)
 
     def _grad_higher(self, meta, params, state, batches):
         import higher
@@ -259,8 +269,8 @@ class TruncatedBackprop(GradientEstimator):
                 loss = task.loss_fn(fmodel(x, params=[p[n] for n in names]), y).mean()
                 grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True)
                 p, state = self.lo.update(m, dict(zip(names, grads)), state, p)
-                losses.append(task.valid_loss(p) if self.objective == "valid" else loss)
-            L = meta_loss(torch.stack(losses), self.log_loss)
+                losses.append(task.valid_loss(p) if self.objective != "train" else loss)
+            L = meta_loss(torch.stack(losses), self.log_loss, self._reduce)
             g = dict(zip(m, torch.autograd.grad(L, list(m.values()))))
         detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
         return g, L.detach(), detach(p), detach(state)

@@ -48,13 +48,45 @@ def test_truncated_backprop_on_the_validation_objective_agrees_between_backends(
     meta = lo.init_meta(0)
     meta["w2"] = 0.05 * torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     out = {}
-    for objective in ("train", "valid"):
+    for objective in ("train", "valid", "valid_min"):
         for backend in ("func", "higher"):
             tb = TruncatedBackprop(task, lo, particles=1, truncation=2, horizon=4, backend=backend, objective=objective)
             gen = torch.Generator().manual_seed(0)
             out[objective, backend] = tb.grad(meta, tb.init(meta, gen), gen)
-    for objective in ("train", "valid"):
+    for objective in ("train", "valid", "valid_min"):
         g_f, g_h = out[objective, "func"][0], out[objective, "higher"][0]
         for k in meta:
             torch.testing.assert_close(g_h[k], g_f[k], rtol=1e-4, atol=1e-7)
     assert out["train", "func"][2]["meta_loss"] != out["valid", "func"][2]["meta_loss"]
+    assert out["valid_min", "func"][2]["meta_loss"] < out["valid", "func"][2]["meta_loss"]
+
+
+def test_es_valid_min_objective_is_the_best_validation_loss_of_each_run():
+    """``objective="valid_min"``: the meta-loss is the mean over particles of the lowest validation
+    loss of each run (replayed here with the same draws), and an unknown objective is refused."""
+    from gradmeta.lopt import ES, unroll
+
+    task = digits_mlp(hidden=[4], batch_size=8, valid_fraction=0.2)
+    lo = PerParamMLP(hidden=4)
+    meta = lo.init_meta(0)
+    infos = {}
+    for objective in ("valid", "valid_min"):
+        es = ES(task, lo, particles=2, horizon=6, sigma=0.0, objective=objective)
+        gen = torch.Generator().manual_seed(0)
+        infos[objective] = es.grad(meta, es.init(meta, gen), gen)[2]["meta_loss"]
+    # replay: the same initial particles and batches (σ = 0: both particles use ``meta``)
+    gen = torch.Generator().manual_seed(0)
+    state = es.init(meta, gen)
+    for v in meta.values():
+        torch.randn(1, *v.shape, generator=gen, dtype=v.dtype)
+    batches = es._batches(gen)
+    best = []
+    for i in range(2):
+        params = {k: v[i] for k, v in state["params"].items()}
+        opt_state = torch.utils._pytree.tree_map(lambda x: x[i], state["opt_state"])
+        _, _, losses = unroll(task, lo, meta, params, opt_state, tuple(b[:, i] for b in batches), "valid")
+        best.append(float(losses.min()))
+    assert infos["valid_min"] == pytest.approx(sum(best) / 2, rel=1e-5)
+    assert infos["valid_min"] < infos["valid"]
+    with pytest.raises(ValueError, match="valid_min"):
+        ES(task, lo, particles=2, horizon=6, objective="best")

@@ -220,17 +220,17 @@ HELDOUT_TASKS = tuple(_heldout_builders())
 def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None, horizons=(50, 100, 150),
                particles: int = 16, sigma: float = 0.01, meta_lr: float = 1e-2, hidden: int = 16, seed: int = 0,
                tasks=TRAIN_TASKS_V1, adaptive: bool = False, lr: float = 3e-3, objective: str = "train",
-               init: dict | None = None) -> dict:
+               init: dict | None = None, lr_free: bool = False) -> dict:
     """Meta-train (resuming from ``out/meta_checkpoint.pt``) up to ``iterations``, at most ``max_steps`` now.
 
-    ``adaptive``, ``lr``: the :class:`~gradmeta.lopt.GeneralistRule`'s; ``objective``: mean log of
+    ``adaptive``, ``lr``, ``lr_free``: the :class:`~gradmeta.lopt.GeneralistRule`'s; ``objective``: mean log of
     the inner train losses (``"train"``) or of the validation loss after each step (``"valid"``,
     :func:`with_valid`); ``init``: starting values of some meta-parameters (``{name: list}``,
     e.g. ``{"w_adapt": [10, 0]}``) instead of :meth:`~gradmeta.lopt.GeneralistRule.init_meta`'s.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rule = GeneralistRule(hidden=hidden, lr=lr, adaptive=adaptive)
+    rule = GeneralistRule(hidden=hidden, lr=lr, adaptive=adaptive, lr_free=lr_free)
     meta = rule.init_meta(seed)
     for k, v in (init or {}).items():
         if k not in meta or torch.as_tensor(v).shape != meta[k].shape:
@@ -258,7 +258,7 @@ def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None,
     while it < stop:
         name, horizon = picker.choice(list(tasks)), picker.choice(list(horizons))
         if name not in cache:
-            cache[name] = with_valid(builders[name]()) if objective == "valid" else builders[name]()
+            cache[name] = with_valid(builders[name]()) if objective != "train" else builders[name]()
         rule.total_steps = horizon
         g, info = es_grad(cache[name], rule, {k: v.detach() for k, v in meta.items()}, gen, particles=particles,
                           horizon=horizon, sigma=sigma, log_loss=True, objective=objective)
@@ -301,7 +301,9 @@ DEFAULT_ADAM_LR = 1e-3
 
 def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 3), tasks=HELDOUT_TASKS,
                    eval_every: int = 10) -> dict:
-    """Every held-out task: the rule (``total_steps = steps``) vs Adam tuned over :data:`ADAM_GRID`."""
+    """Every task of ``tasks`` (held-out by default; meta-training tasks may be named too, to
+    compare rules without touching the held-out suite): the rule (``total_steps = steps``) vs Adam
+    tuned over :data:`ADAM_GRID`."""
     from gradmeta.lopt import load_checkpoint
 
     rule, meta = load_checkpoint(checkpoint)
@@ -310,7 +312,7 @@ def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    builders = _heldout_builders()
+    builders = {**_train_builders(), **_heldout_builders()}
     for name in tasks:
         if name in results:
             continue

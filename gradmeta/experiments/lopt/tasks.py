@@ -63,7 +63,7 @@ TRAIN_DEFAULTS = {
               "log_loss": False, "meta_lr": Range(3e-3, **_POS), "grad_clip": Range(1.0, **_POS),
               # meta learning rate of a branch's meta-parameters (and of its gates) ÷ meta_lr
               "branch_lr_scale": Range(1.0, **_POS),
-              "objective": OneOf("train", ("train", "valid"))},
+              "objective": OneOf("train", ("train", "valid", "valid_min"))},
     "eval": {"every": Range(25, low=1), "steps": Range(200, low=1), "eval_every": Range(10, low=1),
              "seeds": [Range(1000, low=0), 1001]},
     "checkpoint_every": Range(5, low=1),
@@ -99,13 +99,13 @@ def _task(run: Run, objective: str = "train"):
     else:
         task = make_task(t["name"], hidden=t["hidden"], batch_size=t["batch_size"],
                          data_root=t["data_root"] or None, valid_fraction=t["valid_fraction"])
-    if objective == "valid":
+    if objective != "train":
         if not callable(getattr(task, "valid_loss", None)):
-            raise run.spec_error("outer.objective", f"'valid' needs a task with valid_loss(params); {task.name} has none")
+            raise run.spec_error("outer.objective", f"'{objective}' needs a task with valid_loss(params); {task.name} has none")
         try:
             task.valid_loss(task.init(0))
         except ValueError as e:
-            raise run.spec_error("outer.objective", f"'valid': {e}") from e
+            raise run.spec_error("outer.objective", f"'{objective}': {e}") from e
     return task
 
 

@@ -123,17 +123,17 @@ def test_untrained_is_adam(adaptive):
         torch.testing.assert_close(params[k], p.detach(), rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"adaptive": True}, {"lr_free": True}])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale, adaptive):
+def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale, kw):
     """Random (and large) meta-parameters, 300 steps of zero gradients: parameters exactly still."""
-    rule = GeneralistRule(hidden=8, adaptive=adaptive)
+    rule = GeneralistRule(hidden=8, **kw)
     meta = {k: v.float() for k, v in _random_meta(rule, seed=3, scale=scale).items()}
     path = save_checkpoint(tmp_path / "g.pt", rule, meta)
     torch.manual_seed(0)
     model = mlp([64, 32, 10])
     start = [p.detach().clone() for p in model.parameters()]
-    opt = LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=300)
+    opt = LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=400)  # lr-free: not yet decayed at 301
     for _ in range(300):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -147,16 +147,16 @@ def test_no_drift_at_zero_gradient_by_construction(tmp_path, scale, adaptive):
     assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_vmap_equals_loop(adaptive):
-    rule = GeneralistRule(hidden=6, total_steps=10, adaptive=adaptive)
+@pytest.mark.parametrize("kw", [{}, {"adaptive": True}, {"lr_free": True}])
+def test_vmap_equals_loop(kw):
+    rule = GeneralistRule(hidden=6, total_steps=10, **kw)
     meta = {k: v.float() for k, v in _random_meta(rule, seed=2).items()}
     g = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(4, 3, 2, generator=g), "b": torch.randn(4, 2, generator=g)}
     vp, vs = params, vmap(rule.init)(params)
     lps = [{k: v[i] for k, v in params.items()} for i in range(4)]
     lss = [rule.init(p) for p in lps]
-    for _ in range(3):  # several steps, so that the adaptive step sizes read a previous direction
+    for _ in range(4):  # several steps, so that adaptive step sizes and distance estimates read their state
         grads = {k: torch.randn(v.shape, generator=g) + 0.5 for k, v in params.items()}
         vp, vs = vmap(lambda p, gr, s: rule.update(meta, gr, s, p))(vp, grads, vs)
         for i in range(4):
@@ -170,7 +170,13 @@ def test_vmap_equals_loop(adaptive):
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path, adaptive):
     rule = GeneralistRule(hidden=8, adaptive=adaptive)
-    meta = {k: v.double() for k, v in _random_meta(rule, seed=5).items()}
+    check_optimizer_matches_rule(tmp_path, rule, {k: v.double() for k, v in _random_meta(rule, seed=5).items()})
+
+
+def check_optimizer_matches_rule(tmp_path, rule, meta):
+    """12 float64 steps of ``LearnedOptimizer`` (from a checkpoint of ``rule, meta``) equal the rule's
+    own updates, with a round trip at step 6 through a state dict into an optimizer built from
+    another checkpoint ("digits") and a model copy. Returns the final optimizer."""
     path = save_checkpoint(tmp_path / "g.pt", rule, meta)
     torch.manual_seed(0)
     model = mlp([5, 7, 2]).double()
@@ -195,6 +201,7 @@ def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path, adaptive):
         params, state = rule.update(meta, grads, state, params)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[k], rtol=1e-10, atol=1e-12)
+    return opt
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

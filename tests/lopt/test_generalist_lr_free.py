@@ -1,16 +1,15 @@
 """GeneralistRule(lr_free=True): the distance-based step size (Prodigy) against a slow float64
-reference, invariance to the scale of the loss, no drift at zero gradient, vmap = loop, and
-LearnedOptimizer (eight state rows) with its state_dict round trip."""
+reference, invariance to the scale of the loss, and LearnedOptimizer (eight state rows) with its
+state_dict round trip (no drift at zero gradient and vmap = loop: in test_generalist.py)."""
 import math
 
 import pytest
 import torch
-from torch.func import vmap
 
-from gradmeta.lopt import GeneralistRule, LearnedOptimizer, load_checkpoint, save_checkpoint
+from gradmeta.lopt import GeneralistRule, load_checkpoint
 from gradmeta.models import mlp
 
-from .test_generalist import DECAYS, _random_meta, _reference_step
+from .test_generalist import DECAYS, _random_meta, _reference_step, check_optimizer_matches_rule
 
 
 def _reference_distance(x0, d, r, s, params, grads, gamma):
@@ -85,76 +84,14 @@ def test_invariant_to_the_scale_of_the_loss():
         assert float((finals[0][0][k] - p0[k]).abs().max()) > 1e-2
 
 
-@pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_no_drift_at_zero_gradient(tmp_path, scale):
-    rule = GeneralistRule(hidden=8, lr_free=True)
-    meta = {k: v.float() for k, v in _random_meta(rule, seed=3, scale=scale).items()}
-    path = save_checkpoint(tmp_path / "g.pt", rule, meta)
-    torch.manual_seed(0)
-    model = mlp([64, 32, 10])
-    start = [p.detach().clone() for p in model.parameters()]
-    opt = LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=400)  # not yet fully decayed at 301
-    for _ in range(300):
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
-    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), start))
-
-
-def test_vmap_equals_loop():
-    rule = GeneralistRule(hidden=6, total_steps=10, lr_free=True)
-    meta = {k: v.float() for k, v in _random_meta(rule, seed=2).items()}
-    g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(4, 3, 2, generator=g), "b": torch.randn(4, 2, generator=g)}
-    vp, vs = params, vmap(rule.init)(params)
-    lps = [{k: v[i] for k, v in params.items()} for i in range(4)]
-    lss = [rule.init(p) for p in lps]
-    for _ in range(4):
-        grads = {k: torch.randn(v.shape, generator=g) + 0.5 for k, v in params.items()}
-        vp, vs = vmap(lambda p, gr, s: rule.update(meta, gr, s, p))(vp, grads, vs)
-        for i in range(4):
-            lps[i], lss[i] = rule.update(meta, {k: v[i] for k, v in grads.items()}, lss[i], lps[i])
-    for i in range(4):
-        for k in lps[i]:
-            torch.testing.assert_close(vp[k][i], lps[i][k], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(vs.momenta[k][i], lss[i].momenta[k], rtol=1e-5, atol=1e-6)
-
-
 def test_optimizer_matches_rule_and_state_dict_round_trip(tmp_path):
     rule = GeneralistRule(hidden=8, lr_free=True, d0=3e-4)
     meta = {k: v.double() for k, v in _random_meta(rule, seed=5).items()}
     meta["log_lr"], meta["log_d0"] = torch.tensor(0.0, dtype=torch.float64), torch.tensor(math.log(3e-4), dtype=torch.float64)
-    path = save_checkpoint(tmp_path / "g.pt", rule, meta)
-    loaded, _ = load_checkpoint(path)
+    opt = check_optimizer_matches_rule(tmp_path, rule, meta)
+    loaded, _ = load_checkpoint(tmp_path / "g.pt")
     assert loaded.lr_free and loaded.d0 == 3e-4 and loaded.moment_rows == 8
-    torch.manual_seed(0)
-    model = mlp([5, 7, 2]).double()
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    rule.total_steps = 12
-    state = rule.init(params)
-    opt = LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=12)
-    data = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(12)]
-    loss = lambda m, p, x, y: torch.nn.functional.cross_entropy(torch.func.functional_call(m, p, (x,)), y)  # noqa: E731
-    for t, (x, y) in enumerate(data):
-        if t == 6:
-            sd = opt.state_dict()
-            model2 = mlp([5, 7, 2]).double()
-            model2.load_state_dict(model.state_dict())
-            model = model2
-            opt = LearnedOptimizer(model.parameters(), checkpoint=path, total_steps=12)
-            opt.load_state_dict(sd)
-        opt.zero_grad()
-        loss(model, dict(model.named_parameters()), x, y).backward()
-        opt.step()
-        grads = torch.func.grad(lambda p: loss(model, p, x, y))(params)
-        params, state = rule.update(meta, grads, state, params)
     assert all(s["momenta"].shape[0] == 8 for s in opt.state.values())
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), params[k], rtol=1e-10, atol=1e-12)
 
 
 def test_bad_arguments():

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--lr-free", action="store_true",
                     help="GeneralistRule(lr_free=True): base step size estimated during the run (Prodigy)")
     ap.add_argument("--lr", type=float, default=3e-3, help="the rule's initial base learning rate")
+    ap.add_argument("--particles", type=int, default=16, help="ES particles per meta-iteration")
+    ap.add_argument("--meta-lr", type=float, default=1e-2, help="Adam learning rate of the meta-parameters")
     ap.add_argument("--objective", choices=["train", "valid", "valid_min"], default="train",
                     help="meta-loss: mean log inner train loss, validation loss after each step, or the lowest of those")
     ap.add_argument("--name", default="lopt_generalist",
@@ -57,7 +59,8 @@ def main() -> None:
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
                      tasks=tuple(args.tasks or (G.TRAIN_TASKS if args.adaptive or args.lr_free else G.TRAIN_TASKS_V1)),
                      horizons=tuple(args.horizons), adaptive=args.adaptive, lr=args.lr, objective=args.objective,
-                     init=json.loads(args.init) if args.init else None, lr_free=args.lr_free)
+                     init=json.loads(args.init) if args.init else None, lr_free=args.lr_free,
+                     particles=args.particles, meta_lr=args.meta_lr)
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or G.HELDOUT_TASKS))

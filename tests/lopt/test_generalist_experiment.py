@@ -29,6 +29,17 @@ def test_resumed_meta_training_is_bitwise_uninterrupted(tmp_path, extra):
     assert set(init) == set(whole) and any(not torch.equal(whole[k], v) for k, v in init.items())
 
 
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    kw = dict(iterations=2, horizons=(4,), particles=2, hidden=4, tasks=("tabular_regression",))
+    G.meta_train(tmp_path, max_steps=1, **kw)
+    before = (tmp_path / "meta_checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="particles was 2, now 4"):
+        G.meta_train(tmp_path, **{**kw, "particles": 4})
+    assert (tmp_path / "meta_checkpoint.pt").read_bytes() == before  # nothing lost
+    G.meta_train(tmp_path, **kw)  # the same settings resume
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 2
+
+
 def test_heldout_is_disjoint_from_training():
     assert len(G.HELDOUT_TASKS) == 8 and not set(G.HELDOUT_TASKS) & set(G.TRAIN_TASKS)
 

@@ -227,9 +227,15 @@ def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None,
     the inner train losses (``"train"``) or of the validation loss after each step (``"valid"``,
     :func:`with_valid`); ``init``: starting values of some meta-parameters (``{name: list}``,
     e.g. ``{"w_adapt": [10, 0]}``) instead of :meth:`~gradmeta.lopt.GeneralistRule.init_meta`'s.
+    The settings are written to ``out/settings.json`` on the first slice; resuming with other
+    settings is refused with a ``ValueError`` naming them (the run would silently change).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"horizons": list(horizons), "particles": particles, "sigma": sigma, "meta_lr": meta_lr,
+                "hidden": hidden, "seed": seed, "tasks": list(tasks), "adaptive": adaptive, "lr": lr,
+                "objective": objective, "lr_free": lr_free}
+    _check_settings(out, settings)
     rule = GeneralistRule(hidden=hidden, lr=lr, adaptive=adaptive, lr_free=lr_free)
     meta = rule.init_meta(seed)
     for k, v in (init or {}).items():
@@ -275,6 +281,20 @@ def meta_train(out: str, *, iterations: int = 400, max_steps: int | None = None,
         if it % 10 == 0 or it == stop:
             _save(out, meta, opt, gen, picker, history, it, rule)
     return {k: v.detach() for k, v in meta.items()}
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Write ``out/settings.json`` (first slice) or refuse settings that differ from the saved ones."""
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"meta_train: {out} was started with other settings; resuming would change the run: "
+                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                             + " (pass the saved values, or use a new --out folder)")
+    elif not (out / "meta_checkpoint.pt").is_file():
+        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
 def _tuple_state(s):

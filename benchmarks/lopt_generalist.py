@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--tasks", nargs="+", default=None)
+    ap.add_argument("--tasks", nargs="+", default=None, help="task names (default: the suite's)")
+    ap.add_argument("--suite", choices=["heldout", "validation", "train"], default="heldout",
+                    help="eval: the task suite when --tasks is not given")
     ap.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 150])
     ap.add_argument("--adaptive", action="store_true", help="GeneralistRule(adaptive=True): learned per-step step-size adaptation")
     ap.add_argument("--lr-free", action="store_true",
@@ -63,7 +65,8 @@ def main() -> None:
                      particles=args.particles, meta_lr=args.meta_lr)
     elif args.command == "eval":
         G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
-                         tasks=tuple(args.tasks or G.HELDOUT_TASKS))
+                         tasks=tuple(args.tasks or {"heldout": G.HELDOUT_TASKS, "validation": G.VALIDATION_TASKS,
+                                                    "train": G.TRAIN_TASKS}[args.suite]))
     else:
         results = json.loads((Path(args.out) / "heldout.json").read_text())
         table, targets = G.summarise(results)

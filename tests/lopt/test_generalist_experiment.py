@@ -42,6 +42,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 
 def test_heldout_is_disjoint_from_training():
     assert len(G.HELDOUT_TASKS) == 8 and not set(G.HELDOUT_TASKS) & set(G.TRAIN_TASKS)
+    assert len(G.VALIDATION_TASKS) == 6 and not set(G.VALIDATION_TASKS) & (set(G.TRAIN_TASKS) | set(G.HELDOUT_TASKS))
 
 
 def test_lstm_and_cnn_run_under_the_rule():

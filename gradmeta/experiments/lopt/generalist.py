@@ -8,6 +8,9 @@ held-out evaluation against lr-tuned Adam.
   on another corpus, a CNN on 28×28 Fashion-MNIST, regression with unscaled targets (diabetes),
   two unseen tabular sets (breast cancer, wine), a wide deep GELU MLP on 16×16 Fashion-MNIST, a
   digits autoencoder (MSE);
+* :data:`VALIDATION_TASKS` -- six more tasks in neither set (a sigmoid MLP, a CNN on 8×8
+  Fashion-MNIST, two synthetic tabular sets, iris, a char transformer on a third corpus), for
+  choosing between candidates without looking at the held-out suite;
 * :func:`meta_train` -- antithetic ES over full unrolls; each meta-iteration draws one task and
   one horizon, runs the rule with ``total_steps`` = that horizon; resumable slices;
 * :func:`evaluate_suite` -- best and final test loss, step reduction, vs Adam tuned over a grid.
@@ -208,11 +211,37 @@ def _heldout_builders() -> dict:
     }
 
 
+def _validation_builders() -> dict:
+    """Tasks for choosing between candidate optimizers (checkpoints, settings) without touching the
+    held-out suite: neither trained on nor reported as held-out."""
+    from gradmeta.data import stdlib_docstring_corpus
+
+    def iris():
+        X, y = _sk("iris")
+        Xtr, ytr, Xte, yte = _split(X, y, seed=1)
+        Xtr, Xte = _standardise(Xtr, Xte)
+        return classify(mlp([4, 16, 3], activation="tanh"), (Xtr, ytr, Xte, yte), "iris_mlp", 16)
+
+    return {
+        "digits_mlp128_sigmoid": lambda: classify(mlp([64, 128, 10], activation="sigmoid"), _digits(),
+                                                  "digits_mlp128_sigmoid"),
+        "fmnist8_cnn": lambda: classify(SmallCNN(8, 4), _fashion(8, 10000, 2000, False), "fmnist8_cnn", 64),
+        "tabular_classification_s4": lambda: synthetic_tabular(4, regression=False, n=600, separation=1.2),
+        "tabular_regression_s5": lambda: synthetic_tabular(5, regression=True),
+        "iris_mlp": iris,
+        "char_gpt_third_corpus": lambda: LanguageModelTask(stdlib_docstring_corpus(
+            ("ast", "dis", "pickle", "socket", "optparse", "configparser")), batch_size=16, seq_len=16,
+            name="char_gpt_third_corpus"),
+    }
+
+
 #: The first meta-training distribution (the ``[50, 100, 150]``-horizon checkpoint's); the adaptive
 #: rule adds a small, overfitting tabular task.
 TRAIN_TASKS_V1 = tuple(_train_builders())[:8]
 TRAIN_TASKS = tuple(_train_builders())
 HELDOUT_TASKS = tuple(_heldout_builders())
+#: For choosing between candidates: in neither the meta-training distribution nor the held-out suite.
+VALIDATION_TASKS = tuple(_validation_builders())
 
 
 # ---------------------------------------------------------------- meta-training
@@ -321,9 +350,9 @@ DEFAULT_ADAM_LR = 1e-3
 
 def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 3), tasks=HELDOUT_TASKS,
                    eval_every: int = 10) -> dict:
-    """Every task of ``tasks`` (held-out by default; meta-training tasks may be named too, to
-    compare rules without touching the held-out suite): the rule (``total_steps = steps``) vs Adam
-    tuned over :data:`ADAM_GRID`."""
+    """Every task of ``tasks`` (held-out by default; meta-training and :data:`VALIDATION_TASKS` may
+    be named too, to compare rules without touching the held-out suite): the rule
+    (``total_steps = steps``) vs Adam tuned over :data:`ADAM_GRID`."""
     from gradmeta.lopt import load_checkpoint
 
     rule, meta = load_checkpoint(checkpoint)
@@ -332,7 +361,7 @@ def evaluate_suite(checkpoint: str, out: str, *, steps: int = 300, seeds=(1, 2, 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    builders = {**_train_builders(), **_heldout_builders()}
+    builders = {**_train_builders(), **_validation_builders(), **_heldout_builders()}
     for name in tasks:
         if name in results:
             continue

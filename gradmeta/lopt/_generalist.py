@@ -234,7 +234,8 @@ class GeneralistRule(LearnedRule):
         decays = torch.tensor(DECAYS, dtype=grads.dtype, device=grads.device).unsqueeze(1)
         if self.adaptive:
             log_step = _adapted_log_step(meta["w_adapt"], grads, momenta, second, step)
-        m = torch.lerp(momenta[:len(DECAYS)], grads.unsqueeze(0), 1 - decays)
+        kept = _ROW_D if self.lr_free else len(DECAYS)  # lr-free rows from _ROW_D on hold d, r, x₀, s
+        m = torch.lerp(momenta[:kept], grads.unsqueeze(0), 1 - decays[:kept])
         v = torch.lerp(second, grads.square(), 0.001)
         r = 1.0 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
         mhat = m[[_FAST, _MID, _SLOW]] / (1 - decays[[_FAST, _MID, _SLOW]] ** t)
@@ -245,15 +246,16 @@ class GeneralistRule(LearnedRule):
         h = torch.addmm(meta["b1"], h, meta["w1"]).relu()
         out = torch.addmm(meta["b2"], h, meta["w2"]).tanh()  # (N, 3)
         u = (0.5 * out[:, 0]).exp() * x[1] + 0.5 * out[:, 1] * x[0] + 0.5 * out[:, 2] * x[2]
-        alpha = (meta["log_lr"] + 2 * torch.tanh(meta["w_sched"] @ phi)).exp()
+        sched = 2 * torch.tanh(meta["w_sched"] @ phi)
+        alpha = (meta["log_lr"] + sched).exp()
         if self.adaptive:
             u = u * log_step.exp()
             m = torch.cat([log_step.unsqueeze(0), m[1:]], 0)
         if self.lr_free:
-            gamma = lr * (2 * torch.tanh(meta["w_sched"] @ phi)).exp() * _decay_tail(t, self.total_steps)
-            d, rows = _distance_estimate(params, grads, momenta, step, gamma, meta["log_d0"].exp())
-            alpha = alpha * _decay_tail(t, self.total_steps) * d
-            m = torch.cat([m[:_ROW_D], rows], 0)
+            tail = _decay_tail(t, self.total_steps)
+            d, rows = _distance_estimate(params, grads, momenta, step, lr * sched.exp() * tail, meta["log_d0"].exp())
+            alpha = alpha * tail * d
+            m = torch.cat([m, rows], 0)
         base = params * (1 - lr * weight_decay) if weight_decay else params
         new = base - (lr * alpha) * u
         ok = torch.isfinite(new.sum() + m.sum() + v.sum())

@@ -5,11 +5,14 @@
         --out runs/lopt_generalist_eval
     python benchmarks/lopt_generalist.py report --out runs/lopt_generalist_eval
     python benchmarks/lopt_generalist.py compare --out runs/eval_a runs/eval_b --labels A B --name NAME
+    python benchmarks/lopt_generalist.py steptime --out unused --checkpoint A.pt B.pt --labels A B
 
 ``train`` resumes from the run folder (run it again for the next slice); ``eval`` skips tasks
 already in ``heldout.json``; ``report`` writes ``benchmarks/results/<--name>.{md,json,png}`` (default ``lopt_generalist``);
 ``compare`` summarises several ``eval`` folders (e.g. of candidates on the meta-training tasks,
-``--tasks digits_mlp32_relu ...``) in one table, ``benchmarks/results/<--name>.{md,json}``.
+``--tasks digits_mlp32_relu ...``) in one table, ``benchmarks/results/<--name>.{md,json}``; ``steptime`` times a ``LearnedOptimizer`` step of each
+``--checkpoint`` against Adam (:func:`~gradmeta.lopt.step_times`) on two MLPs, batch 128,
+``benchmarks/results/lopt_generalist_step_times.md``.
 Tasks and protocol: :mod:`gradmeta.experiments.lopt.generalist`.
 """
 import argparse
@@ -25,13 +28,13 @@ from gradmeta.experiments.lopt import generalist as G
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["train", "eval", "report", "compare"])
+    ap.add_argument("command", choices=["train", "eval", "report", "compare", "steptime"])
     ap.add_argument("--out", required=True, nargs="+", help="the run folder (compare: several eval folders)")
     ap.add_argument("--labels", nargs="+", default=None, help="compare: one label per --out folder")
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="(always on: a run folder with a checkpoint is resumed)")
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--checkpoint", default=None, nargs="+", help="the checkpoint (steptime: several)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--tasks", nargs="+", default=None, help="task names (default: the suite's)")
@@ -56,6 +59,9 @@ def main() -> None:
     if args.command == "compare":
         _compare(args.out, args.labels or args.out, args.name)
         return
+    if args.command == "steptime":
+        _step_times(args.checkpoint or ["generalist"], args.labels or args.checkpoint or ["generalist"])
+        return
     args.out = args.out[0]
     if args.command == "train":
         G.meta_train(args.out, iterations=args.iterations, max_steps=args.max_steps,
@@ -64,7 +70,7 @@ def main() -> None:
                      init=json.loads(args.init) if args.init else None, lr_free=args.lr_free,
                      particles=args.particles, meta_lr=args.meta_lr)
     elif args.command == "eval":
-        G.evaluate_suite(args.checkpoint, args.out, steps=args.steps, seeds=tuple(args.seeds),
+        G.evaluate_suite(args.checkpoint[0] if args.checkpoint else None, args.out, steps=args.steps, seeds=tuple(args.seeds),
                          tasks=tuple(args.tasks or {"heldout": G.HELDOUT_TASKS, "validation": G.VALIDATION_TASKS,
                                                     "train": G.TRAIN_TASKS}[args.suite]))
     else:
@@ -101,6 +107,33 @@ def _compare(outs: list[str], labels: list[str], name: str) -> None:
     res.mkdir(parents=True, exist_ok=True)
     (res / f"{name}.md").write_text(md)
     (res / f"{name}.json").write_text(json.dumps({"candidates": summary, "env": env}, indent=1))
+    print(md)
+
+
+def _step_times(checkpoints: list[str], labels: list[str]) -> None:
+    """Median full-step time of ``LearnedOptimizer`` vs ``torch.optim.Adam`` (interleaved) per checkpoint."""
+    import os
+
+    from gradmeta.lopt import step_times
+    from gradmeta.models import classification_loss, mlp
+
+    if len(labels) != len(checkpoints):
+        raise SystemExit(f"steptime: {len(checkpoints)} --checkpoint files but {len(labels)} --labels")
+    rows = ["| MLP | checkpoint | learned step (ms) | Adam step (ms) | ratio |", "|---|---|---|---|---|"]
+    for sizes in ([64, 32, 10], [784, 256, 256, 10]):
+        torch.manual_seed(0)
+        model = mlp(sizes)
+        batch = (torch.randn(128, sizes[0]), torch.randint(0, sizes[-1], (128,)))
+        for ck, label in zip(checkpoints, labels):
+            r = step_times(model, classification_loss, batch, checkpoint=ck, repeats=100)
+            rows.append(f"| {'-'.join(map(str, sizes))} | {label} | {r['lopt_ms']:.3g} | {r['adam_ms']:.3g} "
+                        f"| {r['ratio']:.2f}× |")
+            print(rows[-1], flush=True)
+    env = (f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread, batch 128, "
+           f"load average {os.getloadavg()[0]:.2f} at the end")
+    md = "\n".join(rows) + f"\n\n{env}\n"
+    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+    Path("benchmarks/results/lopt_generalist_step_times.md").write_text(md)
     print(md)
 
 

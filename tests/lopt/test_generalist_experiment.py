@@ -96,3 +96,11 @@ def test_user_models_benchmark_smoke():
     for r in rows[:3]:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert all(0 < float(c) < 100 for c in cells[2:5]) and cells[5] == "0"
+
+
+def test_steptime_refuses_mismatched_labels(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt_generalist.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    bad = subprocess.run([sys.executable, str(script), "steptime", "--out", "x", "--checkpoint", "generalist", "digits",
+                          "--labels", "A"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "2 --checkpoint files but 1 --labels" in bad.stderr

@@ -69,6 +69,12 @@ def peak_memory(fn: Callable[[], Any], device: str) -> tuple[Any, int, str]:
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, "RSS: ru_maxrss"
 
 
+def _allocator_kept() -> bool:
+    from gradmeta._runtime import environment as runtime_environment
+
+    return runtime_environment()["keep_freed_cpu_memory"]
+
+
 def environment(device: str, packages: tuple[str, ...] = ()) -> dict:
     """Device, CPU model, threads, Python/torch/package versions, git commit and UTC date."""
     def version(pkg):
@@ -92,11 +98,32 @@ def environment(device: str, packages: tuple[str, ...] = ()) -> dict:
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_avg_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "torch": torch.__version__,
+        "keep_freed_cpu_memory": _allocator_kept(),
     }
     env.update({pkg.removesuffix("-for-pytorch"): version(pkg) for pkg in packages})
     env.update({"git_commit": commit, "platform": platform.platform(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return env
+
+
+ALLOCATORS = ("keep", "default")
+
+
+def add_allocator_option(ap) -> None:
+    """``--allocator keep|default``: whether the process calls ``gradmeta.keep_freed_cpu_memory()``."""
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="keep",
+                    help="keep: glibc keeps freed CPU memory for reuse (gradmeta.keep_freed_cpu_memory, as the "
+                         "gradmeta command does); default: glibc's default (fresh pages for large tensors)")
+
+
+def set_allocator(choice: str) -> str:
+    """Apply ``--allocator`` (before any timing); returns the suffix of result files (``""`` or ``"_default_allocator"``)."""
+    if choice == "keep":
+        from gradmeta import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
+        return ""
+    return "_default_allocator"
 
 
 def write_results(data: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:

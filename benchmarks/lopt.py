@@ -26,6 +26,10 @@ Usage::
     python benchmarks/lopt.py                      # both suites -> benchmarks/results/lopt_{step,pes}.{json,md}
     python benchmarks/lopt.py --suite pes          # the PES-iteration table only (--pes-repeats N: medians of N)
     python benchmarks/lopt.py --quick --out DIR    # small sizes (smoke test)
+    python benchmarks/lopt.py --allocator default  # glibc's default allocator -> *_default_allocator.{json,md}
+
+By default the process keeps freed CPU memory for reuse (``gradmeta.keep_freed_cpu_memory()``, as
+the ``gradmeta`` command does); ``--allocator default`` measures glibc's default behaviour.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from _common import environment, write_results
+from _common import add_allocator_option, environment, set_allocator, write_results
 from gradmeta.lopt import PES, GradMetaNetLO, LearnedOptimizer, PerParamMLP, WeightSpaceLO, digits_mlp
 from gradmeta.models import classification_loss, mlp
 
@@ -187,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
     ap.add_argument("--pes-repeats", type=int, default=15, help="interleaved PES rounds (medians)")
+    add_allocator_option(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    suffix = set_allocator(args.allocator)
     if args.suite in ("all", "pes"):
         pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, args.pes_repeats, 1))
         data = {"benchmark": "lopt_pes",
                 "title": "One PES meta-training iteration: GradMetaNet learned optimizers vs the per-parameter one",
-                "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick},
+                "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick,
+                                                                 "allocator": args.allocator},
                 "columns": [{"key": "label", "header": "learned optimizer"},
                             {"key": "iter_s", "header": "PES iteration", "format": "ms"},
                             {"key": "ratio", "header": "vs per-parameter", "format": "ratio"},
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                             {"key": "target", "header": "target", "format": "ratio"},
                             {"key": "n_meta", "header": "meta-parameters"}],
                 "cases": [pes]}
-        js, md = write_results(data, args.out, "lopt_pes")
+        js, md = write_results(data, args.out, "lopt_pes" + suffix)
         print(md.read_text())
     if args.suite == "pes":
         return 0
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "benchmark": "lopt_step", "title": "LearnedOptimizer vs torch.optim.Adam: step time and state size",
         "environment": environment("cpu"), "settings": {"batch": args.batch, "threads": args.threads,
-                                                        "quick": args.quick},
+                                                        "quick": args.quick, "allocator": args.allocator},
         "columns": [{"key": "label", "header": "optimizer"},
                     {"key": "step_s", "header": "full step", "format": "ms"},
                     {"key": "update_s", "header": "optimizer step alone", "format": "ms"},
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"key": "state_ratio", "header": "state / params", "format": "ratio"}],
         "cases": results,
     }
-    js, md = write_results(data, args.out, args.stem)
+    js, md = write_results(data, args.out, args.stem + suffix)
     print(md.read_text())
     return 0
 

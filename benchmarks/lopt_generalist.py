@@ -12,7 +12,8 @@ already in ``heldout.json``; ``report`` writes ``benchmarks/results/<--name>.{md
 ``compare`` summarises several ``eval`` folders (e.g. of candidates on the meta-training tasks,
 ``--tasks digits_mlp32_relu ...``) in one table, ``benchmarks/results/<--name>.{md,json}``; ``steptime`` times a ``LearnedOptimizer`` step of each
 ``--checkpoint`` against Adam (:func:`~gradmeta.lopt.step_times`) on two MLPs, batch 128,
-``benchmarks/results/lopt_generalist_step_times.md``.
+``benchmarks/results/lopt_generalist_step_times.md`` (``--allocator default``: glibc's default allocator instead of
+``gradmeta.keep_freed_cpu_memory()``, ``..._step_times_default_allocator.md``).
 Tasks and protocol: :mod:`gradmeta.experiments.lopt.generalist`.
 """
 import argparse
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from _common import add_allocator_option, set_allocator
 from gradmeta.experiments.lopt import generalist as G
 
 
@@ -52,15 +54,17 @@ def main() -> None:
     ap.add_argument("--name", default="lopt_generalist",
                     help="report: write benchmarks/results/<name>.{md,json,png} (default: the shipped checkpoint's)")
     ap.add_argument("--init", default=None, help='JSON starting values of meta-parameters, e.g. \'{"w_adapt": [10, 0]}\'')
+    add_allocator_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    suffix = set_allocator(args.allocator)
     if args.command != "compare" and len(args.out) != 1:
         ap.error(f"{args.command} takes one --out folder")
     if args.command == "compare":
         _compare(args.out, args.labels or args.out, args.name)
         return
     if args.command == "steptime":
-        _step_times(args.checkpoint or ["generalist"], args.labels or args.checkpoint or ["generalist"])
+        _step_times(args.checkpoint or ["generalist"], args.labels or args.checkpoint or ["generalist"], suffix)
         return
     args.out = args.out[0]
     if args.command == "train":
@@ -110,7 +114,7 @@ def _compare(outs: list[str], labels: list[str], name: str) -> None:
     print(md)
 
 
-def _step_times(checkpoints: list[str], labels: list[str]) -> None:
+def _step_times(checkpoints: list[str], labels: list[str], suffix: str = "") -> None:
     """Median full-step time of ``LearnedOptimizer`` vs ``torch.optim.Adam`` (interleaved) per checkpoint."""
     import os
 
@@ -129,11 +133,12 @@ def _step_times(checkpoints: list[str], labels: list[str]) -> None:
             rows.append(f"| {'-'.join(map(str, sizes))} | {label} | {r['lopt_ms']:.3g} | {r['adam_ms']:.3g} "
                         f"| {r['ratio']:.2f}× |")
             print(rows[-1], flush=True)
-    env = (f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread, batch 128, "
+    allocator = "freed memory kept for reuse" if not suffix else "glibc's default allocator"
+    env = (f"torch {torch.__version__}, Python {platform.python_version()}, CPU, 1 thread, batch 128, {allocator}, "
            f"load average {os.getloadavg()[0]:.2f} at the end")
     md = "\n".join(rows) + f"\n\n{env}\n"
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/lopt_generalist_step_times.md").write_text(md)
+    Path(f"benchmarks/results/lopt_generalist_step_times{suffix}.md").write_text(md)
     print(md)
 
 

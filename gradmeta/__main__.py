@@ -1,6 +1,6 @@
 """``python -m gradmeta ...`` (and ``torchrun -m gradmeta ...``): the ``gradmeta`` command."""
 import sys
 
-from .cli import main
+from .cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -214,5 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if status is None else int(status)
 
 
+def entry() -> int:
+    """The ``gradmeta`` command and ``python -m gradmeta``: :func:`main` in a process whose CPU
+    allocator keeps freed memory for reuse (``gradmeta.keep_freed_cpu_memory``: training steps
+    up to 2× faster on a CPU), unless ``GRADMETA_KEEP_FREED_MEMORY=0``. Calling :func:`main`
+    from Python leaves the allocator as it is."""
+    if os.environ.get("GRADMETA_KEEP_FREED_MEMORY", "1") != "0":
+        from gradmeta._runtime import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -211,11 +211,13 @@ class PerParamMLP(LearnedRule):
         w_x = w0[:n_x]
         if self._gated:  # gating the rows scales the features: (g·x)ᵀw = xᵀ(g·w)
             w_x = torch.cat([w_x, meta["extra_gate"].unsqueeze(1) * meta["w0_extra"]], 0)
-        h = torch.addmm(meta["b0"] + time @ w0[n_x:], x.T, w_x).relu_()
-        h = torch.addmm(meta["b1"], h, meta["w1"]).relu_()
-        out = torch.addmm(meta["b2"], h, meta["w2"])  # (N, 2)
+        # entries last, (h, N): few output rows over a long entry axis, and each bias added in
+        # place (an addmm under the particles' vmap is a batched product plus a new broadcast sum)
+        h = (w_x.T @ x).add_((meta["b0"] + time @ w0[n_x:]).unsqueeze(1)).relu_()
+        h = (meta["w1"].T @ h).add_(meta["b1"].unsqueeze(1)).relu_()
+        out = (meta["w2"].T @ h).add_(meta["b2"].unsqueeze(1))  # (2, N)
         # Small output multipliers (as Metz et al.'s λ₁, λ₂) keep early meta-training stable.
-        direction, log_scale = out[:, 0].clamp(-10, 10), (0.1 * out[:, 1]).clamp(-3, 3)
+        direction, log_scale = out[0].clamp(-10, 10), (0.1 * out[1]).clamp(-3, 3)
         m_sgd = m[_SGD_INDEX] / (1 - DECAYS[_SGD_INDEX])
         delta = meta["log_lr"].exp() * (log_scale.exp() * m_sgd + self.step_mult * direction)
         new = params - delta.clamp(-self.max_update, self.max_update)

@@ -206,12 +206,16 @@ class PooledGradMetaNet(GradMetaNet):
         self.neuron_layers = nn.ModuleList(NeuronDeepSets(c, c) for _ in range(neuron_layers))
 
     def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        # channels first through the set×neuron layers: (G, c, B, T, N), contiguous (the encoder's
+        # few-channel product already lays g out so)
+        x = g.movedim(-1, 1)
         for k, layer in enumerate(self.set_layers):
-            g = layer(g) if k == 0 else layer(F.gelu(g))
-        h = self.pool(F.gelu(g))
+            x = layer.forward_channels_first(x if k == 0 else F.gelu(x))
+        h = self.pool.forward_channels_first(F.gelu(x))
         for layer in self.neuron_layers:
             h = layer(F.gelu(h))
         if self.readout == "weight" and self.product == "bilinear":  # per datum, before pooling
+            g = x.movedim(1, -1)
             G, B, T, N, c = g.shape
             h = (g0 + g).reshape(G, B * T, N, c) + h.unsqueeze(1)
         return h

@@ -40,12 +40,40 @@ def _set_layer_naive(layer, g):
             + lin(everything, g.mean((1, 2, 3), keepdim=True)))
 
 
+@pytest.mark.parametrize("G", [1, 2])
 @pytest.mark.parametrize("T", [1, 3])
-def test_set_neuron_layer_equals_its_formula(T):
+def test_set_neuron_layer_equals_its_formula(T, G):
     torch.manual_seed(0)
-    layer = SetNeuronLayer(8, 8).double()
-    g = torch.randn(2, 5, T, 11, 8, generator=_gen(1), dtype=torch.float64)
-    torch.testing.assert_close(layer(g), _set_layer_naive(layer, g), rtol=1e-12, atol=1e-12)
+    layer = SetNeuronLayer(8, 6).double()
+    g = torch.randn(G, 5, T, 11, 8, generator=_gen(1), dtype=torch.float64)
+    expected = _set_layer_naive(layer, g)
+    torch.testing.assert_close(layer(g), expected, rtol=1e-12, atol=1e-12)
+    # channels first, from a contiguous and from a strided (channels-last) tensor
+    torch.testing.assert_close(layer.forward_channels_first(g.movedim(-1, 1).contiguous()),
+                               expected.movedim(-1, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.forward_channels_first(g.movedim(-1, 1)), expected.movedim(-1, 1),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_set_neuron_layer_under_vmap_over_parameters():
+    """Per-particle parameters (the learned optimizers' PES) give each particle's own layer."""
+    from torch.func import functional_call, stack_module_state
+
+    layers = [SetNeuronLayer(8, 8).double() for _ in range(3)]
+    params, _ = stack_module_state(layers)
+    g = torch.randn(3, 1, 4, 1, 9, 8, generator=_gen(2), dtype=torch.float64)
+    out = vmap(lambda p, x: functional_call(layers[0], p, (x,)))(params, g)
+    torch.testing.assert_close(out, torch.stack([_set_layer_naive(m, x) for m, x in zip(layers, g)]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_data_pool_channels_first_equals_channels_last():
+    from gradmeta.nn import DataPool
+
+    torch.manual_seed(0)
+    pool = DataPool(8, 5).double()
+    g = torch.randn(2, 4, 3, 7, 8, generator=_gen(3), dtype=torch.float64)
+    torch.testing.assert_close(pool.forward_channels_first(g.movedim(-1, 1)), pool(g), rtol=1e-12, atol=1e-12)
 
 
 def _encoder_naive(enc, feats):

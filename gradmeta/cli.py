@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> int:
     """The ``gradmeta`` command and ``python -m gradmeta``: :func:`main` in a process whose CPU
     allocator keeps freed memory for reuse (``gradmeta.keep_freed_cpu_memory``: training steps
-    up to 2× faster on a CPU), unless ``GRADMETA_KEEP_FREED_MEMORY=0``. Calling :func:`main`
+    1.2–1.9× faster on a CPU in the benchmarks), unless ``GRADMETA_KEEP_FREED_MEMORY=0``. Calling :func:`main`
     from Python leaves the allocator as it is."""
     if os.environ.get("GRADMETA_KEEP_FREED_MEMORY", "1") != "0":
         from gradmeta._runtime import keep_freed_cpu_memory

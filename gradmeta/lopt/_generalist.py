@@ -242,10 +242,12 @@ class GeneralistRule(LearnedRule):
         x = torch.cat([mhat * r, (grads * r).unsqueeze(0)], 0).clamp(-_CLAMP, _CLAMP)  # (4, N)
         phi = progress_features(t, self.total_steps, grads.dtype, grads.device)
         w0 = meta["w0"]
-        h = torch.addmm(meta["b0"] + phi @ w0[self.n_features:], x.T, w0[:self.n_features]).relu()
-        h = torch.addmm(meta["b1"], h, meta["w1"]).relu()
-        out = torch.addmm(meta["b2"], h, meta["w2"]).tanh()  # (N, 3)
-        u = (0.5 * out[:, 0]).exp() * x[1] + 0.5 * out[:, 1] * x[0] + 0.5 * out[:, 2] * x[2]
+        # entries last, (hidden, N), biases and activations in place: rows of N contiguous entries
+        # (the outputs included), no (N, hidden) temporaries copied by an out-of-place activation
+        h = (w0[:self.n_features].T @ x).add_((meta["b0"] + phi @ w0[self.n_features:]).unsqueeze(1)).relu_()
+        h = (meta["w1"].T @ h).add_(meta["b1"].unsqueeze(1)).relu_()
+        out = (meta["w2"].T @ h).add_(meta["b2"].unsqueeze(1)).tanh_()  # (3, N)
+        u = (0.5 * out[0]).exp() * x[1] + 0.5 * out[1] * x[0] + 0.5 * out[2] * x[2]
         sched = 2 * torch.tanh(meta["w_sched"] @ phi)
         alpha = (meta["log_lr"] + sched).exp()
         if self.adaptive:

@@ -5,7 +5,7 @@ every space of the spec), ``c`` channels. Set-valued axes are always *mean*-pool
 layer accepts any ``B``, ``T`` (and any width of a permuted space).
 
 * ``SetNeuronLayer``: ``(G, B, T, N, c) -> (G, B, T, N, c')``, equivariant to ``S_B × S_N`` (and
-  ``S_T`` inside each datum).
+  ``S_T`` inside each datum); ``forward_channels_first`` maps ``(G, c, B, T, N)`` (faster on a CPU).
 * ``DataPool``: ``(G, B, T, N, c) -> (G, N, c')``, invariant to data/token order.
 * ``NeuronDeepSets``: ``(G, N, c) -> (G, N, c')``.
 * ``AttentionBlock`` (GradMetaNet++): attention across data per neuron and across neurons per datum.

@@ -81,9 +81,9 @@ class SetNeuronLayer(nn.Module):
         """The same map on channels-first features: ``(G, c, B, T, N) -> (G, c', B, T, N)``, contiguous.
 
         Every product is ``(c', c) @ (c, ·)`` over a long contiguous axis and every mean and
-        addition runs along contiguous rows, which on a CPU is several times faster than the
-        channels-last layout for few channels (and under ``vmap`` too); a trunk of these layers
-        stays channels first from one layer to the next.
+        addition runs along contiguous rows, which on a CPU is faster than the channels-last
+        layout for few channels (and under ``vmap`` too); a trunk of these layers stays channels
+        first from one layer to the next.
         """
         tok, data, neuron, everything = self.pools
         x = x.contiguous()

@@ -279,18 +279,20 @@ class GradMetaNetLO(_BranchLO):
         gmn_meta = self._part(meta, "gmn")
         args = (gradient_set, params) if self.weight_aware else (gradient_set,)
         out = functional_call(self.net, gmn_meta, args)
-        # readouts and their averages as (N, E), the entries of every parameter in order: a few
-        # whole-vector operations instead of a few per parameter
-        rows = lambda per_param: torch.cat([per_param[k].reshape(-1, self.E).to(params[k].dtype)  # noqa: E731
-                                            for k in params])
+        # readouts and their averages as (E, N), the entries of every parameter in order, channels
+        # first (the readout's own layout): a few whole-vector operations instead of a few per
+        # parameter, and rows of N entries for PerParamMLP's features
+        rows = lambda per_param: torch.cat([per_param[k].movedim(-1, 0).reshape(self.E, -1)  # noqa: E731
+                                            .to(params[k].dtype) for k in params], 1)
         t = state.base.step + 1
         out, old_avg = rows(out), rows(state.avg)
         avg = torch.lerp(old_avg, out, 1 - self.avg_decay)
-        extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 1).T  # (2E, N)
+        extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 0)  # (2E, N)
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
         avg = torch.where(base.skipped == state.base.skipped, avg, old_avg)
-        avg = {k: a.view(*params[k].shape, self.E)
-               for k, a in zip(params, avg.split([params[k].numel() for k in params]))}
+        # each parameter's average as (*shape, E): a view of the (E, N) rows
+        avg = {k: a.T.view(*params[k].shape, self.E)
+               for k, a in zip(params, avg.split([params[k].numel() for k in params], 1))}
         return new, GMNState(base, avg)
 
     def skipped(self, state: GMNState) -> Tensor:

@@ -85,16 +85,18 @@ def zero_moment_state(params: Params, rows: int = len(DECAYS)) -> LOState:
                    {k: torch.zeros_like(v) for k, v in params.items()}, zero)
 
 
-def rms_normalise(x: Tensor, layout: ParamLayout, eps: float = 1e-12, ids: Tensor | None = None) -> Tensor:
+def rms_normalise(x: Tensor, layout: ParamLayout, eps: float = 1e-12) -> Tensor:
     """``x / RMS`` per row of ``x (F, N)`` and per tensor of ``layout`` (its ``N`` flat entries).
 
-    ``ids`` may pass a cached ``layout.segment_ids(x.device)``.
+    Each tensor's block of columns is scaled by its ``(F, 1)`` factor and the blocks are
+    concatenated: under ``vmap`` that is cheaper than gathering a full ``(F, N)`` factor.
     """
     numels = layout.numels
+    blocks = x.split(numels, -1)
     counts = torch.tensor(numels, dtype=x.dtype, device=x.device)
-    ms = torch.stack([c.sum(-1) for c in x.square().split(numels, -1)], -1) / counts
-    ids = layout.segment_ids(x.device) if ids is None else ids
-    return x * torch.rsqrt(ms + eps).index_select(-1, ids)
+    ms = torch.stack([b.square().sum(-1) for b in blocks], -1) / counts
+    scale = torch.rsqrt(ms + eps)
+    return torch.cat([b * scale[..., k:k + 1] for k, b in enumerate(blocks)], -1)
 
 
 class PerParamMLP(LearnedRule):

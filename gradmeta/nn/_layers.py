@@ -325,13 +325,13 @@ class GeluReadout(ProductReadout):
             bias = 0 if e is None else el(e)
             if self.pid is not None:
                 bias = bias + self.pid[k]
-            if per_datum:
-                # channels first, (G, S, K, nx[, ny]): the broadcast sum, gelu and data mean run
-                # along the long neuron axis (a channels-last layout has rows of K entries)
-                z = _chunked_mean(_channels_first(hx, 1), None if hy is None else _channels_first(hy, 1),
-                                  _channels_first(bias, len(axes))).movedim(-1 - len(axes), -1)
-            else:
-                z = F.gelu(_plus(hx if hy is None else hx.unsqueeze(-2) + hy.unsqueeze(-3), bias))
+            if not per_datum:  # one element: S = 1
+                hx, hy = hx.unsqueeze(1), None if hy is None else hy.unsqueeze(1)
+            # channels first, (G, S, K, nx[, ny]): the broadcast sum, gelu and data mean run along
+            # the long neuron axis (a channels-last layout has rows of K entries), and the last map
+            # reads (K, entries) rows as they lie
+            z = _chunked_mean(_channels_first(hx, 1), None if hy is None else _channels_first(hy, 1),
+                              _channels_first(bias, len(axes))).movedim(-1 - len(axes), -1)
             out[name] = self._squeeze(lin(z))
         return out
 
@@ -450,7 +450,8 @@ def _chunked_mean(hx, hy, bias):
     per = hx.shape[-1] * (1 if hy is None else hy.shape[-1]) * hx.shape[-2] * hx.shape[0]
     step = max(1, (_CHUNK_ELEMENTS if torch.is_grad_enabled() else _CACHE_ELEMENTS) // max(per, 1))
     if step >= S:
-        return _gelu_sum(hx, hy, bias) / S
+        total = _gelu_sum(hx, hy, bias)
+        return total if S == 1 else total / S
     total = None
     for s in range(0, S, step):
         args = (hx[:, s:s + step], None if hy is None else hy[:, s:s + step], bias)
@@ -460,4 +461,4 @@ def _chunked_mean(hx, hy, bias):
         else:  # accumulated in place (the first part is a fresh tensor)
             part = _gelu_sum(*args)
             total = part if total is None else total.add_(part)
-    return total / S
+    return total if S == 1 else total / S

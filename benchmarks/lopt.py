@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small models and few repeats (smoke test)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--stem", default="lopt_step")
+    ap.add_argument("--stem", default=None,
+                    help="name of the result files (default: lopt_step, or lopt_pes for --suite pes)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                             {"key": "target", "header": "target", "format": "ratio"},
                             {"key": "n_meta", "header": "meta-parameters"}],
                 "cases": [pes]}
-        js, md = write_results(data, args.out, "lopt_pes" + suffix)
+        stem = args.stem if args.suite == "pes" and args.stem else "lopt_pes"
+        js, md = write_results(data, args.out, stem + suffix)
         print(md.read_text())
     if args.suite == "pes":
         return 0
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"key": "state_ratio", "header": "state / params", "format": "ratio"}],
         "cases": results,
     }
-    js, md = write_results(data, args.out, args.stem + suffix)
+    js, md = write_results(data, args.out, (args.stem or "lopt_step") + suffix)
     print(md.read_text())
     return 0
 

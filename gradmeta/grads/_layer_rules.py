@@ -26,6 +26,15 @@ class LinearRule(BilinearRule):
     def capture(self, module, x):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
+    def mean(self, f):
+        """The weight from the stored inputs and the bias as a sum of ``Δ``: no column of ones
+        appended to the inputs (a copy of them) and no slicing of a joint ``(o, i + 1)`` product."""
+        a, d = f._inputs, f.backprops
+        out = {"weight": self._weight(f, torch.einsum("bto,bti->oi", d, a) / f.batch_size, ())}
+        if "bias" in f.param_shapes:
+            out["bias"] = d.sum((0, 1)) / f.batch_size
+        return {k: v for k, v in out.items() if k in f.param_names}
+
 
 @register_rule(r"transformers\.pytorch_utils\.Conv1D", label="transformers Conv1D")
 class HFConv1DRule(LinearRule):

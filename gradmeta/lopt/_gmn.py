@@ -9,8 +9,12 @@ per-parameter features of :class:`PerParamMLP` (``extra_features = 2E``). The up
 residual form, so an untrained optimizer is still SGD with momentum, whatever the GradMetaNet
 outputs. With ``extra_gate=True`` those features enter through learned per-feature gates that
 start at zero (:class:`PerParamMLP`), so a fresh rule is exactly the per-parameter MLP of the same
-seed. Meta-parameters are the MLP's (``"mlp.*"``) and the GradMetaNet's (``"gmn.*"``). The
-whole step is pure, so the outer trainers run its particles under ``torch.func.vmap``.
+seed. With ``center_branch=True`` each tensor's mean is subtracted from the branch's features
+(per output channel) before the MLP divides them by their RMS: the MLP then reads how the entries of
+a tensor differ (at initialisation GradMetaNet's readouts are more than 99 % a per-tensor constant,
+so, divided by their RMS, they are nearly the same number for every entry). Meta-parameters are the
+MLP's (``"mlp.*"``) and the GradMetaNet's (``"gmn.*"``). The whole step is pure, so the outer
+trainers run its particles under ``torch.func.vmap``.
 
 :class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant: the branch is an
 equivariant network on the parameters and the mean gradient only (no gradient set).
@@ -123,6 +127,12 @@ def _spec_for(model: nn.Module, who: str, where: str):
     return spec
 
 
+def _center(rows: Tensor, numels: list[int]) -> Tensor:
+    """``rows (E, N)`` minus each tensor's mean per row (the tensors' entries lie in consecutive
+    blocks of ``numels`` columns)."""
+    return torch.cat([b - b.mean(-1, keepdim=True) for b in rows.split(numels, -1)], -1)
+
+
 def _first_examples(gs, n: int):
     """The ``GradientSet`` of the first ``n`` examples of ``gs`` (its factors sliced along the batch
     axis), or ``None`` when a layer stores something other than per-example tensors."""
@@ -159,6 +169,26 @@ class _BranchLO(LearnedRule):
         meta = {f"mlp.{k}": v for k, v in self.base.init_meta(seed).items()}
         meta.update({f"{self.prefix}.{k}": v.detach().clone() for k, v in self.net.named_parameters()})
         return meta
+
+    def _branch_config(self, center_branch: bool) -> dict:
+        """``center_branch`` checked and stored; its config entry (written only when set: configs
+        saved before the option load unchanged)."""
+        if not isinstance(center_branch, bool):
+            raise ValueError(f"{type(self).__name__}: center_branch must be True or False, got {center_branch!r}")
+        self.center_branch = center_branch
+        return {"center_branch": True} if center_branch else {}
+
+    def _rows(self, per_param: Params, params: Params) -> Tensor:
+        """``{name: (*shape, E)}`` (or ``(*shape)`` when ``E = 1``) -> ``(E, N)``, the entries of every
+        parameter in ``params`` order."""
+        return torch.cat([per_param[k].reshape(*params[k].shape, self.E).movedim(-1, 0).reshape(self.E, -1)
+                          .to(params[k].dtype) for k in params], 1)
+
+    def _branch_rows(self, out: Params, params: Params) -> Tensor:
+        """The branch's features as :meth:`_rows`, each tensor's mean removed per channel if
+        ``center_branch``."""
+        rows = self._rows(out, params)
+        return _center(rows, [params[k].numel() for k in params]) if self.center_branch else rows
 
     def _part(self, meta: Params, prefix: str) -> Params:
         n = len(prefix) + 1
@@ -206,6 +236,9 @@ class GradMetaNetLO(_BranchLO):
         neuron_ids: ``"relative"`` (size-independent ids of input / output neurons,
             :class:`RelativeNeuronIds`) or ``"learned"`` (one learned vector per neuron: tied to
             the model's input and output sizes).
+        center_branch: subtract each parameter tensor's mean from the GradMetaNet's features, per
+            output channel, before the EMA and the MLP (which divides them by their RMS per tensor).
+            Equivariance is kept: a tensor's mean is invariant to the permutations of its entries.
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
             ``extra_gate``: the branch's features enter through learned gates starting at zero, so a
             fresh rule steps exactly as ``PerParamMLP`` of the same seed and meta-training opens the
@@ -216,7 +249,7 @@ class GradMetaNetLO(_BranchLO):
 
     def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
                  avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
-                 neuron_ids: str = "relative", **kwargs):
+                 neuron_ids: str = "relative", center_branch: bool = False, **kwargs):
         from gradmeta.nn import GradMetaNet
 
         model, where = _model_of(model, "GradMetaNetLO")
@@ -227,7 +260,7 @@ class GradMetaNetLO(_BranchLO):
         self._own_config = {"gmn_channels": gmn_channels, "variant": variant, "weight_aware": weight_aware,
                             "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
                             "examples": examples,
-                            "neuron_ids": neuron_ids}
+                            "neuron_ids": neuron_ids, **self._branch_config(center_branch)}
         self.base = PerParamMLP(extra_features=2 * gmn_channels, **kwargs)
         # functional_factors runs a structure pass on the model's own parameters, which must require
         # grad (a task's skeleton model does not): a private copy, never written
@@ -282,10 +315,8 @@ class GradMetaNetLO(_BranchLO):
         # readouts and their averages as (E, N), the entries of every parameter in order, channels
         # first (the readout's own layout): a few whole-vector operations instead of a few per
         # parameter, and rows of N entries for PerParamMLP's features
-        rows = lambda per_param: torch.cat([per_param[k].movedim(-1, 0).reshape(self.E, -1)  # noqa: E731
-                                            .to(params[k].dtype) for k in params], 1)
         t = state.base.step + 1
-        out, old_avg = rows(out), rows(state.avg)
+        out, old_avg = self._branch_rows(out, params), self._rows(state.avg, params)
         avg = torch.lerp(old_avg, out, 1 - self.avg_decay)
         extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 0)  # (2E, N)
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
@@ -318,6 +349,8 @@ class WeightSpaceLO(_BranchLO):
         out_channels: ``E``, branch outputs per parameter entry.
         channels, layers: width and depth of the weight-space net.
         neuron_ids: as :class:`GradMetaNetLO`.
+        center_branch: subtract each parameter tensor's mean from the branch's features, per output
+            channel, before the MLP (as :class:`GradMetaNetLO`).
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
             ``extra_gate`` as :class:`GradMetaNetLO`).
     """
@@ -326,14 +359,14 @@ class WeightSpaceLO(_BranchLO):
     kind = "weightspace"
 
     def __init__(self, model, out_channels: int = 4, channels: int = 8, layers: int = 2,
-                 neuron_ids: str = "relative", **kwargs):
+                 neuron_ids: str = "relative", center_branch: bool = False, **kwargs):
         from gradmeta.nn import AveragedGradientNet
 
         model, where = _model_of(model, "WeightSpaceLO")
         spec = _spec_for(model, "WeightSpaceLO", where)
         self.E = out_channels
         self._own_config = {"out_channels": out_channels, "channels": channels, "layers": layers,
-                            "neuron_ids": neuron_ids}
+                            "neuron_ids": neuron_ids, **self._branch_config(center_branch)}
         self.base = PerParamMLP(extra_features=out_channels, **kwargs)
         self.net = _size_free(AveragedGradientNet(spec, readout="weight", out_dim=out_channels, weight_aware=True,
                                                   channels=channels, layers=layers), neuron_ids)
@@ -350,5 +383,4 @@ class WeightSpaceLO(_BranchLO):
         rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
         out = functional_call(self.net, self._part(meta, self.prefix),
                               ({k: rms(v) for k, v in grads.items()},), {"params": {k: rms(v) for k, v in params.items()}})
-        extra = {k: v.reshape(*params[k].shape, self.E).to(params[k].dtype) for k, v in out.items()}
-        return self.base.update(self._part(meta, "mlp"), grads, state, params, extra)
+        return self.base.update(self._part(meta, "mlp"), grads, state, params, self._branch_rows(out, params))

@@ -56,7 +56,10 @@ TRAIN_DEFAULTS = {
                   "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned")),
                   # the branch's features enter the MLP through learned gates starting at 0 (the
                   # rule starts as the per-parameter MLP of the same seed, PerParamMLP extra_gate)
-                  "extra_gate": False},
+                  "extra_gate": False,
+                  # subtract each parameter tensor's mean from the branch's features (per channel)
+                  # before the MLP normalises them by their RMS (GradMetaNetLO / WeightSpaceLO center_branch)
+                  "center_branch": False},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
               "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
@@ -126,6 +129,8 @@ def _make_lo(task, cfg: dict):
     ids = cfg.get("neuron_ids", "relative")
     if cfg.get("extra_gate", False):  # a run folder written before the key has no entry
         base["extra_gate"] = True
+    if cfg.get("center_branch", False):  # likewise
+        base["center_branch"] = True
     if cfg["kind"] == "weightspace":
         return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], channels=cfg.get("gmn_width", 8),
                              neuron_ids=ids, **base)

@@ -82,8 +82,9 @@ def _permute_hidden(p: dict, perm: torch.Tensor) -> dict:
             "2.bias": p["2.bias"]}
 
 
-def test_weight_space_lo_untrained_is_sgdm_equivariant_and_vmappable(small_digits):
-    lo, ref = WeightSpaceLO(small_digits, out_channels=2, hidden=8), PerParamMLP(hidden=8)
+@pytest.mark.parametrize("center", [False, True])
+def test_weight_space_lo_untrained_is_sgdm_equivariant_and_vmappable(small_digits, center):
+    lo, ref = WeightSpaceLO(small_digits, out_channels=2, hidden=8, center_branch=center), PerParamMLP(hidden=8)
     meta, ref_meta = lo.init_meta(0), ref.init_meta(0)
     assert any(k.startswith("ws.") for k in meta) and all(f"mlp.{k}" in meta for k in ref_meta)
     params = small_digits.init(0)

@@ -84,10 +84,11 @@ def test_pes_estimate_equals_the_per_particle_loop(small_digits, monkeypatch):
     assert any(float(v.abs().max()) > 0 for k, v in g.items() if k.startswith("gmn."))
 
 
-@pytest.mark.parametrize("variant,gate", [("base", False), ("plusplus", False), ("base", True)])
-def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate):
+@pytest.mark.parametrize("variant,gate,center", [("base", False, False), ("plusplus", False, False),
+                                                 ("base", True, False), ("base", True, True)])
+def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate, center):
     lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=True, hidden=8, examples=7,
-                       extra_gate=gate)
+                       extra_gate=gate, center_branch=center)
     meta = _trained_looking(lo, torch.float64)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
 

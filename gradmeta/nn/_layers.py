@@ -461,4 +461,4 @@ def _chunked_mean(hx, hy, bias):
         else:  # accumulated in place (the first part is a fresh tensor)
             part = _gelu_sum(*args)
             total = part if total is None else total.add_(part)
-    return total if S == 1 else total / S
+    return total / S

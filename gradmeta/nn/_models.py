@@ -56,13 +56,7 @@ class NeuronEncoder(nn.Module):
 
         if len({id(e) for e in embeds}) == 1:  # one embedding for every space: one product on the whole bag
             x = torch.cat([raw(s.name) for s in spaces], -2)
-            y, shift = linear(x, embeds[0].weight), torch.cat(shifts, 0)
-            if y.stride(-1) == 1:
-                return y + shift
-            # laid out channels first (the few-channel product on a CPU): the (N, c) shift is added
-            # in place along the neuron rows, and the trunk reads the layout as it is
-            y.movedim(-1, 0).add_(shift.T.reshape(shift.shape[1], *[1] * (y.dim() - 2), shift.shape[0]))
-            return y
+            return linear(x, embeds[0].weight) + torch.cat(shifts, 0)
         return torch.cat([linear(raw(s.name), emb.weight) + shift for s, emb, shift in zip(spaces, embeds, shifts)],
                          -2)
 

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.func import functional_call
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -38,20 +37,10 @@ def fresh_rules(task):
 
 def branch_features(lo, meta, params, batch, task) -> tuple[dict, dict]:
     """``({name: (n, E)} branch features as the MLP receives them before its RMS, {name: (n,)} |∇|)``."""
-    from gradmeta.lopt import GradMetaNetLO
-
     x, y = task.split(batch)
-    model = getattr(lo, "model", task.model)
-    grads, gs, _ = lo.gradients(model, task.loss_fn, params, x, y)
-    part = {k[len(lo.prefix) + 1:]: v for k, v in meta.items() if k.startswith(lo.prefix + ".")}
+    grads, gs, _ = lo.gradients(getattr(lo, "model", task.model), task.loss_fn, params, x, y)
     with torch.no_grad():
-        if isinstance(lo, GradMetaNetLO):
-            out = functional_call(lo.net, part, (gs, params) if lo.weight_aware else (gs,))
-        else:
-            rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
-            out = functional_call(lo.net, part, ({k: rms(v) for k, v in grads.items()},),
-                                  {"params": {k: rms(v) for k, v in params.items()}})
-        rows = lo._branch_rows(out, params)  # (E, N), centred if the rule centres
+        rows = lo.branch_features(meta, grads, params, gs)  # (E, N), centred if the rule centres
     sizes = [params[k].numel() for k in params]
     feats = dict(zip(params, (r.T for r in rows.split(sizes, 1))))
     return feats, {k: grads[k].detach().abs().reshape(-1) for k in params}
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     for folder in args.runs:
         lo, meta = _from_run(folder, task)
-        if not hasattr(lo, "prefix"):
+        if not hasattr(lo, "branch_features"):
             raise SystemExit(f"{folder}: its optimizer has no branch")
         label = type(lo).__name__ + (" (centred)" if lo.center_branch else "")
         rows.append({"rule": label, "source": Path(folder).name, **measure(lo, meta, task)})

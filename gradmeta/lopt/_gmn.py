@@ -184,11 +184,16 @@ class _BranchLO(LearnedRule):
         return torch.cat([per_param[k].reshape(*params[k].shape, self.E).movedim(-1, 0).reshape(self.E, -1)
                           .to(params[k].dtype) for k in params], 1)
 
-    def _branch_rows(self, out: Params, params: Params) -> Tensor:
-        """The branch's features as :meth:`_rows`, each tensor's mean removed per channel if
-        ``center_branch``."""
-        rows = self._rows(out, params)
+    def branch_features(self, meta: Params, grads: Params, params: Params, gradient_set=None) -> Tensor:
+        """``(E, N)``: the branch's features of every parameter entry (in ``params`` order), as the
+        per-parameter MLP receives them before its per-tensor RMS normalisation; each tensor's mean
+        removed per channel if ``center_branch``."""
+        rows = self._rows(self._branch(self._part(meta, self.prefix), grads, params, gradient_set), params)
         return _center(rows, [params[k].numel() for k in params]) if self.center_branch else rows
+
+    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
+        """``{name: (*shape, E)}`` (or ``(*shape)`` when ``E = 1``): the branch network's readout."""
+        raise NotImplementedError
 
     def _part(self, meta: Params, prefix: str) -> Params:
         n = len(prefix) + 1
@@ -305,18 +310,12 @@ class GradMetaNetLO(_BranchLO):
             ValueError: without ``gradient_set`` (this rule reads more than the mean gradient;
                 :meth:`step` and :meth:`gradients` give it).
         """
-        if gradient_set is None:
-            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (GradMetaNetLO.gradients or "
-                             "gradmeta.grads.functional_factors); GradMetaNetLO.step(task, meta, params, state, "
-                             "batch) computes it")
-        gmn_meta = self._part(meta, "gmn")
-        args = (gradient_set, params) if self.weight_aware else (gradient_set,)
-        out = functional_call(self.net, gmn_meta, args)
         # readouts and their averages as (E, N), the entries of every parameter in order, channels
         # first (the readout's own layout): a few whole-vector operations instead of a few per
         # parameter, and rows of N entries for PerParamMLP's features
         t = state.base.step + 1
-        out, old_avg = self._branch_rows(out, params), self._rows(state.avg, params)
+        out = self.branch_features(meta, grads, params, gradient_set)
+        old_avg = self._rows(state.avg, params)
         avg = torch.lerp(old_avg, out, 1 - self.avg_decay)
         extra = torch.cat([out, avg / (1 - self.avg_decay ** t)], 0)  # (2E, N)
         new, base = self.base.update(self._part(meta, "mlp"), grads, state.base, params, extra)
@@ -325,6 +324,14 @@ class GradMetaNetLO(_BranchLO):
         avg = {k: a.T.view(*params[k].shape, self.E)
                for k, a in zip(params, avg.split([params[k].numel() for k in params], 1))}
         return new, GMNState(base, avg)
+
+    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
+        if gradient_set is None:
+            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (GradMetaNetLO.gradients or "
+                             "gradmeta.grads.functional_factors); GradMetaNetLO.step(task, meta, params, state, "
+                             "batch) computes it")
+        args = (gradient_set, params) if self.weight_aware else (gradient_set,)
+        return functional_call(self.net, branch_meta, args)
 
     def skipped(self, state: GMNState) -> Tensor:
         return state.base.skipped.sum()
@@ -380,7 +387,10 @@ class WeightSpaceLO(_BranchLO):
                gradient_set=None) -> tuple[Params, LOState]:
         """One step, as :meth:`PerParamMLP.update`, with the branch's features as ``extra``
         (``gradient_set`` is accepted and unused: this rule reads the mean gradient only)."""
+        return self.base.update(self._part(meta, "mlp"), grads, state, params,
+                                self.branch_features(meta, grads, params))
+
+    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
         rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
-        out = functional_call(self.net, self._part(meta, self.prefix),
-                              ({k: rms(v) for k, v in grads.items()},), {"params": {k: rms(v) for k, v in params.items()}})
-        return self.base.update(self._part(meta, "mlp"), grads, state, params, self._branch_rows(out, params))
+        return functional_call(self.net, branch_meta, ({k: rms(v) for k, v in grads.items()},),
+                               {"params": {k: rms(v) for k, v in params.items()}})

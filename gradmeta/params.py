@@ -62,11 +62,6 @@ class ParamLayout:
             start += n
         return out
 
-    def segment_ids(self, device=None) -> Tensor:
-        """``(P,)`` int64: the index in ``names`` of the tensor each flat entry belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.names), device=device),
-                                       torch.tensor(self.numels, device=device, dtype=torch.long))
-
     def check(self, tensors: Mapping[str, Tensor], lead: int = 0) -> None:
         """Raise ``KeyError`` / ``ValueError`` naming the entry when ``tensors`` does not fit the layout."""
         missing = [n for n in self.names if n not in tensors]

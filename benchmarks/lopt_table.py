@@ -15,7 +15,10 @@ the meta-training specs next to it and its ``runs_root`` the folder of their run
     python benchmarks/lopt_table.py tasks/lopt_digits_table.toml   # the digits table
     python benchmarks/lopt_table.py --set outer.iterations=10      # a smaller budget
 
-Every process runs on one thread (``OMP_NUM_THREADS=1``, spec ``threads = 1``).
+Every process runs on one thread (``OMP_NUM_THREADS=1``, spec ``threads = 1``). Step 1 runs in
+``gradmeta run`` subprocesses and step 2 in this process: code patched into this process at run
+time reaches the evaluation but not the meta-training (a patch meant for both must be importable
+by every Python process, e.g. from a ``sitecustomize`` module on ``PYTHONPATH``).
 """
 from __future__ import annotations
 

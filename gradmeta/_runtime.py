@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-__all__ = ["torch_threads", "keep_freed_cpu_memory", "distributed_context", "environment"]
+__all__ = ["torch_threads", "keep_freed_cpu_memory", "distributed_context", "close_distributed", "environment"]
 
 
 @contextlib.contextmanager
@@ -32,6 +32,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: may refuse more than 32 MiB; then that is used).
 _MMAP_THRESHOLD = 1 << 30
 _KEPT = False
+_CREATED_GROUP = False  # the default process group was created by distributed_context
 
 
 def keep_freed_cpu_memory() -> bool:
@@ -83,11 +84,35 @@ def distributed_context(backend: str | None = None) -> tuple[int, int]:
 
     if not dist.is_available():
         return 0, 1
+    global _CREATED_GROUP
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        _CREATED_GROUP = True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_distributed(ok: bool = True) -> None:
+    """Destroy the default process group if :func:`distributed_context` created it (else nothing).
+
+    A process that exits with its gloo process group still alive can abort at exit ("terminate
+    called without an active exception") after its work is done, which ``torchrun`` reports as a
+    failed rank; the ``gradmeta`` command calls this before it returns. With ``ok`` (every rank
+    finished its work) the ranks first meet at a barrier, so that none tears its connections down
+    while another still uses them; after a failure (``ok=False``) the group is left to the exiting
+    process, since the other ranks may be blocked in a collective and ``torchrun`` stops them. A
+    group created by the caller is left to the caller.
+    """
+    global _CREATED_GROUP
+    if not _CREATED_GROUP:
+        return
+    import torch.distributed as dist
+
+    _CREATED_GROUP = False
+    if ok and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def environment() -> dict:

@@ -190,6 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for spec, resume and missing-file errors)."""
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GRADMETA_DEBUG", "") not in ("", "0")
+    from gradmeta._runtime import close_distributed
+
+    status = None
+    try:
+        status = _run(args, debug)
+        return status
+    finally:
+        close_distributed(ok=status == 0)  # under torchrun: the group is torn down before the process exits
+
+
+def _run(args, debug: bool) -> int:
+    """Run the parsed command ``args``; its failures become exit statuses (see :func:`main`)."""
     try:
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit

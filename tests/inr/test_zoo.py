@@ -79,6 +79,7 @@ def test_zoo_images_digits_upsampled():
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -91,9 +92,16 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[2]
     # --standalone picks a free rendezvous port (a fixed port can be taken by another job on the machine)
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradmeta", "inr", *args,
-                           "--out", str(tmp_path / "two")], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradmeta", "inr", *args,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and '"ranks"' in proc.stdout and "terminate called without an active exception" in proc.stderr:
+        # Known and rare (about 1 run in 20 on a loaded 2-core machine): a rank aborts in native code
+        # at process exit after every rank has finished and rank 0 has printed the result, even with
+        # the process group destroyed first. That is not what this test checks: the zoo is rebuilt
+        # once from scratch, and a second occurrence fails the test.
+        shutil.rmtree(tmp_path / "two")
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     inr.build_zoo(tmp_path / "one", {"test": inr.zoo_images("digits", "test", size=8, limit=6)}, shard_size=2, steps=3,
                   lr=1e-3)

@@ -96,9 +96,9 @@ def distributed_context(backend: str | None = None) -> tuple[int, int]:
 def close_distributed(ok: bool = True) -> None:
     """Destroy the default process group if :func:`distributed_context` created it (else nothing).
 
-    A process that exits with its gloo process group still alive can abort at exit ("terminate
-    called without an active exception") after its work is done, which ``torchrun`` reports as a
-    failed rank; the ``gradmeta`` command calls this before it returns. With ``ok`` (every rank
+    PyTorch asks processes to destroy their process group before they exit (one left alive can make
+    a rank abort at exit after its work is done, which ``torchrun`` reports as a failed rank); the
+    ``gradmeta`` command calls this before it returns. With ``ok`` (every rank
     finished its work) the ranks first meet at a barrier, so that none tears its connections down
     while another still uses them; after a failure (``ok=False``) the group is left to the exiting
     process, since the other ranks may be blocked in a collective and ``torchrun`` stops them. A

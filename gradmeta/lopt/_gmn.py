@@ -235,6 +235,8 @@ class GradMetaNetLO(_BranchLO):
         layers: its set×neuron layers (``"base"``) or attention blocks (``"plusplus"``).
         heads: attention heads of GradMetaNet++ (1: head dimension = ``channels``; on a CPU, 4
             heads of dimension 2 made a PES iteration 1.9× slower).
+        neuron_attention: GradMetaNet++'s attention across neurons, ``"softmax"`` or ``"linear"``
+            (cost linear in the number of neurons; see :class:`gradmeta.nn.GradMetaNet`).
         examples: feed the GradMetaNet the gradient set of the first ``examples`` examples of each
             batch only (batches drawn at random: a random subsample); the mean gradient is still
             the whole batch's. ``None``: the whole batch.
@@ -254,7 +256,8 @@ class GradMetaNetLO(_BranchLO):
 
     def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
                  avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
-                 neuron_ids: str = "relative", center_branch: bool = False, **kwargs):
+                 neuron_ids: str = "relative", center_branch: bool = False, neuron_attention: str = "softmax",
+                 **kwargs):
         from gradmeta.nn import GradMetaNet
 
         model, where = _model_of(model, "GradMetaNetLO")
@@ -264,15 +267,16 @@ class GradMetaNetLO(_BranchLO):
         self.E, self.avg_decay, self.weight_aware, self.examples = gmn_channels, avg_decay, weight_aware, examples
         self._own_config = {"gmn_channels": gmn_channels, "variant": variant, "weight_aware": weight_aware,
                             "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
-                            "examples": examples,
-                            "neuron_ids": neuron_ids, **self._branch_config(center_branch)}
+                            "examples": examples, "neuron_ids": neuron_ids,
+                            **({"neuron_attention": neuron_attention} if neuron_attention != "softmax" else {}),
+                            **self._branch_config(center_branch)}
         self.base = PerParamMLP(extra_features=2 * gmn_channels, **kwargs)
         # functional_factors runs a structure pass on the model's own parameters, which must require
         # grad (a task's skeleton model does not): a private copy, never written
         self.model = copy.deepcopy(model).requires_grad_(True)
         self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
                                           weight_aware=weight_aware, channels=channels, set_layers=layers,
-                                          heads=heads),
+                                          heads=heads, neuron_attention=neuron_attention),
                               neuron_ids)
         self.lr = self.base.lr
 

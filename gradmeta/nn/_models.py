@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._inputs import NeuronLayout
-from ._layers import AttentionBlock, DataPool, Linear, NeuronDeepSets, ProductReadout, SetNeuronLayer, linear
+from ._layers import (NEURON_ATTENTIONS, AttentionBlock, DataPool, Linear, NeuronDeepSets, ProductReadout,
+                      SetNeuronLayer, linear)
 from ._spec import SymmetrySpec, symmetry_spec
 
 _READOUTS = ("invariant", "neuron", "weight")
@@ -84,6 +85,9 @@ class GradMetaNet(nn.Module):
         channels, set_layers, neuron_layers, heads: sizes.
         extra_channels: extra per-neuron input channels passed as ``forward(extra=...)``.
         edge_channels: extra per-entry readout channels passed as ``forward(edges=...)``.
+        neuron_attention: GradMetaNet++ only: its attention across neurons, ``"softmax"`` (the
+            paper's, ``O(S·N²)`` per block) or ``"linear"`` (``O(S·N)``, see
+            :func:`gradmeta.nn.linear_attention`), one of ``NEURON_ATTENTIONS``.
         product: the per-weight readout (``readout="weight"`` only), one of ``PRODUCTS``. ``"gelu"``
             (default, :class:`GeluReadout`): ``w₂·gelu(U h[X_i] + V h[Y_j] + ...)``, on the
             data-pooled features for ``"base"``, per datum then averaged for ``"plusplus"``.
@@ -107,7 +111,7 @@ class GradMetaNet(nn.Module):
     def __init__(self, spec: SymmetrySpec, readout: str = "invariant", out_dim: int = 1,
                  variant: str | None = None, weight_aware: bool = False, channels: int = 32,
                  set_layers: int = 4, neuron_layers: int = 2, heads: int = 4, extra_channels: int = 0,
-                 edge_channels: int = 0, product: str = "gelu"):
+                 edge_channels: int = 0, product: str = "gelu", neuron_attention: str = "softmax"):
         super().__init__()
         if variant is not None and variant != self.variant:
             raise ValueError(f"{type(self).__name__} is the {self.variant!r} variant, got variant={variant!r}")
@@ -115,6 +119,12 @@ class GradMetaNet(nn.Module):
             raise ValueError(f"readout must be one of {_READOUTS}, got {readout!r}")
         if product != "gelu" and readout != "weight":
             raise ValueError(f"product={product!r} is a per-weight readout; it needs readout='weight'")
+        if neuron_attention not in NEURON_ATTENTIONS:
+            raise ValueError(f"neuron_attention must be one of {NEURON_ATTENTIONS}, got {neuron_attention!r}")
+        if neuron_attention != "softmax" and self.variant != "plusplus":
+            raise ValueError(f"neuron_attention={neuron_attention!r} chooses the attention across neurons of "
+                             f"GradMetaNet++ (variant='plusplus'); the {self.variant!r} variant has none")
+        self.neuron_attention = neuron_attention
         self.spec, self.readout, self.out_dim = spec, readout, out_dim
         self.weight_aware, self.product = weight_aware, product
         self.layout = NeuronLayout(spec, weight_aware, extra_channels)
@@ -230,7 +240,7 @@ class GradMetaNetPlusPlus(GradMetaNet):
     def _init_trunk(self, c: int, set_layers: int, neuron_layers: int, heads: int) -> None:
         # no final LayerNorm: it would divide out the magnitude of every (datum, neuron)
         # feature, and the per-datum readout needs magnitudes to form products like δ_i a_j
-        self.blocks = nn.ModuleList(AttentionBlock(c, heads) for _ in range(set_layers))
+        self.blocks = nn.ModuleList(AttentionBlock(c, heads, self.neuron_attention) for _ in range(set_layers))
 
     def _trunk(self, g0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         G, B, T, N, c = g.shape

@@ -12,7 +12,8 @@ def _rules(task):
     return [GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, avg_decay=0.8, layers=2),
             GradMetaNetLO(task, gmn_channels=2, variant="plusplus", weight_aware=True, hidden=8, layers=1),
             WeightSpaceLO(task, out_channels=2, hidden=8),
-            GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, layers=2, extra_gate=True)]
+            GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, layers=2, extra_gate=True),
+            GradMetaNetLO(task, gmn_channels=2, variant="plusplus", hidden=8, layers=1, neuron_attention="linear")]
 
 
 def _trained_looking(lo, seed=0):
@@ -20,7 +21,7 @@ def _trained_looking(lo, seed=0):
     return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in lo.init_meta(seed).items()}
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3])
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4])
 def test_round_trip_gives_the_same_rule_and_the_same_steps(small_digits, tmp_path, which):
     lo = _rules(small_digits)[which]
     meta = _trained_looking(lo)
@@ -40,7 +41,7 @@ def test_round_trip_gives_the_same_rule_and_the_same_steps(small_digits, tmp_pat
         assert torch.equal(a[0][k], b[0][k])
 
 
-@pytest.mark.parametrize("which", [0, 2])
+@pytest.mark.parametrize("which", [0, 2, 4])
 def test_a_saved_rule_optimises_mlps_of_other_widths_and_sizes(small_digits, tmp_path, which):
     lo = _rules(small_digits)[which]  # built on 64-8-10
     path = save_checkpoint(tmp_path / "lo.pt", lo, _trained_looking(lo))

@@ -29,11 +29,13 @@ def digits64():
                           t.y_test, batch_size=12, name="digits64")
 
 
-@pytest.mark.parametrize("variant,weight_aware,examples", [("base", False, None), ("plusplus", False, 5),
-                                                           ("base", True, 5)])
-def test_vmapped_steps_equal_the_hooks_loop_in_float64(digits64, variant, weight_aware, examples):
+@pytest.mark.parametrize("variant,weight_aware,examples,attn", [("base", False, None, "softmax"),
+                                                                ("plusplus", False, 5, "softmax"),
+                                                                ("plusplus", False, 5, "linear"),
+                                                                ("base", True, 5, "softmax")])
+def test_vmapped_steps_equal_the_hooks_loop_in_float64(digits64, variant, weight_aware, examples, attn):
     lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=weight_aware, hidden=8,
-                       examples=examples)
+                       examples=examples, neuron_attention=attn)
     meta = _trained_looking(lo, torch.float64)
     params = digits64.init_stacked([0, 1, 2])
     state = vmap(lo.init)(params)
@@ -84,11 +86,13 @@ def test_pes_estimate_equals_the_per_particle_loop(small_digits, monkeypatch):
     assert any(float(v.abs().max()) > 0 for k, v in g.items() if k.startswith("gmn."))
 
 
-@pytest.mark.parametrize("variant,gate,center", [("base", False, False), ("plusplus", False, False),
-                                                 ("base", True, False), ("base", True, True)])
-def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate, center):
+@pytest.mark.parametrize("variant,gate,center,attn", [("base", False, False, "softmax"),
+                                                      ("plusplus", False, False, "softmax"),
+                                                      ("plusplus", False, False, "linear"),
+                                                      ("base", True, False, "softmax"), ("base", True, True, "softmax")])
+def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate, center, attn):
     lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=True, hidden=8, examples=7,
-                       extra_gate=gate, center_branch=center)
+                       extra_gate=gate, center_branch=center, neuron_attention=attn)
     meta = _trained_looking(lo, torch.float64)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
 

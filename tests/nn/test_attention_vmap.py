@@ -11,7 +11,7 @@ from torch.func import functional_call, vmap
 
 import gradmeta.nn._layers as layers
 from gradmeta.nn import GradMetaNet, NeuronLayout, symmetry_spec
-from gradmeta.nn._layers import AttentionBlock, ProductReadout, attention
+from gradmeta.nn._layers import AttentionBlock, ProductReadout, attention, linear_attention
 from gradmeta.models import mlp
 
 TOL = 1e-12
@@ -29,6 +29,20 @@ def naive_attention(q, k, v):
     return out.view(*lead, L, d)
 
 
+def naive_linear_attention(q, k, v):
+    """``y_i = Σ_j w_ij v_j`` with ``w_ij = φ(q_i)·φ(k_j) / Σ_j' φ(q_i)·φ(k_j')``, ``φ(x) = x + 1`` for
+    ``x > 0`` else ``exp(x)``, entry by entry."""
+    *lead, L, d = q.shape
+    phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))  # noqa: E731
+    qf, kf, vf = phi(q.reshape(-1, L, d)), phi(k.reshape(-1, L, d)), v.reshape(-1, L, d)
+    out = torch.zeros_like(vf)
+    for b in range(qf.shape[0]):
+        for i in range(L):
+            w = torch.stack([qf[b, i] @ kf[b, j] for j in range(L)])
+            out[b, i] = (w / w.sum()) @ vf[b]
+    return out.view(*lead, L, d)
+
+
 def naive_layer_norm(x, norm):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -43,8 +57,8 @@ def naive_mha(x, mha):
     d = c // h
     qkv = x @ mha.qkv.weight.T + mha.qkv.bias
     q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]
-    heads = [naive_attention(q[:, i * d:(i + 1) * d], k[:, i * d:(i + 1) * d], v[:, i * d:(i + 1) * d])
-             for i in range(h)]
+    attend = naive_attention if mha.kind == "softmax" else naive_linear_attention
+    heads = [attend(q[:, i * d:(i + 1) * d], k[:, i * d:(i + 1) * d], v[:, i * d:(i + 1) * d]) for i in range(h)]
     return torch.cat(heads, 1) @ mha.out.weight.T + mha.out.bias
 
 
@@ -95,10 +109,24 @@ def test_attention_under_vmap_is_batched_and_equals_the_loop(monkeypatch):
         torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("heads", [1, 2])
-def test_attention_block_equals_naive_reference(heads, monkeypatch):
+@pytest.mark.parametrize("shape", [(5, 1, 4), (2, 3, 7, 6), (1, 1, 1, 3)])
+def test_linear_attention_equals_naive_and_is_permutation_equivariant(shape):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    got = linear_attention(q, k, v)
+    torch.testing.assert_close(got, naive_linear_attention(q, k, v), atol=TOL, rtol=0)
+    perm = torch.randperm(shape[-2], generator=gen)
+    torch.testing.assert_close(linear_attention(q[..., perm, :], k[..., perm, :], v[..., perm, :]),
+                               got[..., perm, :], atol=TOL, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched by vmap, no per-sample fallback
+        torch.testing.assert_close(vmap(linear_attention)(q, k, v), got, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kind", [(1, "softmax"), (2, "softmax"), (1, "linear"), (2, "linear")])
+def test_attention_block_equals_naive_reference(heads, kind, monkeypatch):
     gen = torch.Generator().manual_seed(2)
-    block = AttentionBlock(4, heads).double()
+    block = AttentionBlock(4, heads, neuron_attention=kind).double()
     _randomise(block, gen)
     x = torch.randn(2, 5, 7, 4, generator=gen, dtype=torch.float64)
     want = naive_block(x, block)
@@ -107,10 +135,11 @@ def test_attention_block_equals_naive_reference(heads, monkeypatch):
     torch.testing.assert_close(block(x), want, atol=TOL, rtol=0)
 
 
-def test_attention_block_under_vmap_over_parameters_equals_the_loop():
+@pytest.mark.parametrize("kind", ["softmax", "linear"])
+def test_attention_block_under_vmap_over_parameters_equals_the_loop(kind):
     """PES-style: every particle has its own block parameters and its own input."""
     gen = torch.Generator().manual_seed(3)
-    block = AttentionBlock(4, 2).double()
+    block = AttentionBlock(4, 2, neuron_attention=kind).double()
     params = {n: p.detach() + 0.3 * torch.randn(3, *p.shape, generator=gen, dtype=torch.float64)
               for n, p in block.named_parameters()}
     x = torch.randn(3, 1, 6, 5, 4, generator=gen, dtype=torch.float64)

@@ -12,11 +12,12 @@ CONFIGS = [(ro, v, wa) for v in ("base", "plusplus") for ro, wa in
            (("invariant", False), ("neuron", False), ("weight", False), ("weight", True))]
 
 
-def make_net(model, readout, variant, weight_aware, seed=0, product="gelu"):
+def make_net(model, readout, variant, weight_aware, seed=0, product="gelu", neuron_attention="softmax"):
     torch.manual_seed(seed)
     return GradMetaNet.for_model(model, readout=readout, out_dim=2 if readout != "weight" else 1,
                                  variant=variant, weight_aware=weight_aware, channels=8,
-                                 set_layers=2, neuron_layers=1, heads=2, product=product).double()
+                                 set_layers=2, neuron_layers=1, heads=2, product=product,
+                                 neuron_attention=neuron_attention).double()
 
 
 def run(net, model, gs):
@@ -27,11 +28,12 @@ def as_dict(out):
     return out if isinstance(out, dict) else {"out": out}
 
 
-def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed, product="gelu"):
+def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed, product="gelu",
+                       neuron_attention="softmax"):
     rng = torch.Generator().manual_seed(seed)
     model, x, y = refs.mlp_case(widths, batch, seed)
     spec = symmetry_spec(model)
-    net = make_net(model, readout, variant, weight_aware, seed, product)
+    net = make_net(model, readout, variant, weight_aware, seed, product, neuron_attention)
     out = run(net, model, refs.collect(model, x, y))
     perms = refs.nontrivial_perms(spec, rng)
     pmodel = refs.permuted_model(model, spec, perms)
@@ -48,6 +50,14 @@ def check_equivariance(refs, widths, batch, readout, variant, weight_aware, seed
 @pytest.mark.parametrize("readout,variant,weight_aware", CONFIGS)
 def test_equivariance_real_mlp(refs, readout, variant, weight_aware):
     check_equivariance(refs, [5, 7, 6, 3], 9, readout, variant, weight_aware, seed=3)
+
+
+@pytest.mark.parametrize("readout,weight_aware", [("invariant", False), ("weight", False), ("weight", True)])
+def test_linear_neuron_attention_equivariance_real_mlp(refs, readout, weight_aware):
+    """GradMetaNet++ with linear attention across neurons: permuting hidden neurons of the real
+    network and recomputing its gradient set permutes the output; shuffling the data leaves it."""
+    for widths, batch, seed in (([5, 7, 6, 3], 9, 3), ([4, 3, 5, 2, 3], 4, 7)):
+        check_equivariance(refs, widths, batch, readout, "plusplus", weight_aware, seed, neuron_attention="linear")
 
 
 @pytest.mark.parametrize("variant", ["base", "plusplus"])

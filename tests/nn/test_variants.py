@@ -48,3 +48,13 @@ def test_product_picks_its_readout(product, cls):
     with pytest.raises(ValueError, match="product must be one of"):
         ProductReadout(spec, offsets, 4, 3, product="bogus")
     assert not hasattr(GeluReadout(spec, offsets, 4, 3), "products")
+
+
+def test_neuron_attention_is_checked_and_only_for_plusplus():
+    model = mlp([3, 4, 2])
+    net = GradMetaNet.for_model(model, variant="plusplus", channels=4, heads=2, neuron_attention="linear")
+    assert all(b.neuron_attn.kind == "linear" and b.data_attn.kind == "softmax" for b in net.blocks)
+    with pytest.raises(ValueError, match="variant='plusplus'"):
+        GradMetaNet.for_model(model, variant="base", channels=4, neuron_attention="linear")
+    with pytest.raises(ValueError, match="neuron_attention must be one of"):
+        GradMetaNet.for_model(model, variant="plusplus", channels=4, heads=2, neuron_attention="performer")

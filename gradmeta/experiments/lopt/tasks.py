@@ -54,6 +54,8 @@ TRAIN_DEFAULTS = {
                   # batch fed to GradMetaNet (0: all), ids of input/output neurons ("relative": any size)
                   "gmn_width": Range(8, low=1), "gmn_layers": Range(4, low=1), "gmn_heads": Range(1, low=1),
                   "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned")),
+                  # GradMetaNet++'s attention across neurons ("linear": cost linear in the neurons)
+                  "gmn_neuron_attention": OneOf("softmax", ("softmax", "linear")),
                   # the branch's features enter the MLP through learned gates starting at 0 (the
                   # rule starts as the per-parameter MLP of the same seed, PerParamMLP extra_gate)
                   "extra_gate": False,
@@ -137,7 +139,8 @@ def _make_lo(task, cfg: dict):
     variant = "plusplus" if cfg["kind"] == "gradmetanet++" else "base"
     return GradMetaNetLO(task, gmn_channels=cfg["gmn_channels"], variant=variant, weight_aware=cfg["weight_aware"],
                          channels=cfg.get("gmn_width", 8), layers=cfg.get("gmn_layers", 4),
-                         heads=cfg.get("gmn_heads", 1), examples=cfg.get("examples") or None, neuron_ids=ids, **base)
+                         heads=cfg.get("gmn_heads", 1), examples=cfg.get("examples") or None, neuron_ids=ids,
+                         neuron_attention=cfg.get("gmn_neuron_attention", "softmax"), **base)
 
 
 def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:

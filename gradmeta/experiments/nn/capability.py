@@ -68,6 +68,8 @@ DEFAULTS = {
               # "square_log": also log(a² + 1e-4), log(δ² + 1e-4) (as in Andrychowicz et al.'s
               # learned-optimizer preprocessing); elementwise, so every symmetry is kept
               "features": OneOf("square", ("none", "square", "square_log")),
+              # GradMetaNet++'s attention across neurons: "softmax" (the paper's) or "linear"
+              "neuron_attention": OneOf("softmax", ("softmax", "linear")),
 },
     "train": {"steps": Range(300, low=1), "batch_sets": Range(4, low=1), "lr": Range(3e-3, low=0, low_open=True),
               "warmup": Range(30, low=0), "clip": 1.0,
@@ -187,11 +189,12 @@ def capability_models(model: torch.nn.Module, m: dict, names=MODELS, seed: int =
 
     kw = dict(readout="weight", channels=m["channels"], set_layers=m["set_layers"],
               neuron_layers=m["neuron_layers"], heads=m["heads"], extra_channels=_EXTRA[m["features"]])
+    kw_pp = dict(kw, neuron_attention=m.get("neuron_attention", "softmax"))
     make = {"GradMetaNet": lambda: gnn.GradMetaNet.for_model(model, variant="base", **kw),
-            "GradMetaNet++": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus", **kw),
+            "GradMetaNet++": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus", **kw_pp),
             "GradMetaNet (bilinear)": lambda: gnn.GradMetaNet.for_model(model, variant="base", product="bilinear", **kw),
             "GradMetaNet++ (bilinear)": lambda: gnn.GradMetaNet.for_model(model, variant="plusplus",
-                                                                          product="bilinear", **kw),
+                                                                          product="bilinear", **kw_pp),
             "per-param DeepSets": lambda: gnn.PerParamDeepSets(hidden=m["deepsets_hidden"]),
             "flat-factor MLP": lambda: gnn.FlatFactorMLP.for_model(model, readout="weight", hidden=m["flat_hidden"]),
             "averaged-gradient net": lambda: gnn.AveragedGradientNet.for_model(model, channels=m["channels"])}

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["lopt_table", "TABLE_DEFAULTS", "GMN_SUFFIX"]
 
-#: A row labelled ``"<X> + GradMetaNet"`` is compared with the row labelled ``"<X>"``.
+#: A row labelled ``"<X> + GradMetaNet"`` (or ``"<X> + GradMetaNet++ ..."``) is compared with the row labelled ``"<X>"``.
 GMN_SUFFIX = " + GradMetaNet"
 
 TABLE_DEFAULTS = {
@@ -76,7 +76,8 @@ def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
     by = {r["label"]: r["step_reduction"]["mean"] for r in rows if r["meta_seeds"]}
     out = {"gmn_vs_base": {}}
     for label, v in by.items():
-        base = label[:-len(GMN_SUFFIX)] if label.endswith(GMN_SUFFIX) else None
+        # "<X> + GradMetaNet", "<X> + GradMetaNet++ (...)": compared with row "<X>"
+        base = label.split(GMN_SUFFIX)[0] if GMN_SUFFIX in label else None
         if base in by:
             # both rows at 0 (neither reaches tuned Adam's best loss): no ratio, and not met
             ratio = v / by[base] if by[base] > 0 else (float("inf") if v > 0 else float("nan"))

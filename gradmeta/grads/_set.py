@@ -84,7 +84,15 @@ class GradientSet:
         try:
             return self._layers[name]
         except KeyError:
-            raise KeyError(f"no layer {name!r} in this GradientSet; layers: {self.layer_names}") from None
+            msg = f"no layer {name!r} in this GradientSet; layers: {self.layer_names}"
+            exact = [n for n in self.fallback_params if n.startswith(name + ".")]
+            if exact:  # the module ran, but its factors were not captured
+                msg = (f"layer {name!r} was not factored in this GradientSet: its parameters {exact} came "
+                       "through the exact per-example fallback (for nn.MultiheadAttention: dropout in "
+                       "training mode, add_bias_kv or add_zero_attn). A network that reads the factors "
+                       "needs them: collect with the model in eval mode (model.eval()) or without "
+                       "attention dropout; gradmeta.grads.supported_layers() lists what each layer needs")
+            raise KeyError(msg) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._layers

@@ -49,3 +49,20 @@ def test_spec_refuses_separate_projection_weights():
     layer.self_attn = nn.MultiheadAttention(6, 2, kdim=4, vdim=4)
     with pytest.raises(gm.nn.SymmetrySpecError, match="only packed in_proj_weight"):
         symmetry_spec(layer)
+
+
+def test_attention_dropout_in_training_mode_is_refused_saying_what_to_do():
+    """Training-mode attention dropout sends the attention's parameters through the exact fallback;
+    a GradMetaNet, which reads factors, names the layer and says to collect in eval mode."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(6, 2, 8, dropout=0.1, batch_first=True), 1,
+                                  enable_nested_tensor=False).double()
+    x, y = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    gs = gm.collect_gradients(model, mse, x, y)
+    assert "layers.0.self_attn.in_proj_weight" in gs.fallback_params
+    net = gm.nn.GradMetaNet.for_model(model, readout="weight", variant="plusplus", channels=4, heads=2).double()
+    with pytest.raises(KeyError, match=r"'layers\.0\.self_attn' was not factored.*model\.eval\(\)"):
+        net(gs)
+    model.eval()
+    out = net(gm.collect_gradients(model, mse, x, y))
+    assert set(out) == {n for n, _ in model.named_parameters()}

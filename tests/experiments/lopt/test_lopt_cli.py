@@ -72,6 +72,7 @@ def test_user_task_factory_through_meta_training_and_evaluation(tmp_path, capsys
     ("outer.sigma=0", "outer.sigma"), ("inner.batch_size=0", "inner.batch_size"),
     ("optimizer.lr=-0.1", "optimizer.lr"), ("eval.seeds=[]", "eval.seeds"), ("outer.particles=0", "outer.particles"),
     ("inner.valid_fraction=1.0", "inner.valid_fraction"),
+    ('optimizer.gmn_neuron_attention="linear"', "optimizer.gmn_neuron_attention"),  # the spec's kind has none
 ])
 def test_out_of_range_values_exit_2_naming_the_key(tmp_path, capsys, override, culprit):
     assert _run(tmp_path, "bad", override) == 2

@@ -54,6 +54,8 @@ PES_RULES = [
     ("GradMetaNet, all {B} examples", "base", {}),
     ("GradMetaNet, 32 of {B} examples", "base", {"examples": 32}),
     ("GradMetaNet, 16 of {B} examples", "base", {"examples": 16}),
+    ("GradMetaNet, 8 of {B} examples", "base", {"examples": 8}),
+    ("GradMetaNet, 4 of {B} examples", "base", {"examples": 4}),
     ("GradMetaNet++, 32 of {B} examples", "plusplus", {"examples": 32}),
     ("GradMetaNet++, 16 of {B} examples", "plusplus", {"examples": 16}),
     ("GradMetaNet++, 16 of {B} examples, 2 blocks", "plusplus", {"examples": 16, "layers": 2}),

@@ -178,7 +178,8 @@ def lopt_meta_train(run: Run) -> dict:
     if o["iterations"] < 1:
         raise run.spec_error("outer.iterations", f"must be positive, got {o['iterations']}")
     _nonempty(run, "eval.seeds")
-    if s["optimizer"]["gmn_neuron_attention"] != "softmax" and s["optimizer"]["kind"] != "gradmetanet++":
+    attn = s["optimizer"].get("gmn_neuron_attention", "softmax")  # a run folder from before the key has none
+    if attn != "softmax" and s["optimizer"]["kind"] != "gradmetanet++":
         raise run.spec_error("optimizer.gmn_neuron_attention", "chooses the attention across neurons of "
                              f"GradMetaNet++ (kind = \"gradmetanet++\"); kind {s['optimizer']['kind']!r} has none")
     comm = comm_from_env()

@@ -1,20 +1,14 @@
 """Smoke test of benchmarks/lopt_branch_features.py (subprocess, digits): it runs and writes consistent results."""
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from ..bench_run import run_benchmark
+
 pytestmark = pytest.mark.slow  # a subprocess (> 10 s on a shared CPU)
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt_branch_features.py"
 
 
 def test_branch_features_benchmark(tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH), "--out", str(tmp_path), "--name", "bf"],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = json.loads((tmp_path / "bf.json").read_text())["cases"][0]["results"]
+    rows = run_benchmark("lopt_branch_features.py", tmp_path, "bf", "--name", "bf", timeout=600)["cases"][0]["results"]
     assert len(rows) == 4 * 3 and all(0 <= r["varying_share_min"] <= r["varying_share"] <= 1 for r in rows)
     assert all(0 <= r["abs_corr_grad"] <= 1 and r["max_abs_gate"] is None for r in rows)
     share = {r["rule"]: [] for r in rows}

@@ -1,20 +1,15 @@
 """Smoke test of benchmarks/lopt.py (quick sizes, subprocess): it runs and writes consistent results."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from ..bench_run import run_benchmark
+
 pytestmark = pytest.mark.slow  # a subprocess (> 10 s on a shared CPU)
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "lopt.py"
 
 
 def test_quick_lopt_benchmark(tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    data = json.loads((tmp_path / "lopt_step.json").read_text())
+    data = run_benchmark("lopt.py", tmp_path, "lopt_step", "--quick")
     assert [c["name"] for c in data["cases"]] == ["digits", "mlp1024"]
     for case in data["cases"]:
         adam, learned = case["results"]

@@ -1,17 +1,9 @@
 """Smoke test of benchmarks/gmn_block.py (quick mode, subprocess)."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gmn_block.py"
+from ..bench_run import run_benchmark
 
 
 def test_block_benchmark_writes_every_row_for_both_sizes(tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    data = json.loads((tmp_path / "gmn_block.json").read_text())
+    data = run_benchmark("gmn_block.py", tmp_path, "gmn_block", "--quick")
     assert [c["name"] for c in data["cases"]] == ["S16", "S8"]
     for case in data["cases"]:
         rows = case["results"]

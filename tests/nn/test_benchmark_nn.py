@@ -1,10 +1,11 @@
 """Smoke test of benchmarks/nn.py (quick sizes, subprocess): it runs and writes consistent results."""
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ..bench_run import run_benchmark
 
 pytestmark = pytest.mark.slow  # subprocesses with the full benchmark code path (> 10 s on a shared CPU)
 
@@ -12,10 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "nn.py"
 
 
 def test_quick_perf_benchmark(tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    data = json.loads((tmp_path / "nn.json").read_text())
+    data = run_benchmark("nn.py", tmp_path, "nn", "--quick")
     assert set(data["times"]) == {"mlp_step", "collect", "gmn_base", "gmn_plusplus", "per_param_deepsets",
                                   "gmn_base_bilinear", "gmn_plusplus_bilinear"}
     assert data["environment"]["device"] == "cpu"
@@ -24,10 +22,7 @@ def test_quick_perf_benchmark(tmp_path):
 
 
 def test_quick_perf_benchmark_subset(tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path), "--stem", "sub",
-                        "--contestants", "mlp_step,gmn_base_bilinear"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    data = json.loads((tmp_path / "sub.json").read_text())
+    data = run_benchmark("nn.py", tmp_path, "sub", "--quick", "--stem", "sub", "--contestants", "mlp_step,gmn_base_bilinear")
     assert set(data["times"]) == {"mlp_step", "gmn_base_bilinear"}
     assert {r["variant"] for r in data["memory"]} == {"base (bilinear)"}
     bad = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path), "--contestants", "gmn_bogus"],

@@ -152,6 +152,32 @@ def _first_examples(gs, n: int):
     return GradientSet(layers, gs.losses[:n])
 
 
+class _ParamSlots:
+    """``functional_call(module, params, args)`` for a module whose every parameter is given, with
+    less bookkeeping: the ``(submodule, attribute)`` slot of each parameter name is found once, and a
+    call puts the given tensors in those slots and restores the module's own afterwards (also on an
+    error). Any other set of names goes through ``torch.func.functional_call``. Per call this saves
+    about 0.3 ms for GradMetaNet's ≈ 46 parameters (vmapped over PES particles, on a CPU)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.slots = [(name, module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                      for name, _ in module.named_parameters()]
+        self.names = {name for name, _, _ in self.slots}
+
+    def __call__(self, params: Params, args: tuple, kwargs: dict | None = None):
+        if len(params) != len(self.slots) or not self.names.issuperset(params):
+            return functional_call(self.module, params, args, kwargs)
+        saved = [mod._parameters[attr] for _, mod, attr in self.slots]
+        try:
+            for name, mod, attr in self.slots:
+                mod._parameters[attr] = params[name]
+            return self.module(*args, **(kwargs or {}))
+        finally:
+            for (_, mod, attr), p in zip(self.slots, saved):
+                mod._parameters[attr] = p
+
+
 class _BranchLO(LearnedRule):
     """Shared by the learned optimizers made of a :class:`PerParamMLP` (``self.base``, meta-parameters
     ``"mlp.*"``) and an equivariant network (``self.net``, meta-parameters ``"<prefix>.*"``)."""
@@ -194,6 +220,13 @@ class _BranchLO(LearnedRule):
     def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
         """``{name: (*shape, E)}`` (or ``(*shape)`` when ``E = 1``): the branch network's readout."""
         raise NotImplementedError
+
+    def _call_net(self, branch_meta: Params, args: tuple, kwargs: dict | None = None):
+        """``functional_call(self.net, branch_meta, args, kwargs)`` (:class:`_ParamSlots`)."""
+        slots = getattr(self, "_net_slots", None)
+        if slots is None or slots.module is not self.net:
+            slots = self._net_slots = _ParamSlots(self.net)
+        return slots(branch_meta, args, kwargs)
 
     def _part(self, meta: Params, prefix: str) -> Params:
         n = len(prefix) + 1
@@ -274,6 +307,7 @@ class GradMetaNetLO(_BranchLO):
         # functional_factors runs a structure pass on the model's own parameters, which must require
         # grad (a task's skeleton model does not): a private copy, never written
         self.model = copy.deepcopy(model).requires_grad_(True)
+        self._structure: dict = {}  # functional_factors' structure_cache for self.model
         self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
                                           weight_aware=weight_aware, channels=channels, set_layers=layers,
                                           heads=heads, neuron_attention=neuron_attention),
@@ -298,12 +332,15 @@ class GradMetaNetLO(_BranchLO):
         from gradmeta.grads import functional_factors
 
         B = len(targets)
-        gs = functional_factors(model, loss_fn, params, inputs, targets)
+        # the private copy of the inner model never changes: its structure pass runs once per shape
+        cache = self._structure if model is self.model else None
+        gs = functional_factors(model, loss_fn, params, inputs, targets, structure_cache=cache)
         if self.examples is None or self.examples >= B:
             return gs.mean_grad(), gs, gs.losses.mean()
         sub = _first_examples(gs, self.examples)
         if sub is None:
-            sub = functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples])
+            sub = functional_factors(model, loss_fn, params, inputs[:self.examples], targets[:self.examples],
+                                     structure_cache=cache)
         return gs.mean_grad(), sub, gs.losses.mean()
 
     def update(self, meta: Params, grads: Params, state: GMNState, params: Params, *,
@@ -335,7 +372,7 @@ class GradMetaNetLO(_BranchLO):
                              "gradmeta.grads.functional_factors); GradMetaNetLO.step(task, meta, params, state, "
                              "batch) computes it")
         args = (gradient_set, params) if self.weight_aware else (gradient_set,)
-        return functional_call(self.net, branch_meta, args)
+        return self._call_net(branch_meta, args)
 
     def skipped(self, state: GMNState) -> Tensor:
         return state.base.skipped.sum()
@@ -396,5 +433,5 @@ class WeightSpaceLO(_BranchLO):
 
     def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
         rms = lambda t: t * torch.rsqrt(t.square().mean() + 1e-12)  # noqa: E731
-        return functional_call(self.net, branch_meta, ({k: rms(v) for k, v in grads.items()},),
-                               {"params": {k: rms(v) for k, v in params.items()}})
+        return self._call_net(branch_meta, ({k: rms(v) for k, v in grads.items()},),
+                              {"params": {k: rms(v) for k, v in params.items()}})

@@ -79,3 +79,36 @@ def test_functional_is_differentiable_in_the_parameters():
     d = {n: torch.randn_like(p) for n, p in params.items()}
     fd = (f({n: p + eps * d[n] for n, p in params.items()}) - f({n: p - eps * d[n] for n, p in params.items()})) / (2 * eps)
     torch.testing.assert_close(sum((g[n] * d[n]).sum() for n in g), fd, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["mlp", "pos_tied"])
+def test_structure_cache_gives_the_same_factors_and_runs_the_structure_pass_once_per_shape(which, monkeypatch):
+    """With ``structure_cache`` the factors equal those without it (vmapped over parameter sets,
+    and for a second batch shape), and the structure pass runs once per batch shape."""
+    import gradmeta.grads._functional as F
+
+    if which == "mlp":
+        model = mlp([5, 7, 3]).double()
+        batch = lambda B: (torch.randn(B, 5, dtype=torch.float64), torch.randint(0, 3, (B,)))  # noqa: E731
+    else:
+        model = _WithPos().double()
+        batch = lambda B: (torch.randint(0, 9, (B, 5)), torch.randint(0, 9, (B,)))  # noqa: E731
+    sets = _sets(model)
+    stacked = {n: torch.stack([s[n] for s in sets]) for n in sets[0]}
+    passes = []
+    make_plan = F.make_plan
+    monkeypatch.setattr(F, "make_plan", lambda *a, **k: passes.append(1) or make_plan(*a, **k))
+    cache = {}
+
+    def stats(p, x, y, cache):
+        gs = functional_factors(model, classification_loss, p, x, y, structure_cache=cache)
+        return gs.per_example_grads(), gs.losses
+
+    for B in (4, 4, 6, 4):
+        x, y = batch(B)
+        got = torch.func.vmap(lambda p: stats(p, x, y, cache))(stacked)
+        want = torch.func.vmap(lambda p: stats(p, x, y, None))(stacked)
+        assert_dicts_close(got[0], want[0], atol=0)
+        torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    # without the cache: one structure pass per call (4 calls); with it: one per batch shape (2)
+    assert len(passes) == 4 + 2 and len(cache) == 2

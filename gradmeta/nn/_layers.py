@@ -328,7 +328,8 @@ class ProductReadout(nn.Module):
         self.pid = nn.Parameter(torch.randn(len(self.spec.params), hidden) * 0.1) if param_ids else None
 
     def _rows(self, h: torch.Tensor, axis: tuple[str, ...]) -> torch.Tensor:
-        return torch.cat([h[..., slice(*self.offsets[s]), :] for s in axis], -2)
+        rows = [h[..., slice(*self.offsets[s]), :] for s in axis]
+        return rows[0] if len(rows) == 1 else torch.cat(rows, -2)  # one space: a view, no copy
 
     def _squeeze(self, y: torch.Tensor) -> torch.Tensor:
         return y.squeeze(-1) if self.out_dim == 1 else y

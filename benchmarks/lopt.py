@@ -63,6 +63,8 @@ PES_RULES = [
     ("GradMetaNet++, 8 of {B} examples, 2 blocks", "plusplus", {"examples": 8, "layers": 2}),
     ("GradMetaNet++, linear attention across neurons, 16 of {B} examples", "plusplus",
      {"examples": 16, "neuron_attention": "linear"}),
+    ("GradMetaNet++, linear attention across neurons, 16 of {B} examples, 2 blocks", "plusplus",
+     {"examples": 16, "layers": 2, "neuron_attention": "linear"}),
     ("GradMetaNet++, linear attention across neurons, 8 of {B} examples", "plusplus",
      {"examples": 8, "neuron_attention": "linear"}),
     ("weight-space (WeightSpaceLO)", "weightspace", {}),

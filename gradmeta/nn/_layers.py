@@ -182,11 +182,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     cost is ``O(L·d²)`` instead of ``O(L²·d)``: no ``(L, L)`` matrix is formed. Means (not sums) over
     ``j`` keep the intermediate sizes independent of ``L``; the ratio is the same.
     """
-    fq, fk = F.elu(q) + 1, F.elu(k) + 1
-    L = k.shape[-2]
+    fq, fk = F.elu(q).add_(1), F.elu(k).add_(1)
+    L, d = k.shape[-2], v.shape[-1]
     kv = torch.matmul(fk.transpose(-1, -2), v) / L                          # (..., d, d)
-    z = fk.mean(-2, keepdim=True)                                            # (..., 1, d)
-    return torch.matmul(fq, kv) / (fq * z).sum(-1, keepdim=True)
+    z = fk.mean(-2).unsqueeze(-1)                                            # (..., d, 1)
+    # numerators and denominators from one product: φ(q_i) @ [kv | z]
+    nd = torch.matmul(fq, torch.cat([kv, z], -1))                            # (..., L, d + 1)
+    return nd[..., :d] / nd[..., d:]
 
 
 #: Kinds of attention across neurons in a GradMetaNet++ block (:class:`AttentionBlock`).

@@ -112,3 +112,14 @@ def test_structure_cache_gives_the_same_factors_and_runs_the_structure_pass_once
         torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
     # without the cache: one structure pass per call (4 calls); with it: one per batch shape (2)
     assert len(passes) == 4 + 2 and len(cache) == 2
+
+
+def test_structure_cache_stays_bounded_with_a_new_loss_function_at_every_call():
+    model, x, y = mlp([5, 7, 3]).double(), torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    cache = {}
+    want = functional_factors(model, classification_loss, params, x, y).per_example_grads()
+    for _ in range(40):
+        got = functional_factors(model, lambda o, t: classification_loss(o, t), params, x, y, structure_cache=cache)
+        assert len(cache) <= 32
+    assert_dicts_close(got.per_example_grads(), want, atol=0)

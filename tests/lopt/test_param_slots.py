@@ -58,3 +58,14 @@ def test_slots_restore_the_parameters_after_an_error_and_fall_back_on_other_name
     # a partial dict (only the bias) goes through functional_call: the weight stays the module's own
     part = {"lin.bias": torch.ones(2)}
     torch.testing.assert_close(slots(part, (torch.ones(1, 2),)), functional_call(m, part, (torch.ones(1, 2),)))
+
+
+def test_slots_follow_a_replaced_submodule():
+    m = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    slots = _ParamSlots(m)
+    x = torch.randn(4, 2)
+    new = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    torch.testing.assert_close(slots(new, (x,)), functional_call(m, new, (x,)), atol=0, rtol=0)
+    m[2] = nn.Linear(3, 1)  # a new module in the same place: the old slot would write into the old one
+    new = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    torch.testing.assert_close(slots(new, (x,)), functional_call(m, new, (x,)), atol=0, rtol=0)

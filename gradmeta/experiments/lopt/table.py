@@ -13,7 +13,8 @@ Step reduction (per evaluation seed) = steps tuned Adam needs to reach its best 
 the optimizer needs to reach that loss (0 when it never does), with test losses every
 ``eval_every`` steps. A learned row's figure is the mean over its meta-training seeds of the mean
 over evaluation seeds, ± the std over meta-training seeds (Adam, SGDM: ± the std over evaluation
-seeds). Writes ``table.md`` (markdown) and
+seeds). Each "<X> + GradMetaNet" row's ratio to row "<X>" comes with a 95 % percentile-bootstrap
+interval over meta-training seeds (:func:`ratio_interval`). Writes ``table.md`` (markdown) and
 ``curves.png`` (mean test-loss curves) besides ``metrics.json``.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .tasks import _POS, PROTOCOL_DEFAULTS, _from_run, _nonempty, _task
 if TYPE_CHECKING:
     from gradmeta.run import Run
 
-__all__ = ["lopt_table", "TABLE_DEFAULTS", "GMN_SUFFIX"]
+__all__ = ["lopt_table", "TABLE_DEFAULTS", "GMN_SUFFIX", "ratio_interval"]
 
 #: A row labelled ``"<X> + GradMetaNet"`` (or ``"<X> + GradMetaNet++ ..."``) is compared with the row labelled ``"<X>"``.
 GMN_SUFFIX = " + GradMetaNet"
@@ -71,9 +72,40 @@ def _row(name: str, tests: list[torch.Tensor], ref: torch.Tensor, steps_t: torch
             "per_seed_step_reduction": [r.tolist() for r in red]}
 
 
+def ratio_interval(base: list[float], other: list[float], paired: bool, level: float = 0.95,
+                   resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``mean(other) / mean(base)`` over meta-training seeds.
+
+    ``base``, ``other``: one figure per meta-training seed (a row's per-seed step reductions).
+    Each of ``resamples`` draws (a fixed generator seeded with ``seed``, so the interval is
+    reproducible) resamples the seeds with replacement: jointly when ``paired`` (both lists belong to
+    the same seeds, in the same order), else each list on its own. Returns the ``(1 − level)/2`` and
+    ``(1 + level)/2`` quantiles of the resampled ratios, each an actual resampled value (no
+    interpolation). A draw whose base mean is 0 gives ``inf`` (``other`` > 0) or counts as 0 (both 0:
+    no gain is credited, as for the table's point ratio).
+
+    Raises:
+        ValueError: if a list is empty, or ``paired`` and the lengths differ.
+    """
+    b, g = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    if not len(b) or not len(g):
+        raise ValueError(f"ratio_interval needs one figure per meta-training seed in both rows, got {len(b)} and {len(g)}")
+    if paired and len(b) != len(g):
+        raise ValueError(f"ratio_interval(paired=True): both rows need the same seeds, got {len(b)} and {len(g)} figures")
+    gen = torch.Generator().manual_seed(seed)
+    ib = torch.randint(len(b), (resamples, len(b)), generator=gen)
+    ig = ib if paired else torch.randint(len(g), (resamples, len(g)), generator=gen)
+    ratios = torch.nan_to_num(g[ig].mean(-1) / b[ib].mean(-1), nan=0.0, posinf=float("inf"))
+    lo = torch.quantile(ratios, (1 - level) / 2, interpolation="lower")
+    hi = torch.quantile(ratios, (1 + level) / 2, interpolation="higher")
+    return float(lo), float(hi)
+
+
 def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
-    """The GradMetaNet-vs-base ratios and the best row against the targets."""
+    """The GradMetaNet-vs-base ratios (with a bootstrap interval when both rows have per-seed figures
+    for ≥ 2 meta-training seeds) and the best row against the targets."""
     by = {r["label"]: r["step_reduction"]["mean"] for r in rows if r["meta_seeds"]}
+    rows_by = {r["label"]: r for r in rows if r["meta_seeds"]}
     out = {"gmn_vs_base": {}}
     for label, v in by.items():
         # "<X> + GradMetaNet", "<X> + GradMetaNet++ (...)": compared with row "<X>"
@@ -82,6 +114,11 @@ def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
             # both rows at 0 (neither reaches tuned Adam's best loss): no ratio, and not met
             ratio = v / by[base] if by[base] > 0 else (float("inf") if v > 0 else float("nan"))
             out["gmn_vs_base"][label] = {"ratio": ratio, "target": gmn_ratio, "met": bool(ratio >= gmn_ratio)}
+            pb, pg = (rows_by[k]["step_reduction"].get("per_meta_seed") for k in (base, label))
+            if pb and pg and len(pb) > 1 and len(pg) > 1:
+                paired = rows_by[base]["meta_seeds"] == rows_by[label]["meta_seeds"]
+                out["gmn_vs_base"][label]["interval_95"] = ratio_interval(pb, pg, paired)
+                out["gmn_vs_base"][label]["paired"] = paired
     learned = {k: v for k, v in by.items() if k not in ("Adam (tuned)",)}
     if learned:
         top = max(learned, key=learned.get)
@@ -104,6 +141,10 @@ def _markdown(rows: list[dict], summary: dict) -> str:
     lines.append("")
     for label, g in t["gmn_vs_base"].items():
         ratio = f"{g['ratio']:.2f}×" if g["ratio"] == g["ratio"] else "undefined (both step reductions 0)"
+        if "interval_95" in g:
+            lo, hi = g["interval_95"]
+            ratio += (f", 95 % bootstrap interval over meta-training seeds{' (paired)' if g['paired'] else ''} "
+                      f"{lo:.2f}–{hi:.2f}")
         lines.append(f"- {label} vs without GradMetaNet: {ratio} (target ≥ {g['target']}×: "
                      f"{'met' if g['met'] else 'not met'})")
     if "best_row" in t:

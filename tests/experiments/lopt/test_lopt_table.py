@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradmeta.experiments.lopt.table import _markdown, _targets
+from gradmeta.experiments.lopt.table import _markdown, _targets, ratio_interval
 from gradmeta.lopt import step_reduction
 from tests.data.conftest import write_idx
 
@@ -94,6 +94,63 @@ def test_a_gradmetanet_row_is_not_credited_when_both_rows_never_reach_adam():
     md = _markdown([{**row("DS", 0.0), **{k: {"mean": 0.1, "std": 0.0} for k in ("best_test_loss", "final_test_loss")},
                      "step_reduction": {"mean": 0.0, "std": 0.0}}], {"targets": t})
     assert "DS + GradMetaNet vs without GradMetaNet: undefined (both step reductions 0) (target ≥ 1.2×: not met)" in md
+
+
+def _exact_bootstrap_quantiles(base, other, level):
+    """The exact paired-bootstrap distribution of mean(other)/mean(base): every one of the n^n resamples."""
+    import itertools
+
+    n = len(base)
+    ratios = sorted(sum(other[i] for i in idx) / sum(base[i] for i in idx)
+                    for idx in itertools.product(range(n), repeat=n))
+    lo_rank = int(np.floor((1 - level) / 2 * (len(ratios) - 1)))
+    hi_rank = int(np.ceil((1 + level) / 2 * (len(ratios) - 1)))
+    return ratios[lo_rank], ratios[hi_rank], ratios
+
+
+def test_ratio_interval_matches_the_exact_bootstrap_of_three_seeds():
+    base, other = [2.55, 2.08, 2.17], [2.27, 2.91, 1.65]
+    # 27 equally likely resamples; 50 % interval: its ends are atoms of probability >= 1/27 each, so
+    # 10,000 draws land on the exact quantiles (a miss would need a count off by > 10 std)
+    lo, hi, atoms = _exact_bootstrap_quantiles(base, other, 0.5)
+    assert ratio_interval(base, other, paired=True, level=0.5) == pytest.approx((lo, hi), abs=1e-12)
+    # 95 %: the extreme atoms (each resample has probability 1/27 > 2.5 %)
+    assert ratio_interval(base, other, paired=True) == pytest.approx((atoms[0], atoms[-1]), abs=1e-12)
+    # unpaired with a base of no spread: the resamples of ``other`` alone, over the same constant
+    lo_u, hi_u = ratio_interval([2.0, 2.0, 2.0], other, paired=False)
+    assert (lo_u, hi_u) == pytest.approx((min(other) / 2.0, max(other) / 2.0), abs=1e-12)
+
+
+def test_ratio_interval_collapses_without_spread_and_is_reproducible():
+    assert ratio_interval([1.0, 2.0, 3.0], [1.5, 3.0, 4.5], paired=True) == pytest.approx((1.5, 1.5), abs=1e-12)
+    a = ratio_interval([1.0, 2.0, 1.5, 0.7], [1.1, 1.9, 2.2, 0.4], paired=False)
+    assert a == ratio_interval([1.0, 2.0, 1.5, 0.7], [1.1, 1.9, 2.2, 0.4], paired=False)
+    assert a[0] < 1.4 / 1.3 < a[1]
+    # a base of 0 on every seed: inf when the other row gains, no credit when neither does
+    assert ratio_interval([0.0, 0.0], [0.0, 1.0], paired=True) == (0.0, float("inf"))
+    assert ratio_interval([0.0, 0.0], [0.0, 0.0], paired=True) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same seeds"):
+        ratio_interval([1.0, 2.0], [1.0], paired=True)
+    with pytest.raises(ValueError, match="one figure per meta-training seed"):
+        ratio_interval([], [1.0], paired=False)
+
+
+def test_targets_give_a_paired_interval_when_both_rows_share_their_seeds():
+    def row(label, per_seed, seeds=(0, 1, 2)):
+        return {"label": label, "meta_seeds": list(seeds),
+                "step_reduction": {"mean": float(np.mean(per_seed)), "per_meta_seed": per_seed}}
+    t = _targets([row("DS", [2.55, 2.08, 2.17]), row("DS + GradMetaNet", [2.27, 2.91, 1.65]),
+                  row("UNF", [1.0, 2.0, 3.0], seeds=(0, 1, 2)), row("UNF + GradMetaNet", [2.0, 2.0], seeds=(0, 1))],
+                 gmn_ratio=1.2, best=1.6)
+    ds, unf = t["gmn_vs_base"]["DS + GradMetaNet"], t["gmn_vs_base"]["UNF + GradMetaNet"]
+    assert ds["paired"] is True and ds["interval_95"] == ratio_interval([2.55, 2.08, 2.17], [2.27, 2.91, 1.65], True)
+    assert ds["interval_95"][0] < ds["ratio"] < ds["interval_95"][1]
+    assert unf["paired"] is False  # different seeds: each row resampled on its own
+    md = _markdown([], {"targets": t})
+    assert "DS + GradMetaNet vs without GradMetaNet: 1.00×, 95 % bootstrap interval over meta-training seeds (paired)" in md
+    # one seed per row: no interval, as before
+    one = _targets([row("DS", [1.0], (0,)), row("DS + GradMetaNet", [1.3], (0,))], gmn_ratio=1.2, best=1.6)
+    assert "interval_95" not in one["gmn_vs_base"]["DS + GradMetaNet"]
 
 
 def test_step_reduction_of_the_reference_is_one_and_of_a_slower_curve_below():

@@ -9,6 +9,7 @@
   ``step``): :class:`PerParamMLP` (residual form: untrained = SGD with momentum),
   :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
   :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient),
+  :class:`GradientStatsLO` (the baseline whose branch is two fixed statistics of the gradient set),
   :class:`GeneralistRule` (Adam's direction with a bounded learned correction and a learned
   schedule over training progress, with ``lr_free`` a step size estimated during the run from the
   distance travelled; exactly still at zero gradient);
@@ -33,7 +34,7 @@ reusing freed memory made them 1.2–1.9× faster in the benchmarks.
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
-from ._gmn import GMNState, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO
+from ._gmn import GMNState, GradientStatsLO, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
 from ._meta import MetaTraining, evaluate, meta_train
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
@@ -49,7 +50,7 @@ __all__ = [
     "Task", "ModuleTask", "SupervisedTask", "ClassificationTask", "LanguageModelTask", "QuadraticTask",
     "digits_mlp", "image_mlp", "char_lm", "make_task", "load_task", "check_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
-    "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO",
+    "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO", "GradientStatsLO",
     "RelativeNeuronIds",
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",

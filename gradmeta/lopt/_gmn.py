@@ -18,6 +18,8 @@ trainers run its particles under ``torch.func.vmap``.
 
 :class:`WeightSpaceLO` is the weight-space (UNF/NFN-style) variant: the branch is an
 equivariant network on the parameters and the mean gradient only (no gradient set).
+:class:`GradientStatsLO` is the baseline whose branch is two fixed per-entry statistics of the
+gradient set (the per-example gradients' RMS and their agreement), with no network.
 
 Both are built for one architecture (``for_model`` rebuilds one for another) but their
 meta-parameters do not depend on the widths of an MLP: hidden neurons are permutable, and the
@@ -40,7 +42,7 @@ from torch.func import functional_call, grad_and_value
 from ._learned import LOState, PerParamMLP
 from ._rule import LearnedRule
 
-__all__ = ["GradMetaNetLO", "GMNState", "WeightSpaceLO", "RelativeNeuronIds"]
+__all__ = ["GradMetaNetLO", "GMNState", "GradientStatsLO", "WeightSpaceLO", "RelativeNeuronIds"]
 
 Params = dict[str, Tensor]
 NEURON_IDS = ("relative", "learned")
@@ -262,65 +264,35 @@ class _BranchLO(LearnedRule):
         return new, state, loss
 
 
-class GradMetaNetLO(_BranchLO):
-    """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
+class _GradientSetBranchLO(_BranchLO):
+    """Shared by the rules whose branch reads the batch's gradient set (of its first ``examples``
+    examples): the set is collected as a pure function of the parameters, the branch gives ``E``
+    features per parameter entry, and they enter :class:`PerParamMLP` with their running average
+    (``extra_features = 2E``)."""
 
-    Args:
-        model: the inner model (or a module-backed task, whose ``model`` is used): gives the
-            symmetry spec; an MLP of any widths or a :class:`gradmeta.models.GPT`.
-        gmn_channels: ``E``, GradMetaNet outputs per parameter entry.
-        variant: ``"base"`` or ``"plusplus"`` (GradMetaNet++).
-        weight_aware: also feed the weights into the GradMetaNet.
-        avg_decay: decay of the running average of past readouts.
-        channels: GradMetaNet width.
-        layers: its set×neuron layers (``"base"``) or attention blocks (``"plusplus"``).
-        heads: attention heads of GradMetaNet++ (1: head dimension = ``channels``; on a CPU, 4
-            heads of dimension 2 made a PES iteration 1.9× slower).
-        neuron_attention: GradMetaNet++'s attention across neurons, ``"softmax"`` or ``"linear"``
-            (cost linear in the number of neurons; see :class:`gradmeta.nn.GradMetaNet`).
-        examples: feed the GradMetaNet the gradient set of the first ``examples`` examples of each
-            batch only (batches drawn at random: a random subsample); the mean gradient is still
-            the whole batch's. ``None``: the whole batch.
-        neuron_ids: ``"relative"`` (size-independent ids of input / output neurons,
-            :class:`RelativeNeuronIds`) or ``"learned"`` (one learned vector per neuron: tied to
-            the model's input and output sizes).
-        center_branch: subtract each parameter tensor's mean from the GradMetaNet's features, per
-            output channel, before the EMA and the MLP (which divides them by their RMS per tensor).
-            Equivariance is kept: a tensor's mean is invariant to the permutations of its entries.
-        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
-            ``extra_gate``: the branch's features enter through learned gates starting at zero, so a
-            fresh rule steps exactly as ``PerParamMLP`` of the same seed and meta-training opens the
-            branch only as far as it helps).
-    """
-
-    kind = "gradmetanet"
-
-    def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
-                 avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
-                 neuron_ids: str = "relative", center_branch: bool = False, neuron_attention: str = "softmax",
-                 **kwargs):
-        from gradmeta.nn import GradMetaNet
-
-        model, where = _model_of(model, "GradMetaNetLO")
+    def _setup(self, model, E: int, avg_decay: float, examples, center_branch: bool, mlp_kwargs: dict):
+        """Checks and stores what every gradient-set rule has; returns the model's symmetry spec."""
+        who = type(self).__name__
+        model, where = _model_of(model, who)
         if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
-            raise ValueError(f"GradMetaNetLO: examples must be a positive integer or None, got {examples!r}")
-        spec = _spec_for(model, "GradMetaNetLO", where)
-        self.E, self.avg_decay, self.weight_aware, self.examples = gmn_channels, avg_decay, weight_aware, examples
-        self._own_config = {"gmn_channels": gmn_channels, "variant": variant, "weight_aware": weight_aware,
-                            "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
-                            "examples": examples, "neuron_ids": neuron_ids,
-                            **({"neuron_attention": neuron_attention} if neuron_attention != "softmax" else {}),
-                            **self._branch_config(center_branch)}
-        self.base = PerParamMLP(extra_features=2 * gmn_channels, **kwargs)
+            raise ValueError(f"{who}: examples must be a positive integer or None, got {examples!r}")
+        spec = _spec_for(model, who, where)
+        self.E, self.avg_decay, self.examples = E, avg_decay, examples
+        self._own_config = self._branch_config(center_branch)
+        self.base = PerParamMLP(extra_features=2 * E, **mlp_kwargs)
         # functional_factors runs a structure pass on the model's own parameters, which must require
         # grad (a task's skeleton model does not): a private copy, never written
         self.model = copy.deepcopy(model).requires_grad_(True)
         self._structure: dict = {}  # functional_factors' structure_cache for self.model
-        self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
-                                          weight_aware=weight_aware, channels=channels, set_layers=layers,
-                                          heads=heads, neuron_attention=neuron_attention),
-                              neuron_ids)
         self.lr = self.base.lr
+        return spec
+
+    def _need_set(self, gradient_set) -> None:
+        if gradient_set is None:
+            who = type(self).__name__
+            raise ValueError(f"{who}.update needs the batch's gradient_set ({who}.gradients or "
+                             f"gradmeta.grads.functional_factors); {who}.step(task, meta, params, state, "
+                             "batch) computes it")
 
     def init(self, params: Params) -> GMNState:
         """Fresh state; readout averages start at zero."""
@@ -374,21 +346,115 @@ class GradMetaNetLO(_BranchLO):
                for k, a in zip(params, avg.split([params[k].numel() for k in params], 1))}
         return new, GMNState(base, avg)
 
-    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
-        if gradient_set is None:
-            raise ValueError("GradMetaNetLO.update needs the batch's gradient_set (GradMetaNetLO.gradients or "
-                             "gradmeta.grads.functional_factors); GradMetaNetLO.step(task, meta, params, state, "
-                             "batch) computes it")
-        args = (gradient_set, params) if self.weight_aware else (gradient_set,)
-        return self._call_net(branch_meta, args)
-
     def skipped(self, state: GMNState) -> Tensor:
         return state.base.skipped.sum()
 
     def check_differentiable(self, who: str) -> None:
-        raise ValueError(f"{who}: backpropagation through GradMetaNetLO unrolls is not supported (untested); "
+        raise ValueError(f"{who}: backpropagation through {type(self).__name__} unrolls is not supported (untested); "
                          "meta-train it with PES or es_grad / ES")
 
+
+class GradMetaNetLO(_GradientSetBranchLO):
+    """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
+
+    Args:
+        model: the inner model (or a module-backed task, whose ``model`` is used): gives the
+            symmetry spec; an MLP of any widths or a :class:`gradmeta.models.GPT`.
+        gmn_channels: ``E``, GradMetaNet outputs per parameter entry.
+        variant: ``"base"`` or ``"plusplus"`` (GradMetaNet++).
+        weight_aware: also feed the weights into the GradMetaNet.
+        avg_decay: decay of the running average of past readouts.
+        channels: GradMetaNet width.
+        layers: its set×neuron layers (``"base"``) or attention blocks (``"plusplus"``).
+        heads: attention heads of GradMetaNet++ (1: head dimension = ``channels``; on a CPU, 4
+            heads of dimension 2 made a PES iteration 1.9× slower).
+        neuron_attention: GradMetaNet++'s attention across neurons, ``"softmax"`` or ``"linear"``
+            (cost linear in the number of neurons; see :class:`gradmeta.nn.GradMetaNet`).
+        examples: feed the GradMetaNet the gradient set of the first ``examples`` examples of each
+            batch only (batches drawn at random: a random subsample); the mean gradient is still
+            the whole batch's. ``None``: the whole batch.
+        neuron_ids: ``"relative"`` (size-independent ids of input / output neurons,
+            :class:`RelativeNeuronIds`) or ``"learned"`` (one learned vector per neuron: tied to
+            the model's input and output sizes).
+        center_branch: subtract each parameter tensor's mean from the GradMetaNet's features, per
+            output channel, before the EMA and the MLP (which divides them by their RMS per tensor).
+            Equivariance is kept: a tensor's mean is invariant to the permutations of its entries.
+        **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
+            ``extra_gate``: the branch's features enter through learned gates starting at zero, so a
+            fresh rule steps exactly as ``PerParamMLP`` of the same seed and meta-training opens the
+            branch only as far as it helps).
+    """
+
+    kind = "gradmetanet"
+
+    def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
+                 avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
+                 neuron_ids: str = "relative", center_branch: bool = False, neuron_attention: str = "softmax",
+                 **kwargs):
+        from gradmeta.nn import GradMetaNet
+
+        spec = self._setup(model, gmn_channels, avg_decay, examples, center_branch, kwargs)
+        self.weight_aware = weight_aware
+        self._own_config = {"gmn_channels": gmn_channels, "variant": variant, "weight_aware": weight_aware,
+                            "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
+                            "examples": examples, "neuron_ids": neuron_ids,
+                            **({"neuron_attention": neuron_attention} if neuron_attention != "softmax" else {}),
+                            **self._own_config}
+        self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
+                                          weight_aware=weight_aware, channels=channels, set_layers=layers,
+                                          heads=heads, neuron_attention=neuron_attention),
+                              neuron_ids)
+
+    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
+        self._need_set(gradient_set)
+        args = (gradient_set, params) if self.weight_aware else (gradient_set,)
+        return self._call_net(branch_meta, args)
+
+
+class GradientStatsLO(_GradientSetBranchLO):
+    """Per-parameter MLP learned optimizer whose branch is two fixed statistics of the gradient set.
+
+    A baseline for :class:`GradMetaNetLO`: the same gradient set (of the first ``examples``
+    examples), running average, gates and centring, but instead of a network, for every parameter
+    entry over the ``n`` examples of the set (per-example gradients ``g_b``):
+
+    * ``r = √((1/n) Σ_b g_b²)``, the RMS of the per-example gradients (the root of the empirical
+      Fisher diagonal, :meth:`gradmeta.grads.GradientSet.fisher_diagonal`);
+    * ``a = ((1/n) Σ_b g_b) / r`` in ``[−1, 1]``: ±1 when every example pushes the entry the same
+      way by the same amount, near 0 when they cancel (0 where ``r = 0``).
+
+    ``E = 2`` features per entry, so ``extra_features = 4`` with their running average. No
+    meta-parameters besides the MLP's (``"mlp.*"``). Both statistics are computed entry by entry,
+    so the rule is equivariant to every permutation of the inner model's hidden neurons. Tells how
+    much a learned optimizer gains from per-example information that a GradMetaNet can represent
+    (it can fit the Fisher diagonal) when meta-training does not have to find the features.
+
+    Args:
+        model: the inner model (or a module-backed task): an MLP of any widths or a GPT.
+        examples, avg_decay, center_branch: as :class:`GradMetaNetLO`.
+        **kwargs: :class:`PerParamMLP` arguments (``extra_gate`` as :class:`GradMetaNetLO`).
+    """
+
+    prefix = "stats"
+    kind = "gradient_stats"
+
+    def __init__(self, model, examples: int | None = None, avg_decay: float = 0.9, center_branch: bool = False,
+                 **kwargs):
+        self._setup(model, 2, avg_decay, examples, center_branch, kwargs)
+        self._own_config = {"examples": examples, "avg_decay": avg_decay, **self._own_config}
+        self.net = nn.Module()  # no meta-parameters: init_meta gives the MLP's only
+
+    def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
+        self._need_set(gradient_set)
+        fisher, mean = gradient_set.fisher_diagonal(), gradient_set.mean_grad()
+        missing = [k for k in params if k not in fisher]
+        if missing:
+            raise ValueError(f"GradientStatsLO: the gradient set has no per-example gradients of {missing}")
+        out = {}
+        for k in params:
+            r = fisher[k].sqrt()
+            out[k] = torch.stack([r, torch.where(r > 0, mean[k] / r, torch.zeros_like(r))], -1)
+        return out
 
 class WeightSpaceLO(_BranchLO):
     """Per-parameter MLP learned optimizer with a weight-space (UNF/NFN-style) branch.

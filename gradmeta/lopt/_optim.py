@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .._io import safe_torch_load
 from ._fused import fused_update, segment_matrix
 from ._generalist import GeneralistRule
-from ._gmn import GradMetaNetLO, WeightSpaceLO
+from ._gmn import GradientStatsLO, GradMetaNetLO, WeightSpaceLO
 from ._learned import DECAYS, PerParamMLP
 
 __all__ = ["LearnedOptimizer", "save_checkpoint", "load_checkpoint", "checkpoint_horizon", "DEFAULT_CHECKPOINT",
@@ -48,6 +48,7 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "lopt_generalist.pt
 NAMED_CHECKPOINTS = {"generalist": DEFAULT_CHECKPOINT,
                      "digits": Path(__file__).parent / "checkpoints" / "lopt_digits.pt"}
 _KINDS = {"per_param_mlp": PerParamMLP, "gradmetanet": GradMetaNetLO, "weightspace": WeightSpaceLO,
+          "gradient_stats": GradientStatsLO,
           "generalist": GeneralistRule}
 _FLAT_KINDS = (PerParamMLP, GeneralistRule)  # rules that read only p.grad (usable by LearnedOptimizer)
 

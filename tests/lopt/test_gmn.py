@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from gradmeta.lopt import PES, GradMetaNetLO, PerParamMLP, TruncatedBackprop, WeightSpaceLO
+from gradmeta.lopt import PES, GradientStatsLO, GradMetaNetLO, PerParamMLP, TruncatedBackprop, WeightSpaceLO
 
 
 @pytest.mark.parametrize("variant,weight_aware", [("base", False), ("plusplus", False), ("base", True)])
@@ -37,7 +37,7 @@ def test_untrained_gradmetanet_lo_equals_per_parameter_lo(small_digits, variant,
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("cls", [GradMetaNetLO, WeightSpaceLO])
+@pytest.mark.parametrize("cls", [GradMetaNetLO, WeightSpaceLO, GradientStatsLO])
 def test_a_gated_branch_starts_as_the_per_parameter_lo_of_the_same_seed(small_digits, cls):
     """Gates at zero: any per-parameter part (here a trained-looking one) steps exactly as the
     per-parameter optimizer, whatever the branch's meta-parameters; an open gate changes the step."""

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GeneralistRule, GradMetaNetLO, MetaTraining,
-                           PerParamMLP, TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate, learned_curves,
-                           load_checkpoint, load_task, make_task, save_checkpoint, sgdm, step_reduction, step_times,
-                           train_curves)
+from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GeneralistRule, GradientStatsLO, GradMetaNetLO,
+                           MetaTraining, PerParamMLP, TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate,
+                           learned_curves, load_checkpoint, load_task, make_task, save_checkpoint, sgdm, step_reduction,
+                           step_times, train_curves)
 from gradmeta._io import safe_torch_load
 from gradmeta.specs import OneOf, Range, Required, register_task
 
@@ -47,7 +47,8 @@ TRAIN_DEFAULTS = {
     # PES step 30x slower than 1. The runner applies `threads` for the whole task (0: leave it).
     "threads": Range(1, low=0),
     "inner": _TASK,
-    "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace")),
+    "optimizer": {"kind": OneOf("per_param_mlp", ("per_param_mlp", "gradmetanet", "gradmetanet++", "weightspace",
+                                                 "gradient_stats")),
                   "hidden": Range(32, low=1), "lr": Range(0.1, **_POS), "step_mult": Range(0.03, low=0),
                   "max_update": Range(0.1, **_POS), "gmn_channels": Range(4, low=1), "weight_aware": False,
                   # GradMetaNet / weight-space branch: width, depth, heads (GradMetaNet++), examples of the
@@ -133,6 +134,8 @@ def _make_lo(task, cfg: dict):
         base["extra_gate"] = True
     if cfg.get("center_branch", False):  # likewise
         base["center_branch"] = True
+    if cfg["kind"] == "gradient_stats":
+        return GradientStatsLO(task, examples=cfg.get("examples") or None, **base)
     if cfg["kind"] == "weightspace":
         return WeightSpaceLO(task, out_channels=cfg["gmn_channels"], channels=cfg.get("gmn_width", 8),
                              neuron_ids=ids, **base)

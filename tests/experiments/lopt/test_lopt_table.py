@@ -148,6 +148,13 @@ def test_targets_give_a_paired_interval_when_both_rows_share_their_seeds():
     assert unf["paired"] is False  # different seeds: each row resampled on its own
     md = _markdown([], {"targets": t})
     assert "DS + GradMetaNet vs without GradMetaNet: 1.00×, 95 % bootstrap interval over meta-training seeds (paired)" in md
+    # a "<X> + ..." row that is not a GradMetaNet row: its ratio and interval, no target
+    t2 = _targets([row("DS", [2.55, 2.08, 2.17]), row("DS + gradient statistics", [2.27, 2.91, 1.65])],
+                  gmn_ratio=1.2, best=1.6)
+    assert t2["gmn_vs_base"] == {} and t2["vs_base"]["DS + gradient statistics"]["interval_95"] == ds["interval_95"]
+    md2 = _markdown([], {"targets": t2})
+    line = next(ln for ln in md2.splitlines() if ln.startswith("- DS + gradient statistics vs DS: 1.00×, 95 % bootstrap"))
+    assert "target" not in line
     # one seed per row: no interval, as before
     one = _targets([row("DS", [1.0], (0,)), row("DS + GradMetaNet", [1.3], (0,))], gmn_ratio=1.2, best=1.6)
     assert "interval_95" not in one["gmn_vs_base"]["DS + GradMetaNet"]

@@ -9,7 +9,8 @@
   ``step``): :class:`PerParamMLP` (residual form: untrained = SGD with momentum),
   :class:`GradMetaNetLO` (the same plus a GradMetaNet / GradMetaNet++ branch on the gradient set),
   :class:`WeightSpaceLO` (the same plus a weight-space equivariant branch on θ and the mean gradient),
-  :class:`GradientStatsLO` (the baseline whose branch is two fixed statistics of the gradient set),
+  :class:`GradientStatsLO` (the baseline whose branch is two fixed statistics of the gradient set,
+  :func:`gradient_set_statistics`; :func:`pretrain_branch` fits a GradMetaNet branch to them),
   :class:`GeneralistRule` (Adam's direction with a bounded learned correction and a learned
   schedule over training progress, with ``lr_free`` a step size estimated during the run from the
   distance travelled; exactly still at zero gradient);
@@ -34,7 +35,8 @@ reusing freed memory made them 1.2–1.9× faster in the benchmarks.
 """
 from ._baselines import ADAM_LRS, SGDM_LRS, AdamState, Optimizer, SGDMState, adam, sgdm
 from ._distributed import Comm, LocalComm, ProcessGroupComm, comm_from_env
-from ._gmn import GMNState, GradientStatsLO, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO
+from ._gmn import GMNState, GradientStatsLO, GradMetaNetLO, RelativeNeuronIds, WeightSpaceLO, gradient_set_statistics
+from ._pretrain import pretrain_branch
 from ._evaluate import learned_curves, step_reduction, step_times, train_curves
 from ._meta import MetaTraining, evaluate, meta_train
 from ._learned import DECAYS, TIMESCALES, LOState, PerParamMLP, rms_normalise
@@ -51,6 +53,7 @@ __all__ = [
     "digits_mlp", "image_mlp", "char_lm", "make_task", "load_task", "check_task", "TASK_NAMES",
     "Optimizer", "SGDMState", "AdamState", "sgdm", "adam", "ADAM_LRS", "SGDM_LRS",
     "LearnedRule", "PerParamMLP", "LOState", "rms_normalise", "DECAYS", "TIMESCALES", "GradMetaNetLO", "GMNState", "WeightSpaceLO", "GradientStatsLO",
+    "gradient_set_statistics", "pretrain_branch",
     "RelativeNeuronIds",
     "unroll", "meta_loss", "GradientEstimator", "PES", "ES", "es_grad", "TruncatedBackprop",
     "Comm", "LocalComm", "ProcessGroupComm", "comm_from_env",

@@ -42,7 +42,8 @@ from torch.func import functional_call, grad_and_value
 from ._learned import LOState, PerParamMLP
 from ._rule import LearnedRule
 
-__all__ = ["GradMetaNetLO", "GMNState", "GradientStatsLO", "WeightSpaceLO", "RelativeNeuronIds"]
+__all__ = ["GradMetaNetLO", "GMNState", "GradientStatsLO", "WeightSpaceLO", "RelativeNeuronIds",
+           "gradient_set_statistics"]
 
 Params = dict[str, Tensor]
 NEURON_IDS = ("relative", "learned")
@@ -379,6 +380,11 @@ class GradMetaNetLO(_GradientSetBranchLO):
         center_branch: subtract each parameter tensor's mean from the GradMetaNet's features, per
             output channel, before the EMA and the MLP (which divides them by their RMS per tensor).
             Equivariance is kept: a tensor's mean is invariant to the permutations of its entries.
+        product: GradMetaNet's per-weight readout (:class:`gradmeta.nn.GradMetaNet`): ``"gelu"``
+            reads the data-pooled neuron features of the base variant, so it cannot form per-entry
+            means over the examples such as the empirical Fisher diagonal ``mean_b δ_b[i]² a_b[j]²``;
+            ``"bilinear"`` averages per-datum products ``(U h_b[i]) ⊙ (V h_b[j])`` over the examples
+            and can.
         **kwargs: :class:`PerParamMLP` arguments (``hidden``, ``lr``, ``step_mult``, ``max_update``,
             ``extra_gate``: the branch's features enter through learned gates starting at zero, so a
             fresh rule steps exactly as ``PerParamMLP`` of the same seed and meta-training opens the
@@ -390,7 +396,7 @@ class GradMetaNetLO(_GradientSetBranchLO):
     def __init__(self, model, gmn_channels: int = 4, variant: str = "base", weight_aware: bool = False,
                  avg_decay: float = 0.9, channels: int = 8, layers: int = 4, heads: int = 1, examples: int | None = None,
                  neuron_ids: str = "relative", center_branch: bool = False, neuron_attention: str = "softmax",
-                 **kwargs):
+                 product: str = "gelu", **kwargs):
         from gradmeta.nn import GradMetaNet
 
         spec = self._setup(model, gmn_channels, avg_decay, examples, center_branch, kwargs)
@@ -399,10 +405,11 @@ class GradMetaNetLO(_GradientSetBranchLO):
                             "avg_decay": avg_decay, "channels": channels, "layers": layers, "heads": heads,
                             "examples": examples, "neuron_ids": neuron_ids,
                             **({"neuron_attention": neuron_attention} if neuron_attention != "softmax" else {}),
+                            **({"product": product} if product != "gelu" else {}),
                             **self._own_config}
         self.net = _size_free(GradMetaNet(spec, readout="weight", out_dim=gmn_channels, variant=variant,
                                           weight_aware=weight_aware, channels=channels, set_layers=layers,
-                                          heads=heads, neuron_attention=neuron_attention),
+                                          heads=heads, neuron_attention=neuron_attention, product=product),
                               neuron_ids)
 
     def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
@@ -446,15 +453,26 @@ class GradientStatsLO(_GradientSetBranchLO):
 
     def _branch(self, branch_meta: Params, grads: Params, params: Params, gradient_set) -> Params:
         self._need_set(gradient_set)
-        fisher, mean = gradient_set.fisher_diagonal(), gradient_set.mean_grad()
-        missing = [k for k in params if k not in fisher]
-        if missing:
-            raise ValueError(f"GradientStatsLO: the gradient set has no per-example gradients of {missing}")
-        out = {}
-        for k in params:
-            r = fisher[k].sqrt()
-            out[k] = torch.stack([r, torch.where(r > 0, mean[k] / r, torch.zeros_like(r))], -1)
-        return out
+        return gradient_set_statistics(gradient_set, params)
+
+
+def gradient_set_statistics(gradient_set, params: Params) -> Params:
+    """``{name: (*shape, 2)}``: per parameter entry, over the examples of ``gradient_set``, the RMS
+    ``r`` of the per-example gradients and their agreement ``mean / r`` in ``[−1, 1]`` (0 where
+    ``r = 0``); the features of :class:`GradientStatsLO`. Pure (runs under ``vmap``).
+
+    Raises:
+        ValueError: naming the parameters of ``params`` the set has no per-example gradients of.
+    """
+    fisher, mean = gradient_set.fisher_diagonal(), gradient_set.mean_grad()
+    missing = [k for k in params if k not in fisher]
+    if missing:
+        raise ValueError(f"gradient_set_statistics: the gradient set has no per-example gradients of {missing}")
+    out = {}
+    for k in params:
+        r = fisher[k].sqrt()
+        out[k] = torch.stack([r, torch.where(r > 0, mean[k] / r, torch.zeros_like(r))], -1)
+    return out
 
 class WeightSpaceLO(_BranchLO):
     """Per-parameter MLP learned optimizer with a weight-space (UNF/NFN-style) branch.

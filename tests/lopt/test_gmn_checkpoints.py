@@ -14,7 +14,8 @@ def _rules(task):
             WeightSpaceLO(task, out_channels=2, hidden=8),
             GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, layers=2, extra_gate=True),
             GradMetaNetLO(task, gmn_channels=2, variant="plusplus", hidden=8, layers=1, neuron_attention="linear"),
-            GradientStatsLO(task, hidden=8, examples=8, extra_gate=True, center_branch=True)]
+            GradientStatsLO(task, hidden=8, examples=8, extra_gate=True, center_branch=True),
+            GradMetaNetLO(task, gmn_channels=2, hidden=8, examples=8, layers=2, product="bilinear")]
 
 
 def _trained_looking(lo, seed=0):
@@ -22,7 +23,7 @@ def _trained_looking(lo, seed=0):
     return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in lo.init_meta(seed).items()}
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4, 5, 6])
 def test_round_trip_gives_the_same_rule_and_the_same_steps(small_digits, tmp_path, which):
     lo = _rules(small_digits)[which]
     meta = _trained_looking(lo)
@@ -42,7 +43,7 @@ def test_round_trip_gives_the_same_rule_and_the_same_steps(small_digits, tmp_pat
         assert torch.equal(a[0][k], b[0][k])
 
 
-@pytest.mark.parametrize("which", [0, 2, 4, 5])
+@pytest.mark.parametrize("which", [0, 2, 4, 5, 6])
 def test_a_saved_rule_optimises_mlps_of_other_widths_and_sizes(small_digits, tmp_path, which):
     lo = _rules(small_digits)[which]  # built on 64-8-10
     path = save_checkpoint(tmp_path / "lo.pt", lo, _trained_looking(lo))

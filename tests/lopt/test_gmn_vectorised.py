@@ -29,13 +29,14 @@ def digits64():
                           t.y_test, batch_size=12, name="digits64")
 
 
-@pytest.mark.parametrize("variant,weight_aware,examples,attn", [("base", False, None, "softmax"),
-                                                                ("plusplus", False, 5, "softmax"),
-                                                                ("plusplus", False, 5, "linear"),
-                                                                ("base", True, 5, "softmax")])
-def test_vmapped_steps_equal_the_hooks_loop_in_float64(digits64, variant, weight_aware, examples, attn):
+@pytest.mark.parametrize("variant,weight_aware,examples,attn,product", [("base", False, None, "softmax", "gelu"),
+                                                                        ("plusplus", False, 5, "softmax", "gelu"),
+                                                                        ("plusplus", False, 5, "linear", "gelu"),
+                                                                        ("base", True, 5, "softmax", "gelu"),
+                                                                        ("base", False, 5, "softmax", "bilinear")])
+def test_vmapped_steps_equal_the_hooks_loop_in_float64(digits64, variant, weight_aware, examples, attn, product):
     lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=weight_aware, hidden=8,
-                       examples=examples, neuron_attention=attn)
+                       examples=examples, neuron_attention=attn, product=product)
     meta = _trained_looking(lo, torch.float64)
     params = digits64.init_stacked([0, 1, 2])
     state = vmap(lo.init)(params)
@@ -86,13 +87,15 @@ def test_pes_estimate_equals_the_per_particle_loop(small_digits, monkeypatch):
     assert any(float(v.abs().max()) > 0 for k, v in g.items() if k.startswith("gmn."))
 
 
-@pytest.mark.parametrize("variant,gate,center,attn", [("base", False, False, "softmax"),
-                                                      ("plusplus", False, False, "softmax"),
-                                                      ("plusplus", False, False, "linear"),
-                                                      ("base", True, False, "softmax"), ("base", True, True, "softmax")])
-def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate, center, attn):
+@pytest.mark.parametrize("variant,gate,center,attn,product", [("base", False, False, "softmax", "gelu"),
+                                                              ("plusplus", False, False, "softmax", "gelu"),
+                                                              ("plusplus", False, False, "linear", "gelu"),
+                                                              ("base", True, False, "softmax", "gelu"),
+                                                              ("base", True, True, "softmax", "gelu"),
+                                                              ("base", True, True, "softmax", "bilinear")])
+def test_steps_are_equivariant_to_hidden_neuron_permutations(digits64, variant, gate, center, attn, product):
     lo = GradMetaNetLO(digits64, gmn_channels=2, variant=variant, weight_aware=True, hidden=8, examples=7,
-                       extra_gate=gate, center_branch=center, neuron_attention=attn)
+                       extra_gate=gate, center_branch=center, neuron_attention=attn, product=product)
     meta = _trained_looking(lo, torch.float64)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
 

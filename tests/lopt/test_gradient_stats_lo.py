@@ -117,3 +117,65 @@ def test_a_spec_meta_trains_the_statistics_rule(tmp_path):
     lo, meta = _from_run(str(out), digits_mlp(hidden=[8], batch_size=16))
     assert isinstance(lo, GradientStatsLO) and lo.examples == 4
     assert set(meta) == {f"mlp.{k}" for k in lo.base.init_meta(0)}  # no branch meta-parameters
+
+
+def test_pretraining_fits_the_branch_to_the_statistics_and_changes_nothing_else(small_digits):
+    from gradmeta.lopt import GradMetaNetLO, PerParamMLP, pretrain_branch
+
+    lo = GradMetaNetLO(small_digits, gmn_channels=3, hidden=8, examples=8, layers=2, extra_gate=True,
+                       center_branch=True, product="bilinear")
+    meta = lo.init_meta(0)
+    fitted, info = pretrain_branch(lo, small_digits, meta, iterations=150, run_steps=40, every=5, seeds=(0, 1))
+    assert info["sets"] == [8, 8] and info["loss_last"] < 0.5 * info["loss_first"]
+    assert all(after > before + 0.2 for before, after in zip(info["r2_heldout_before"], info["r2_heldout"]))
+    assert all(fitted[k] is meta[k] for k in meta if not k.startswith("gmn."))  # MLP and gates untouched
+    assert any(not torch.equal(fitted[k], meta[k]) for k in meta if k.startswith("gmn."))
+    # gates still closed: the pretrained rule still steps as the per-parameter rule of its seed
+    ref = PerParamMLP(hidden=8)
+    params = small_digits.init(3)
+    batch = tuple(b[0] for b in small_digits.batches(torch.Generator().manual_seed(0), 1))
+    a = lo.step(small_digits, fitted, params, lo.init(params), batch)[0]
+    g = torch.func.grad(lambda q: small_digits.loss(q, batch).mean())(params)
+    b = ref.update(ref.init_meta(0), g, ref.init(params), params)[0]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_pretraining_refuses_what_it_cannot_fit(small_digits):
+    from gradmeta.lopt import GradMetaNetLO, pretrain_branch
+
+    stats = GradientStatsLO(small_digits, hidden=8)
+    with pytest.raises(ValueError, match="fits a GradMetaNetLO's branch, got a GradientStatsLO"):
+        pretrain_branch(stats, small_digits, stats.init_meta(0))
+    one = GradMetaNetLO(small_digits, gmn_channels=1, hidden=8)
+    with pytest.raises(ValueError, match="gmn_channels=1"):
+        pretrain_branch(one, small_digits, one.init_meta(0))
+    two = GradMetaNetLO(small_digits, gmn_channels=2, hidden=8)
+    with pytest.raises(ValueError, match="at least two inner-run seeds"):
+        pretrain_branch(two, small_digits, two.init_meta(0), seeds=(0,))
+
+
+def test_a_spec_pretrains_the_branch_once_and_resumes_bitwise(tmp_path):
+    import json
+
+    from gradmeta.run import run_spec
+    from gradmeta.specs import SpecError
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('task = "lopt_meta_train"\ncheckpoint_every = 1\n[inner]\nname = "digits"\nbatch_size = 16\n'
+                    'hidden = [8]\n[optimizer]\nkind = "gradmetanet"\nhidden = 8\nexamples = 4\ngmn_layers = 1\n'
+                    'extra_gate = true\ngmn_product = "bilinear"\npretrain_branch = 20\n'
+                    '[outer]\niterations = 3\nparticles = 2\ntruncation = 2\nhorizon = 4\n'
+                    '[eval]\nevery = 3\nsteps = 4\nseeds = [5]\n')
+    whole = run_spec(spec, tmp_path / "whole", progress=False)
+    m = json.loads((whole / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["summary"]["pretrain"]["sets"] == [80, 40]
+    part = run_spec(spec, tmp_path / "part", progress=False, max_steps=1)
+    part = run_spec(spec, part, progress=False, resume=True)
+    a, b = (torch.load(f / "checkpoint.pt", weights_only=True)["state"]["meta"] for f in (whole, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec.read_text().replace('kind = "gradmetanet"', 'kind = "weightspace"')
+                   .replace('gmn_product = "bilinear"\n', ''))
+    with pytest.raises(SpecError, match="pretrain_branch"):
+        run_spec(bad, tmp_path / "bad", progress=False)

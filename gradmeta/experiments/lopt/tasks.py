@@ -28,8 +28,8 @@ import torch
 
 from gradmeta.lopt import (ADAM_LRS, ES, PES, SGDM_LRS, TASK_NAMES, GeneralistRule, GradientStatsLO, GradMetaNetLO,
                            MetaTraining, PerParamMLP, TruncatedBackprop, WeightSpaceLO, comm_from_env, evaluate,
-                           learned_curves, load_checkpoint, load_task, make_task, save_checkpoint, sgdm, step_reduction,
-                           step_times, train_curves)
+                           learned_curves, load_checkpoint, load_task, make_task, pretrain_branch, save_checkpoint, sgdm,
+                           step_reduction, step_times, train_curves)
 from gradmeta._io import safe_torch_load
 from gradmeta.specs import OneOf, Range, Required, register_task
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the runner passes a Run; experiments never import the runne
 __all__ = ["lopt_meta_train", "lopt_eval", "TRAIN_DEFAULTS", "EVAL_DEFAULTS", "PROTOCOL_DEFAULTS"]
 
 _POS = dict(low=0, low_open=True)  # a positive number
+PRETRAIN_SEED = 10_000  # first initialisation seed of the inner runs of [optimizer] pretrain_branch
 _TASK = {"name": OneOf("digits", TASK_NAMES), "factory": "", "hidden": [Range(32, low=1)],
          "batch_size": Range(128, low=1), "data_root": "", "valid_fraction": Range(0.0, low=0, high=1, high_open=True)}
 TRAIN_DEFAULTS = {
@@ -57,6 +58,12 @@ TRAIN_DEFAULTS = {
                   "examples": Range(0, low=0), "neuron_ids": OneOf("relative", ("relative", "learned")),
                   # GradMetaNet++'s attention across neurons ("linear": cost linear in the neurons)
                   "gmn_neuron_attention": OneOf("softmax", ("softmax", "linear")),
+                  # GradMetaNet's per-weight readout ("bilinear": means over the examples of per-datum
+                  # products, e.g. the Fisher diagonal; "gelu": an MLP of data-pooled features)
+                  "gmn_product": OneOf("gelu", ("gelu", "bilinear")),
+                  # Adam iterations fitting GradMetaNet's first two channels to the gradient-set statistics
+                  # before meta-training (gradmeta.lopt.pretrain_branch; 0: none)
+                  "pretrain_branch": Range(0, low=0),
                   # the branch's features enter the MLP through learned gates starting at 0 (the
                   # rule starts as the per-parameter MLP of the same seed, PerParamMLP extra_gate)
                   "extra_gate": False,
@@ -143,7 +150,8 @@ def _make_lo(task, cfg: dict):
     return GradMetaNetLO(task, gmn_channels=cfg["gmn_channels"], variant=variant, weight_aware=cfg["weight_aware"],
                          channels=cfg.get("gmn_width", 8), layers=cfg.get("gmn_layers", 4),
                          heads=cfg.get("gmn_heads", 1), examples=cfg.get("examples") or None, neuron_ids=ids,
-                         neuron_attention=cfg.get("gmn_neuron_attention", "softmax"), **base)
+                         neuron_attention=cfg.get("gmn_neuron_attention", "softmax"),
+                         product=cfg.get("gmn_product", "gelu"), **base)
 
 
 def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
@@ -185,6 +193,13 @@ def lopt_meta_train(run: Run) -> dict:
     if attn != "softmax" and s["optimizer"]["kind"] != "gradmetanet++":
         raise run.spec_error("optimizer.gmn_neuron_attention", "chooses the attention across neurons of "
                              f"GradMetaNet++ (kind = \"gradmetanet++\"); kind {s['optimizer']['kind']!r} has none")
+    kind = s["optimizer"]["kind"]
+    if s["optimizer"]["pretrain_branch"] and kind not in ("gradmetanet", "gradmetanet++"):
+        raise run.spec_error("optimizer.pretrain_branch", "fits a GradMetaNet branch (kind = \"gradmetanet\" or "
+                             f"\"gradmetanet++\"); kind {kind!r} has none")
+    if s["optimizer"].get("gmn_product", "gelu") != "gelu" and kind not in ("gradmetanet", "gradmetanet++"):
+        raise run.spec_error("optimizer.gmn_product", "chooses GradMetaNet's per-weight readout (kind = "
+                             f"\"gradmetanet\" or \"gradmetanet++\"); kind {kind!r} has none")
     comm = comm_from_env()
     task = _task(run, o["objective"])
     lo = _make_lo(task, s["optimizer"])
@@ -205,6 +220,14 @@ def lopt_meta_train(run: Run) -> dict:
     if saved is not None:
         mt.load_state_dict(saved)
         history = saved["history"]
+    elif s["optimizer"]["pretrain_branch"]:
+        # inner runs from initialisation seeds of their own, away from every evaluation's
+        seeds = tuple(PRETRAIN_SEED + 3 * s["seed"] + i for i in range(3))
+        fitted, history["pretrain"] = pretrain_branch(lo, task, mt.detached(), seeds=seeds, seed=s["seed"],
+                                                      iterations=s["optimizer"]["pretrain_branch"])
+        with torch.no_grad():
+            for k, v in mt.meta.items():
+                v.copy_(fitted[k])
     mt.start()
     start, total = run.start_step, o["iterations"]
     lr_key = "log_lr" if "log_lr" in meta else "mlp.log_lr"
@@ -242,6 +265,8 @@ def lopt_meta_train(run: Run) -> dict:
                "meta_loss_last": history["meta"]["meta_loss"][-1] if history["meta"]["meta_loss"] else None,
                "lr": float(final[lr_key].exp()), "final_test_loss": history["eval"]["final_test_loss"][-1],
                "untrained_final_test_loss": history["eval"]["final_test_loss"][0]}
+    if "pretrain" in history:
+        summary["pretrain"] = history["pretrain"]
     if comm.rank == 0:
         save_checkpoint(run.out / "learned_optimizer.pt", lo, final, task=task.name, iterations=it,
                         horizon=o["horizon"])

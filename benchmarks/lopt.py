@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from _common import add_allocator_option, environment, set_allocator, write_results
-from gradmeta.lopt import PES, GradMetaNetLO, LearnedOptimizer, PerParamMLP, WeightSpaceLO, digits_mlp
+from gradmeta.lopt import PES, GradientStatsLO, GradMetaNetLO, LearnedOptimizer, PerParamMLP, WeightSpaceLO, digits_mlp
 from gradmeta.models import classification_loss, mlp
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +68,8 @@ PES_RULES = [
     ("GradMetaNet++, linear attention across neurons, 8 of {B} examples", "plusplus",
      {"examples": 8, "neuron_attention": "linear"}),
     ("weight-space (WeightSpaceLO)", "weightspace", {}),
+    ("GradMetaNet, bilinear readout, 16 of {B} examples", "base", {"examples": 16, "product": "bilinear"}),
+    ("gradient statistics (GradientStatsLO), 16 of {B} examples", "stats", {"examples": 16}),
 ]
 
 
@@ -154,16 +156,22 @@ def _pes_rule(task, kind: str, kwargs: dict):
         return PerParamMLP()
     if kind == "weightspace":
         return WeightSpaceLO(task, **kwargs)
+    if kind == "stats":
+        return GradientStatsLO(task, **kwargs)
     return GradMetaNetLO(task, variant=kind, **kwargs)
 
 
-def run_pes(hidden: int, batch: int, particles: int, truncation: int, repeats: int, warmup: int) -> dict:
-    """One PES iteration per rule, interleaved rule by rule; medians; ratios to the per-parameter rule."""
+def run_pes(hidden: int, batch: int, particles: int, truncation: int, repeats: int, warmup: int,
+            only: list[str] | None = None) -> dict:
+    """One PES iteration per rule, interleaved rule by rule; medians; ratios to the per-parameter rule
+    (always the first; ``only``: the other rules whose label contains one of these strings)."""
     import os
 
     task = digits_mlp(hidden=[hidden], batch_size=batch)
     runs = []
-    for label, kind, kwargs in PES_RULES:
+    for i, (label, kind, kwargs) in enumerate(PES_RULES):
+        if only and i and not any(o in label for o in only):
+            continue
         lo = _pes_rule(task, kind, kwargs)
         meta = lo.init_meta(0)
         pes = PES(task, lo, particles=particles, truncation=truncation, horizon=10 ** 6)
@@ -200,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--suite", choices=("all", "step", "pes"), default="all")
     ap.add_argument("--pes-repeats", type=int, default=15, help="interleaved PES rounds (medians)")
+    ap.add_argument("--only", nargs="+", help="PES suite: only the rules whose label contains one of these strings "
+                    "(and the per-parameter reference)")
     add_allocator_option(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     suffix = set_allocator(args.allocator)
     if args.suite in ("all", "pes"):
-        pes = (run_pes(8, 16, 2, 2, 2, 1) if args.quick else run_pes(32, args.batch, 16, 10, args.pes_repeats, 1))
+        pes = (run_pes(8, 16, 2, 2, 2, 1, args.only) if args.quick else
+               run_pes(32, args.batch, 16, 10, args.pes_repeats, 1, args.only))
         data = {"benchmark": "lopt_pes",
                 "title": "One PES meta-training iteration: GradMetaNet learned optimizers vs the per-parameter one",
                 "environment": environment("cpu"), "settings": {"threads": args.threads, "quick": args.quick,

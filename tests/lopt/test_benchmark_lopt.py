@@ -24,3 +24,11 @@ def test_quick_lopt_benchmark(tmp_path):
     assert all(r["iter_s"] > 0 and abs(r["ratio"] - r["iter_s"] / pes[0]["iter_s"]) < 1e-12 for r in pes)
     assert {r["target"] for r in pes} == {None, 2.0, 5.0}
     assert pes[0]["paired_ratio"] == 1.0 and all(r["paired_ratio"] > 0 for r in pes)
+
+
+def test_quick_pes_suite_runs_only_the_rules_asked_for(tmp_path):
+    data = run_benchmark("lopt.py", tmp_path, "lopt_pes_some", "--quick", "--suite", "pes", "--stem", "lopt_pes_some",
+                         "--only", "bilinear", "statistics")
+    labels = [r["label"] for r in data["cases"][0]["results"]]
+    assert len(labels) == 3 and labels[0].startswith("per-parameter")
+    assert "bilinear" in labels[1] and "GradientStatsLO" in labels[2]

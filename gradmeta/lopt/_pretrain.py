@@ -118,8 +118,7 @@ def pretrain_branch(rule: GradMetaNetLO, task, meta: Params, *, iterations: int 
         pick = torch.randint(len(fit), (sets_per_step,), generator=gen).tolist()
         m = {**fixed, **branch}
         # one set per term: a set is a set of examples, sets cannot be concatenated into one
-        loss = sum((_predict(rule, m, p, g, gs) - t_fit[i]).square().mean()
-                   for i, (p, g, gs) in ((i, fit[i]) for i in pick)) / sets_per_step
+        loss = sum((_predict(rule, m, *fit[i]) - t_fit[i]).square().mean() for i in pick) / sets_per_step
         opt.zero_grad()
         loss.backward()
         opt.step()

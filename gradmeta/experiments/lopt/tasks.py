@@ -189,11 +189,11 @@ def lopt_meta_train(run: Run) -> dict:
     if o["iterations"] < 1:
         raise run.spec_error("outer.iterations", f"must be positive, got {o['iterations']}")
     _nonempty(run, "eval.seeds")
-    attn = s["optimizer"].get("gmn_neuron_attention", "softmax")  # a run folder from before the key has none
-    if attn != "softmax" and s["optimizer"]["kind"] != "gradmetanet++":
-        raise run.spec_error("optimizer.gmn_neuron_attention", "chooses the attention across neurons of "
-                             f"GradMetaNet++ (kind = \"gradmetanet++\"); kind {s['optimizer']['kind']!r} has none")
     kind = s["optimizer"]["kind"]
+    attn = s["optimizer"].get("gmn_neuron_attention", "softmax")  # a run folder from before the key has none
+    if attn != "softmax" and kind != "gradmetanet++":
+        raise run.spec_error("optimizer.gmn_neuron_attention", "chooses the attention across neurons of "
+                             f"GradMetaNet++ (kind = \"gradmetanet++\"); kind {kind!r} has none")
     if s["optimizer"]["pretrain_branch"] and kind not in ("gradmetanet", "gradmetanet++"):
         raise run.spec_error("optimizer.pretrain_branch", "fits a GradMetaNet branch (kind = \"gradmetanet\" or "
                              f"\"gradmetanet++\"); kind {kind!r} has none")

@@ -45,6 +45,10 @@ class MetaTraining:
         lr_scales: ``{name prefix: factor}``: meta-parameters whose name starts with a prefix are
             stepped at ``meta_lr × factor`` (first matching prefix; e.g. a smaller meta learning
             rate for a branch's ``"gmn."`` meta-parameters); ``None``: one learning rate for all.
+
+    Meta-parameters the outer trainer holds fixed (its ``fixed`` names) are left out of the
+    meta-optimiser: they keep their values (those of ``rule.init_meta(seed)``, or whatever is copied
+    into :attr:`meta` before the first step).
     """
 
     def __init__(self, rule, outer: GradientEstimator, *, meta_lr: float = 3e-3, grad_clip: float = 1.0,
@@ -64,6 +68,9 @@ class MetaTraining:
     def _groups(self, meta_lr: float, lr_scales: dict[str, float]) -> list[dict]:
         """Adam parameter groups: one per learning rate, in the order of ``self.meta`` (one group, as
         without ``lr_scales``, when every factor is 1)."""
+        if not set(self.meta) - self.outer.fixed:
+            raise ValueError(f"MetaTraining: the outer trainer holds every meta-parameter of {type(self.rule).__name__} "
+                             "fixed; nothing is left to meta-train")
         for prefix, f in lr_scales.items():
             if not (isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 and math.isfinite(f)):
                 raise ValueError(f"MetaTraining: lr_scales[{prefix!r}] must be a positive number, got {f!r}")
@@ -72,6 +79,8 @@ class MetaTraining:
                                  f"{type(self.rule).__name__} (names: {', '.join(self.meta)})")
         groups: dict[float, list] = {}
         for k, v in self.meta.items():
+            if k in self.outer.fixed:
+                continue
             f = next((f for p, f in lr_scales.items() if k.startswith(p)), 1.0)
             groups.setdefault(float(f), []).append(v)
         return [{"params": ps, "lr": meta_lr * f} for f, ps in groups.items()]

@@ -6,7 +6,9 @@ inner runs (stacked along axis 0, advanced together by the rule's ``map``: ``tor
 over functional parameters for pure rules), unrolls them ``truncation`` inner steps per
 :meth:`~GradientEstimator.grad` call and resets them after ``horizon`` steps. ``init(meta,
 generator)`` gives the particle state, ``grad(meta, state, generator) -> (meta_grad, state, info)``
-one estimate, ``to_leaves`` / ``from_leaves`` a checkpointable form of the state.
+one estimate, ``to_leaves`` / ``from_leaves`` a checkpointable form of the state. Meta-parameters
+named in ``fixed`` are held where they are: never perturbed (PES, ES), their meta-gradient exactly
+zero (e.g. a branch meta-trained on top of an already meta-trained rule).
 
 The meta-loss of one truncation is the mean inner *training* loss over its steps (the loss of each
 step's batch before that step's update), or with ``objective="valid"`` the mean validation loss after
@@ -30,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 from torch.utils import _pytree as pytree
+
+from collections.abc import Iterable
 
 from gradmeta.params import ParamLayout
 
@@ -75,7 +79,7 @@ class GradientEstimator:
     antithetic = False
 
     def __init__(self, task, lo, *, particles: int, truncation: int, horizon: int, log_loss: bool = False,
-                 comm: Comm | None = None, objective: str = "train"):
+                 comm: Comm | None = None, objective: str = "train", fixed: Iterable[str] = ()):
         if objective not in OBJECTIVES:
             raise ValueError(f"{type(self).__name__}: objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         self.objective, self._reduce = objective, OBJECTIVES[objective]
@@ -88,6 +92,11 @@ class GradientEstimator:
         self.log_loss, self.comm = log_loss, comm or LocalComm()
         self.groups = particles // 2 if self.antithetic else particles  # runs sharing init and data
         self.rep = 2 if self.antithetic else 1
+        self.fixed = frozenset(fixed)
+        unknown = sorted(self.fixed - set(lo.init_meta(0))) if self.fixed else []
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: fixed names meta-parameters {type(lo).__name__} does not have: "
+                             f"{', '.join(unknown)} (its names: {', '.join(lo.init_meta(0))})")
 
     def grad(self, meta: Params, state: dict, generator: torch.Generator) -> tuple[Params, dict, dict]:
         """One meta-gradient estimate: ``(meta_grad like meta, new_state, info)``; ``info`` has
@@ -164,14 +173,16 @@ class PES(GradientEstimator):
         objective: meta-loss on the inner training losses (``"train"``), on the validation loss
             after each step (``"valid"``) or on the lowest of them (``"valid_min"``); the last two
             need a validation split.
+        fixed: names of meta-parameters held fixed: not perturbed, meta-gradient zero.
     """
 
     antithetic = True
 
     def __init__(self, task, lo, *, particles: int = 8, truncation: int = 50, horizon: int = 2000,
-                 sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None, objective: str = "train"):
+                 sigma: float = 0.01, log_loss: bool = False, comm: Comm | None = None, objective: str = "train",
+                 fixed: Iterable[str] = ()):
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
-                         log_loss=log_loss, comm=comm, objective=objective)
+                         log_loss=log_loss, comm=comm, objective=objective, fixed=fixed)
         self.sigma = sigma
 
     @torch.no_grad()
@@ -185,7 +196,8 @@ class PES(GradientEstimator):
         """
         N, P = self.groups, self.P
         sign = torch.tensor([1.0, -1.0]).repeat(N)
-        eps = {k: self.sigma * torch.randn(N, *v.shape, generator=generator, dtype=v.dtype).repeat_interleave(2, 0)
+        eps = {k: torch.zeros(P, *v.shape, dtype=v.dtype) if k in self.fixed else
+               self.sigma * torch.randn(N, *v.shape, generator=generator, dtype=v.dtype).repeat_interleave(2, 0)
                * sign.view(-1, *[1] * v.dim()) for k, v in meta.items()}
         batches = self._batches(generator)
         sl = self._local()
@@ -215,9 +227,9 @@ class ES(PES):
     """
 
     def __init__(self, task, lo, *, particles: int = 8, horizon: int = 50, sigma: float = 0.01,
-                 log_loss: bool = False, comm: Comm | None = None, objective: str = "train"):
+                 log_loss: bool = False, comm: Comm | None = None, objective: str = "train", fixed: Iterable[str] = ()):
         super().__init__(task, lo, particles=particles, truncation=horizon, horizon=horizon, sigma=sigma,
-                         log_loss=log_loss, comm=comm, objective=objective)
+                         log_loss=log_loss, comm=comm, objective=objective, fixed=fixed)
 
 
 def es_grad(task, lo, meta: Params, generator: torch.Generator, *, particles: int = 8, horizon: int = 50,
@@ -241,14 +253,15 @@ class TruncatedBackprop(GradientEstimator):
     """
 
     def __init__(self, task, lo, *, particles: int = 8, truncation: int = 20, horizon: int = 2000,
-                 log_loss: bool = False, backend: str = "func", comm: Comm | None = None, objective: str = "train"):
+                 log_loss: bool = False, backend: str = "func", comm: Comm | None = None, objective: str = "train",
+                 fixed: Iterable[str] = ()):
         if backend not in ("func", "higher"):
             raise ValueError(f"TruncatedBackprop: backend must be 'func' or 'higher', got {backend!r}")
         lo.check_differentiable("TruncatedBackprop")
         if backend == "higher" and not hasattr(task, "model"):
             raise ValueError(f"TruncatedBackprop(backend='higher') needs a module-backed task; {task.name} has no model")
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
-                         log_loss=log_loss, comm=comm, objective=objective)
+                         log_loss=log_loss, comm=comm, objective=objective, fixed=fixed)
         self.backend = backend
 
     def _loss_func(self, meta, params, state, batches):
@@ -293,7 +306,7 @@ class TruncatedBackprop(GradientEstimator):
         layout = ParamLayout.of(meta)
         flat = torch.cat([layout.flatten({k: g[k].sum(0) for k in meta}), L.sum().view(1)])
         totals = self.comm.all_reduce_sum(flat.detach())
-        out = layout.unflatten(totals[:-1] / self.P)
+        out = {k: torch.zeros_like(v) if k in self.fixed else v for k, v in layout.unflatten(totals[:-1] / self.P).items()}
         detach = lambda tree: pytree.tree_map(lambda x: x.detach(), tree)  # noqa: E731
         new = self._advance(state, {"params": detach(params), "opt_state": detach(opt_state)}, generator)
         return out, new, {"meta_loss": float(totals[-1]) / self.P, "skipped": int(self.lo.skipped(opt_state))}

@@ -90,3 +90,57 @@ def test_pes_state_round_trips_through_leaves_and_resets(small_digits):
     assert int(s1["step"]) == 0 and all(float(v.abs().sum()) == 0 for v in s1["accum"].values())
     with pytest.raises(ValueError, match="pairs"):
         PES(small_digits, lo, particles=3, truncation=2, horizon=4)
+
+
+class _ShiftedSGD(LearnedSGD):
+    """``θ ← θ − exp(log_lr)·∇ − shift``: two meta-parameters."""
+
+    def init_meta(self, seed=0):
+        return {"log_lr": torch.tensor(-1.0), "shift": torch.tensor(0.02)}
+
+    def update(self, meta, grads, state, params):
+        new, state = super().update(meta, grads, state, params)
+        return {k: v - meta["shift"] for k, v in new.items()}, state
+
+
+class _ConstShiftSGD(_ShiftedSGD):
+    """The same rule with ``shift`` a constant: the reference for holding it fixed."""
+
+    def init_meta(self, seed=0):
+        return {"log_lr": torch.tensor(-1.0)}
+
+    def update(self, meta, grads, state, params):
+        return super().update({**meta, "shift": torch.tensor(0.02)}, grads, state, params)
+
+
+@pytest.mark.parametrize("method", ["pes", "tbptt"])
+def test_fixed_meta_parameters_are_not_perturbed_and_get_zero_gradient(method):
+    # the estimate for the trained names equals, bitwise, that of a rule in which the fixed names are
+    # constants (the same random draws), and the fixed names' estimate is exactly zero
+    task = QuadraticTask(dim=4, batch_size=2, noise=0.1)
+    make = (lambda lo, **kw: PES(task, lo, particles=6, truncation=3, horizon=6, sigma=0.05, **kw)) if method == "pes" \
+        else (lambda lo, **kw: TruncatedBackprop(task, lo, particles=3, truncation=3, horizon=6, **kw))
+    est, ref = make(_ShiftedSGD(), fixed=["shift"]), make(_ConstShiftSGD())
+    meta, meta_ref = _ShiftedSGD().init_meta(), _ConstShiftSGD().init_meta()
+    ga, gb = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    sa, sb = est.init(meta, ga), ref.init(meta_ref, gb)
+    for _ in range(3):  # across a reset of the particles
+        g, sa, ia = est.grad(meta, sa, ga)
+        h, sb, ib = ref.grad(meta_ref, sb, gb)
+        assert torch.equal(g["log_lr"], h["log_lr"]) and float(g["log_lr"].abs()) > 0
+        assert float(g["shift"]) == 0.0 and ia["meta_loss"] == ib["meta_loss"]
+    with pytest.raises(ValueError, match="fixed names meta-parameters _ShiftedSGD does not have: scale"):
+        make(_ShiftedSGD(), fixed=["scale"])
+
+
+def test_meta_training_leaves_fixed_meta_parameters_where_they_are():
+    from gradmeta.lopt import MetaTraining
+
+    task = QuadraticTask(dim=4, batch_size=2, noise=0.1)
+    lo = _ShiftedSGD()
+    mt = MetaTraining(lo, PES(task, lo, particles=4, truncation=2, horizon=4, fixed=["shift"]), meta_lr=0.05)
+    for _ in range(3):
+        mt.step()
+    assert torch.equal(mt.meta["shift"].detach(), lo.init_meta()["shift"]) and float(mt.meta["log_lr"].detach()) != -1.0
+    with pytest.raises(ValueError, match="nothing is left to meta-train"):
+        MetaTraining(lo, PES(task, lo, particles=4, truncation=2, horizon=4, fixed=["shift", "log_lr"]))

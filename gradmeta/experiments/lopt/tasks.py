@@ -69,13 +69,20 @@ TRAIN_DEFAULTS = {
                   "extra_gate": False,
                   # subtract each parameter tensor's mean from the branch's features (per channel)
                   # before the MLP normalises them by their RMS (GradMetaNetLO / WeightSpaceLO center_branch)
-                  "center_branch": False},
+                  "center_branch": False,
+                  # a lopt_meta_train run folder ("{seed}": this spec's seed) whose meta-parameters this
+                  # rule starts from: a per-parameter MLP's become a branch rule's "mlp." part (same
+                  # hidden, lr, step_mult, max_update), every other name must match in name and shape
+                  "start_from": ""},
     "outer": {"method": OneOf("pes", ("pes", "es", "tbptt")), "backend": OneOf("func", ("func", "higher")),
               "iterations": Required(int, "meta-gradient steps"), "particles": Range(8, low=1),
               "truncation": Range(20, low=1), "horizon": Range(200, low=1), "sigma": Range(0.01, **_POS),
               "log_loss": False, "meta_lr": Range(3e-3, **_POS), "grad_clip": Range(1.0, **_POS),
               # meta learning rate of a branch's meta-parameters (and of its gates) ÷ meta_lr
               "branch_lr_scale": Range(1.0, **_POS),
+              # which meta-parameters are meta-trained: "branch" holds the rest fixed (not perturbed,
+              # not stepped), e.g. a branch and its gates on top of a rule from optimizer.start_from
+              "train": OneOf("all", ("all", "branch")),
               "objective": OneOf("train", ("train", "valid", "valid_min"))},
     "eval": {"every": Range(25, low=1), "steps": Range(200, low=1), "eval_every": Range(10, low=1),
              "seeds": [Range(1000, low=0), 1001]},
@@ -154,14 +161,55 @@ def _make_lo(task, cfg: dict):
                          product=cfg.get("gmn_product", "gelu"), **base)
 
 
-def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
-    """``MetaTraining``'s ``lr_scales`` for a branch's meta-parameters (``"<prefix>."``, and the
-    gated rows and gates ``"mlp.w0_extra"``, ``"mlp.extra_gate"``); ``None`` for a rule without one."""
-    if scale == 1 or not hasattr(lo, "prefix"):
-        return None
+def _branch_prefixes(lo, seed: int) -> tuple[str, ...]:
+    """Name prefixes of a branch's meta-parameters (``"<prefix>."``, and the gated rows and gates
+    ``"mlp.w0_extra"``, ``"mlp.extra_gate"``) that ``lo`` has; ``()`` for a rule without a branch."""
+    if not hasattr(lo, "prefix"):
+        return ()
     names = lo.init_meta(seed)
-    prefixes = (f"{lo.prefix}.", "mlp.w0_extra", "mlp.extra_gate")
-    return {p: scale for p in prefixes if any(k.startswith(p) for k in names)}
+    return tuple(p for p in (f"{lo.prefix}.", "mlp.w0_extra", "mlp.extra_gate") if any(k.startswith(p) for k in names))
+
+
+def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
+    """``MetaTraining``'s ``lr_scales`` for a branch's meta-parameters; ``None`` for a rule without one."""
+    if scale == 1:
+        return None
+    return {p: scale for p in _branch_prefixes(lo, seed)} or None
+
+
+#: ``[optimizer]`` keys that must agree between a rule and the run it starts from.
+_SHARED_MLP_KEYS = ("hidden", "lr", "step_mult", "max_update")
+
+
+def _start_meta(run: Run, lo, task, meta: dict) -> dict:
+    """The meta-parameters of the run folder ``optimizer.start_from`` as names of ``lo`` (``meta``:
+    ``lo``'s own): a per-parameter MLP's ``"w0"`` becomes ``"mlp.w0"`` when ``lo`` has no ``"w0"``."""
+    from gradmeta.specs import load_spec, resolve_spec
+
+    s = run.spec
+    folder = Path(s["optimizer"]["start_from"].replace("{seed}", str(s["seed"])))
+    try:
+        _, base = _from_run(str(folder), task)
+    except (FileNotFoundError, ValueError) as e:
+        raise run.spec_error("optimizer.start_from", str(e)) from e
+    spec_path = folder / "spec.resolved.toml"
+    theirs = resolve_spec(load_spec(spec_path), spec_path)["optimizer"]
+    differ = [f"{k} {theirs[k]!r} there, {s['optimizer'][k]!r} here" for k in _SHARED_MLP_KEYS
+              if theirs[k] != s["optimizer"][k]]
+    if differ:
+        raise run.spec_error("optimizer.start_from", f"{folder} meta-trained a rule with other settings "
+                             f"({'; '.join(differ)}); start from a run with the same [optimizer] {', '.join(_SHARED_MLP_KEYS)}")
+    out, bad = {}, []
+    for k, v in base.items():
+        name = k if k in meta else f"mlp.{k}"
+        if name not in meta or meta[name].shape != v.shape:
+            bad.append(f"{k} {tuple(v.shape)}")
+        else:
+            out[name] = v
+    if bad:
+        raise run.spec_error("optimizer.start_from", f"the meta-parameters {', '.join(bad)} of {folder} "
+                             f"({theirs['kind']}) have no counterpart of that shape in kind {s['optimizer']['kind']!r}")
+    return out
 
 
 def _from_run(folder: str, task):
@@ -203,8 +251,14 @@ def lopt_meta_train(run: Run) -> dict:
     comm = comm_from_env()
     task = _task(run, o["objective"])
     lo = _make_lo(task, s["optimizer"])
+    fixed = ()
+    if o["train"] == "branch":
+        prefixes = _branch_prefixes(lo, s["seed"])
+        if not prefixes:
+            raise run.spec_error("outer.train", f"\"branch\" meta-trains a branch; kind {kind!r} has none")
+        fixed = [k for k in lo.init_meta(s["seed"]) if not k.startswith(prefixes)]
     common = dict(particles=o["particles"], horizon=o["horizon"], log_loss=o["log_loss"], comm=comm,
-                  objective=o["objective"])
+                  objective=o["objective"], fixed=fixed)
     if o["method"] == "tbptt":
         trainer = TruncatedBackprop(task, lo, truncation=o["truncation"], backend=o["backend"], **common)
     elif o["method"] == "es":
@@ -217,6 +271,10 @@ def lopt_meta_train(run: Run) -> dict:
     history = {"meta": {"step": [], "meta_loss": [], "grad_norm": [], "lr": [], "skipped": []},
                "eval": {"step": [], "final_test_loss": [], "best_test_loss": []}}
     saved = run.restore()
+    if saved is None and s["optimizer"]["start_from"]:
+        with torch.no_grad():
+            for k, v in _start_meta(run, lo, task, mt.detached()).items():
+                mt.meta[k].copy_(v)
     if saved is not None:
         mt.load_state_dict(saved)
         history = saved["history"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gradmeta.run as gr
+from gradmeta.specs import SpecError
 
 ROOT = Path(__file__).resolve().parents[3]
 SPEC = """task = "lopt_meta_train"
@@ -166,3 +167,40 @@ def test_branch_lr_scale_names_the_branch_and_gates_only():
     assert _branch_lr_scales(GradMetaNetLO(task, layers=1), 0.3, 0) == {"gmn.": 0.3}
     assert _branch_lr_scales(WeightSpaceLO(task, extra_gate=True), 0.3, 0) == {
         "ws.": 0.3, "mlp.w0_extra": 0.3, "mlp.extra_gate": 0.3}
+
+
+def test_a_branch_meta_trained_on_top_of_a_per_parameter_run(tmp_path):
+    ds_spec = tmp_path / "ds.toml"
+    ds_spec.write_text(SPEC.format(iterations=3).replace("seed = 3", "seed = 5"))
+    ds = gr.run_spec(ds_spec, tmp_path / "ds_s5", progress=False)
+    ds_meta = torch.load(ds / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    branch = SPEC.format(iterations=2).replace("seed = 3", "seed = 5").replace(
+        "[optimizer]\nhidden = 8", '[optimizer]\nhidden = 8\nkind = "gradmetanet"\ngmn_channels = 2\nexamples = 4\n'
+        f'gmn_layers = 1\nextra_gate = true\nstart_from = "{tmp_path}/ds_s{{seed}}"')
+    spec = tmp_path / "on_ds.toml"
+    spec.write_text(branch.replace("[outer]", '[outer]\ntrain = "branch"'))
+    out = gr.run_spec(spec, tmp_path / "on_ds", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    for k, v in ds_meta.items():  # the per-parameter part is the DS run's, held fixed
+        assert torch.equal(meta[f"mlp.{k}"], v), k
+    assert meta["mlp.extra_gate"].abs().max() > 0  # the gates and the branch were meta-trained
+    m, m_ds = (json.loads((d / "metrics.json").read_text())["history"]["eval"] for d in (out, ds))
+    # with its gates closed, the rule it starts from steps as the DS run's last rule
+    assert m["final_test_loss"][0] == pytest.approx(m_ds["final_test_loss"][-1], rel=1e-5)
+
+    spec.write_text(branch)  # train = "all" (the default): the per-parameter part moves too
+    out = gr.run_spec(spec, tmp_path / "all", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    assert not torch.equal(meta["mlp.w1"], ds_meta["w1"])
+
+    for text, match in ((branch.replace("hidden = 8\nkind", "hidden = 6\nkind"), "hidden 8 there, 6 here"),
+                        (branch.replace("ds_s{seed}", "nowhere"), "not a lopt_meta_train run folder"),
+                        (SPEC.format(iterations=2).replace("[outer]", '[outer]\ntrain = "branch"'),
+                         "meta-trains a branch; kind 'per_param_mlp' has none"),
+                        (SPEC.format(iterations=2).replace("[optimizer]\nhidden = 8",
+                                                           f'[optimizer]\nhidden = 8\nkind = "weightspace"\n'
+                                                           f'gmn_channels = 2\nstart_from = "{out}"'),
+                         "have no counterpart of that shape in kind 'weightspace'")):
+        spec.write_text(text)
+        with pytest.raises(SpecError, match=match):
+            gr.run_spec(spec, tmp_path / "bad", progress=False, overwrite=True)

@@ -16,7 +16,8 @@
   distance travelled; exactly still at zero gradient);
 * **outer trainers** -- :class:`GradientEstimator` s: :class:`PES`, :class:`ES` (:func:`es_grad`),
   :class:`TruncatedBackprop` (``torch.func`` or ``higher``), split over ``torchrun`` ranks with
-  :func:`comm_from_env`;
+  :func:`comm_from_env`; ``fixed=`` names meta-parameters they hold fixed (e.g. a rule's MLP part
+  while its branch is meta-trained on top of it);
 * **evaluation** -- :func:`train_curves` (vectorised over seeds and learning rates),
   :func:`learned_curves`,
   :func:`step_reduction`, :func:`step_times`;

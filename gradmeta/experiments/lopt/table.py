@@ -15,7 +15,8 @@ the optimizer needs to reach that loss (0 when it never does), with test losses 
 over evaluation seeds, ± the std over meta-training seeds (Adam, SGDM: ± the std over evaluation
 seeds). Each "<X> + GradMetaNet" row's ratio to row "<X>" (against the target) and each other
 "<X> + ..." row's (no target) comes with a 95 % percentile-bootstrap interval over meta-training
-seeds (:func:`ratio_interval`). Writes ``table.md`` (markdown) and
+seeds (:func:`ratio_interval`), and so does each pair of rows named by ``compare`` and ``compare_with``
+(no target). Writes ``table.md`` (markdown) and
 ``curves.png`` (mean test-loss curves) besides ``metrics.json``.
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ TABLE_DEFAULTS = {
     "eval_every": Range(25, low=1),
     "sgdm_momenta": [Range(0.9, low=0, high=1, high_open=True)],
     "targets": {"gmn_ratio": Range(1.2, **_POS), "best": Range(1.6, **_POS)},
+    # more ratios to report, without a target: row compare[i] ÷ row compare_with[i] (labels)
+    "compare": [""],
+    "compare_with": [""],
 }
 
 
@@ -102,27 +106,40 @@ def ratio_interval(base: list[float], other: list[float], paired: bool, level: f
     return float(lo), float(hi)
 
 
-def _targets(rows: list[dict], gmn_ratio: float, best: float) -> dict:
+def _ratio(rows_by: dict, label: str, base: str) -> dict:
+    """Row ``label``'s step reduction ÷ row ``base``'s, with a bootstrap interval (paired when both
+    rows have the same seeds) when both have per-seed figures for ≥ 2 meta-training seeds."""
+    v, b = (rows_by[k]["step_reduction"]["mean"] for k in (label, base))
+    # both rows at 0 (neither reaches tuned Adam's best loss): no ratio
+    entry = {"ratio": v / b if b > 0 else (float("inf") if v > 0 else float("nan"))}
+    pb, pg = (rows_by[k]["step_reduction"].get("per_meta_seed") for k in (base, label))
+    if pb and pg and len(pb) > 1 and len(pg) > 1:
+        entry["paired"] = rows_by[base]["meta_seeds"] == rows_by[label]["meta_seeds"]
+        entry["interval_95"] = ratio_interval(pb, pg, entry["paired"])
+    return entry
+
+
+def _targets(rows: list[dict], gmn_ratio: float, best: float, compare: list[tuple[str, str]] = ()) -> dict:
     """The GradMetaNet-vs-base ratios (with a bootstrap interval when both rows have per-seed figures
-    for ≥ 2 meta-training seeds) and the best row against the targets."""
+    for ≥ 2 meta-training seeds), the ratios of the ``compare`` pairs ``(label, base label)`` (rows
+    missing from the table are left out) and the best row against the targets."""
     by = {r["label"]: r["step_reduction"]["mean"] for r in rows if r["meta_seeds"]}
     rows_by = {r["label"]: r for r in rows if r["meta_seeds"]}
     out = {"gmn_vs_base": {}, "vs_base": {}}
-    for label, v in by.items():
+    for label in by:
         # "<X> + GradMetaNet", "<X> + GradMetaNet++ (...)": compared with row "<X>", against the
         # target; any other "<X> + ..." row too, without a target
         gmn = GMN_SUFFIX in label
         base = label.split(GMN_SUFFIX if gmn else " + ")[0] if " + " in label else None
         if base in by:
-            # both rows at 0 (neither reaches tuned Adam's best loss): no ratio, and not met
-            ratio = v / by[base] if by[base] > 0 else (float("inf") if v > 0 else float("nan"))
-            entry = {"ratio": ratio, "target": gmn_ratio, "met": bool(ratio >= gmn_ratio)} if gmn else \
-                {"ratio": ratio, "base": base}
-            pb, pg = (rows_by[k]["step_reduction"].get("per_meta_seed") for k in (base, label))
-            if pb and pg and len(pb) > 1 and len(pg) > 1:
-                entry["paired"] = rows_by[base]["meta_seeds"] == rows_by[label]["meta_seeds"]
-                entry["interval_95"] = ratio_interval(pb, pg, entry["paired"])
-            out["gmn_vs_base" if gmn else "vs_base"][label] = entry
+            entry = _ratio(rows_by, label, base)
+            if gmn:
+                entry = {"ratio": entry["ratio"], "target": gmn_ratio, "met": bool(entry["ratio"] >= gmn_ratio),
+                         **{k: v for k, v in entry.items() if k != "ratio"}}
+                out["gmn_vs_base"][label] = entry
+            else:
+                out["vs_base"][label] = {"ratio": entry.pop("ratio"), "base": base, **entry}
+    out["compared"] = [{"label": a, "base": b, **_ratio(rows_by, a, b)} for a, b in compare if a in by and b in by]
     learned = {k: v for k, v in by.items() if k not in ("Adam (tuned)",)}
     if learned:
         top = max(learned, key=learned.get)
@@ -143,18 +160,18 @@ def _markdown(rows: list[dict], summary: dict) -> str:
                      f"{', '.join(map(str, r['meta_seeds'])) if r['meta_seeds'] else '—'} |")
     t = summary["targets"]
     lines.append("")
-    for kind in ("gmn_vs_base", "vs_base"):
-        for label, g in t.get(kind, {}).items():
-            ratio = f"{g['ratio']:.2f}×" if g["ratio"] == g["ratio"] else "undefined (both step reductions 0)"
-            if "interval_95" in g:
-                lo, hi = g["interval_95"]
-                ratio += (f", 95 % bootstrap interval over meta-training seeds{' (paired)' if g['paired'] else ''} "
-                          f"{lo:.2f}–{hi:.2f}")
-            if kind == "gmn_vs_base":
-                lines.append(f"- {label} vs without GradMetaNet: {ratio} (target ≥ {g['target']}×: "
-                             f"{'met' if g['met'] else 'not met'})")
-            else:
-                lines.append(f"- {label} vs {g['base']}: {ratio}")
+    pairs = [(k, label, g) for k in ("gmn_vs_base", "vs_base") for label, g in t.get(k, {}).items()]
+    for kind, label, g in pairs + [("compared", g["label"], g) for g in t.get("compared", [])]:
+        ratio = f"{g['ratio']:.2f}×" if g["ratio"] == g["ratio"] else "undefined (both step reductions 0)"
+        if "interval_95" in g:
+            lo, hi = g["interval_95"]
+            ratio += (f", 95 % bootstrap interval over meta-training seeds{' (paired)' if g['paired'] else ''} "
+                      f"{lo:.2f}–{hi:.2f}")
+        if kind == "gmn_vs_base":
+            lines.append(f"- {label} vs without GradMetaNet: {ratio} (target ≥ {g['target']}×: "
+                         f"{'met' if g['met'] else 'not met'})")
+        else:
+            lines.append(f"- {label} vs {g['base']}: {ratio}")
     if "best_row" in t:
         b = t["best_row"]
         lines.append(f"- best row {b['label']}: {b['step_reduction']:.2f} (target ≥ {b['target']}: "
@@ -170,6 +187,14 @@ def lopt_table(run: Run) -> dict:
     rows, labels = [r for r in s["rows"] if r], [lab for lab in s["labels"] if lab]
     if len(rows) != len(labels):
         raise run.spec_error("labels", f"one label per row: {len(rows)} rows, {len(labels)} labels")
+    compare = [(a, b) for a, b in zip(s["compare"], s["compare_with"]) if a or b]
+    if len(s["compare"]) != len(s["compare_with"]):
+        raise run.spec_error("compare_with", f"one base label per compared row: {len(s['compare'])} in compare, "
+                             f"{len(s['compare_with'])} in compare_with")
+    unknown = sorted({x for pair in compare for x in pair} - set(labels))
+    if unknown:
+        raise run.spec_error("compare", f"names no row label: {', '.join(map(repr, unknown))} (labels: "
+                             f"{', '.join(map(repr, labels))})")
     task = _task(run)
     seeds, steps, every, ds = s["seeds"], s["steps"], s["eval_every"], s["data_seed"]
     folders = {(r, m): Path(s["runs_root"]) / f"{r}_s{m}" for r in rows for m in s["meta_seeds"]}
@@ -205,7 +230,7 @@ def lopt_table(run: Run) -> dict:
     summary = {"adam_lr": s["adam_lrs"][j], "sgdm_lr": sgdm_lr, "sgdm_momentum": sgdm_mu, "seeds": list(seeds),
                "steps": steps, "eval_every": every, "task": task.name,
                "missing": sorted(str(f) for k, f in folders.items() if k not in done)}
-    summary["targets"] = _targets([r for r in out_rows if "step_reduction" in r], **s["targets"])
+    summary["targets"] = _targets([r for r in out_rows if "step_reduction" in r], **s["targets"], compare=compare)
     summary["rows"] = {r["label"]: {k: r[k] for k in ("step_reduction", "best_test_loss", "final_test_loss", "meta_seeds")}
                        for r in out_rows if "step_reduction" in r}
     md = _markdown([r if "step_reduction" in r else {**r, "meta_seeds": []} for r in out_rows], summary)

@@ -58,8 +58,13 @@ def test_driver_meta_trains_every_row_and_writes_the_table(tmp_path):
     assert all(f"| {label} |" in md for label in LABELS) and (res / "t.png").stat().st_size > 0
     assert len(rows["DS"]["per_seed_step_reduction"]) == 2 and len(rows["DS"]["per_seed_step_reduction"][0]) == 2
     # a missing meta-training seed is listed and leaves the row to the others (evaluation only)
-    assert driver.main([*args, "--skip-train", "--meta-seeds", "0", "1", "2"]) == 0
+    assert driver.main([*args, "--skip-train", "--meta-seeds", "0", "1", "2", "--table-set", 'compare=["UNF"]',
+                        "--table-set", 'compare_with=["DS"]']) == 0
     s2 = json.loads((res / "t.json").read_text())["summary"]
+    (c,) = s2["targets"]["compared"]  # a ratio asked for by the spec, besides the "<X> + ..." ones
+    assert (c["label"], c["base"], c["paired"]) == ("UNF", "DS", True)
+    d, u = (s2["rows"][k]["step_reduction"]["mean"] for k in ("DS", "UNF"))
+    assert c["ratio"] == pytest.approx(u / d if d > 0 else (float("inf") if u > 0 else float("nan")), nan_ok=True)
     assert len(s2["missing"]) == 4 and s2["rows"]["DS"]["meta_seeds"] == [0, 1]
     assert s2["rows"]["DS"]["step_reduction"] == s["rows"]["DS"]["step_reduction"]  # deterministic
     # the gated rows with their gates closed: "open" re-evaluates exactly the table's rules
@@ -160,6 +165,30 @@ def test_targets_give_a_paired_interval_when_both_rows_share_their_seeds():
     assert "interval_95" not in one["gmn_vs_base"]["DS + GradMetaNet"]
 
 
+def test_compare_reports_named_pairs_of_rows_without_a_target(tmp_path):
+    def row(label, per_seed):
+        return {"label": label, "meta_seeds": [0, 1, 2],
+                "step_reduction": {"mean": float(np.mean(per_seed)), "per_meta_seed": per_seed}}
+    rows = [row("DS, first stage", [2.0, 2.5, 1.5]), row("DS", [1.0, 2.0, 1.5]), row("DS + GradMetaNet", [2.2, 2.4, 1.4])]
+    t = _targets(rows, gmn_ratio=1.2, best=1.6, compare=[("DS + GradMetaNet", "DS, first stage"), ("DS", "missing")])
+    (c,) = t["compared"]  # a pair naming a row that is not in the table is left out
+    assert c == {"label": "DS + GradMetaNet", "base": "DS, first stage", "ratio": pytest.approx(6.0 / 6.0),
+                 "paired": True, "interval_95": ratio_interval([2.0, 2.5, 1.5], [2.2, 2.4, 1.4], True)}
+    assert t["gmn_vs_base"]["DS + GradMetaNet"]["ratio"] == pytest.approx(6.0 / 4.5)  # still against "DS"
+    md = _markdown([], {"targets": t})
+    line = next(ln for ln in md.splitlines() if ln.startswith("- DS + GradMetaNet vs DS, first stage: 1.00×, 95 %"))
+    assert "target" not in line
+    import gradmeta.run as gr
+    from gradmeta.specs import SpecError
+
+    spec = tmp_path / "t.toml"
+    for extra, match in (('compare = ["DS"]\ncompare_with = ["UNF", "DS"]', "one base label per compared row"),
+                         ('compare = ["DS"]\ncompare_with = ["UNF"]', "names no row label: 'UNF'")):
+        spec.write_text(f'task = "lopt_table"\nrows = ["a", "b"]\nlabels = ["DS", "DS + GradMetaNet"]\n{extra}\n')
+        with pytest.raises(SpecError, match=match):
+            gr.run_spec(spec, tmp_path / "out", progress=False, overwrite=True)
+
+
 def test_step_reduction_of_the_reference_is_one_and_of_a_slower_curve_below():
     steps = torch.tensor([0, 5, 10, 15])
     ref = torch.tensor([[2.0, 1.0, 0.5, 0.6]])
@@ -239,3 +268,28 @@ def test_every_row_of_a_table_shares_its_inner_task_and_meta_training_budget(tab
     fmnist = ROOT / "tasks" / "lopt_fmnist.toml"
     if table == "lopt_digits_table":  # the Fashion-MNIST budget, on another inner task
         assert specs[0]["outer"] == resolve_spec(load_spec(fmnist), fmnist)["outer"]
+
+
+def test_the_two_stage_table_gives_every_row_the_same_total_budget():
+    """Each branch row starts from the first-stage DS run of its seed in the table's runs_root, trains
+    only its branch, and first stage + branch stage = the iterations of the DS row it is held against."""
+    from gradmeta.specs import load_spec, resolve_spec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lopt_table import table_defaults
+
+    t = ROOT / "tasks" / "lopt_fmnist_table_two_stage.toml"
+    d = table_defaults(t, [])
+    tab = resolve_spec(load_spec(t), t)
+    specs = {r.stem: resolve_spec(load_spec(r), r) for r in d["rows"]}
+    first, twice = specs.pop("lopt_fmnist_stage1"), specs.pop("lopt_fmnist_twice")
+    same = lambda a, b: {k: v for k, v in a.items() if k not in ("iterations", "train")} == \
+        {k: v for k, v in b.items() if k not in ("iterations", "train")}  # noqa: E731
+    assert same(first["outer"], twice["outer"]) and first["optimizer"] == twice["optimizer"]
+    assert len(specs) == 5
+    for stem, s in specs.items():
+        assert s["inner"] == first["inner"] == tab["inner"] and s["eval"] == first["eval"], stem
+        assert s["optimizer"]["start_from"] == f"{tab['runs_root']}/lopt_fmnist_stage1_s{{seed}}", stem
+        assert s["outer"]["train"] == "branch" and same(s["outer"], first["outer"]), stem
+        assert first["outer"]["iterations"] + s["outer"]["iterations"] == twice["outer"]["iterations"], stem
+        assert all(s["optimizer"][k] == first["optimizer"][k] for k in ("hidden", "lr", "step_mult", "max_update"))

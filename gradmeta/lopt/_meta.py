@@ -46,13 +46,16 @@ class MetaTraining:
             stepped at ``meta_lr × factor`` (first matching prefix; e.g. a smaller meta learning
             rate for a branch's ``"gmn."`` meta-parameters); ``None``: one learning rate for all.
 
+        init: starting values for some of the meta-parameters (a subset of ``rule.init_meta``'s names,
+            same shapes; e.g. a meta-trained rule's, to meta-train a branch on top of it); the others
+            start at ``rule.init_meta(seed)``.
+
     Meta-parameters the outer trainer holds fixed (its ``fixed`` names) are left out of the
-    meta-optimiser: they keep their values (those of ``rule.init_meta(seed)``, or whatever is copied
-    into :attr:`meta` before the first step).
+    meta-optimiser: they keep their starting values.
     """
 
     def __init__(self, rule, outer: GradientEstimator, *, meta_lr: float = 3e-3, grad_clip: float = 1.0,
-                 seed: int = 0, lr_scales: dict[str, float] | None = None):
+                 seed: int = 0, lr_scales: dict[str, float] | None = None, init: Params | None = None):
         if not isinstance(outer, GradientEstimator):
             raise TypeError(f"MetaTraining: outer must be a GradientEstimator (PES, ES, TruncatedBackprop), "
                             f"got {type(outer).__name__}")
@@ -60,6 +63,15 @@ class MetaTraining:
             raise ValueError("MetaTraining: the outer trainer was built for another learned optimizer")
         self.rule, self.outer, self.grad_clip = rule, outer, grad_clip
         self.meta = {k: v.requires_grad_() for k, v in rule.init_meta(seed).items()}
+        bad = [f"{k} {tuple(v.shape)}" for k, v in (init or {}).items()
+               if k not in self.meta or self.meta[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"MetaTraining: init has meta-parameters that {type(rule).__name__} does not have with that "
+                             f"shape: {', '.join(bad)} (its names: "
+                             f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in self.meta.items())})")
+        with torch.no_grad():
+            for k, v in (init or {}).items():
+                self.meta[k].copy_(v)
         self.opt = torch.optim.Adam(self._groups(meta_lr, lr_scales or {}), lr=meta_lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.state = None
@@ -135,7 +147,7 @@ def _outer_for(task, rule, outer) -> GradientEstimator:
 
 def meta_train(task, rule, outer, *, iterations: int, out: str | os.PathLike | None = None,
                meta_lr: float = 3e-3, grad_clip: float = 1.0, seed: int = 0, checkpoint_every: int = 10,
-               progress: bool | Callable[[int, dict], None] = True) -> Params:
+               progress: bool | Callable[[int, dict], None] = True, init: Params | None = None) -> Params:
     """Meta-train ``rule`` on ``task``; returns the meta-parameters (detached).
 
     Args:
@@ -147,7 +159,8 @@ def meta_train(task, rule, outer, *, iterations: int, out: str | os.PathLike | N
         out: a run folder: the state is written to ``out/meta_checkpoint.pt`` (atomically) every
             ``checkpoint_every`` iterations and at the end, and a later call with the same ``out``
             resumes from it, to bitwise the result of an uninterrupted run. ``None``: no files.
-        meta_lr, grad_clip, seed: as :class:`MetaTraining`.
+        meta_lr, grad_clip, seed, init: as :class:`MetaTraining` (a resumed run continues from its
+            checkpoint, whatever ``init``).
         progress: ``True`` prints a line to stderr about every 10% of the iterations; a callable
             ``(iteration, info)`` is called after every iteration; ``False`` is silent.
     """
@@ -156,7 +169,7 @@ def meta_train(task, rule, outer, *, iterations: int, out: str | os.PathLike | N
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"meta_train: iterations must be a positive integer, got {iterations!r}")
     task = check_task(task, "meta_train")
-    mt = MetaTraining(rule, _outer_for(task, rule, outer), meta_lr=meta_lr, grad_clip=grad_clip, seed=seed)
+    mt = MetaTraining(rule, _outer_for(task, rule, outer), meta_lr=meta_lr, grad_clip=grad_clip, seed=seed, init=init)
     path = Path(out) / CHECKPOINT_NAME if out is not None else None
     if path is not None and path.is_file():
         mt.load_state_dict(safe_torch_load(path, "meta-training checkpoint"))

@@ -92,3 +92,22 @@ def test_lr_scales_step_the_named_meta_parameters_at_their_own_rate(wine):
         one_step({"gmn.": 0.1})
     with pytest.raises(ValueError, match="positive number"):
         one_step({"w0": 0.0})
+
+
+def test_meta_train_a_branch_on_top_of_a_meta_trained_rule_from_python(wine):
+    # what a user writes: the per-parameter rule's meta-parameters as the branch rule's "mlp." part,
+    # the estimator holding them fixed; the gates start closed, so the branch rule starts as that rule
+    from gradmeta.lopt import GradMetaNetLO, MetaTraining
+
+    base = meta_train(wine, PerParamMLP(hidden=4), functools.partial(PES, particles=2, truncation=2, horizon=4),
+                      iterations=2, progress=False)
+    lo = GradMetaNetLO(wine, hidden=4, layers=1, gmn_channels=2, examples=4, extra_gate=True)
+    fixed = [f"mlp.{k}" for k in base]
+    meta = meta_train(wine, lo, functools.partial(PES, particles=2, truncation=2, horizon=4, fixed=fixed),
+                      iterations=2, progress=False, init={f"mlp.{k}": v for k, v in base.items()})
+    for k, v in base.items():
+        assert torch.equal(meta[f"mlp.{k}"], v), k
+    assert meta["mlp.extra_gate"].abs().max() > 0
+    with pytest.raises(ValueError, match=r"init has meta-parameters that GradMetaNetLO does not have with that "
+                                         r"shape: w0 \(23, 4\)"):
+        MetaTraining(lo, PES(wine, lo, particles=2, truncation=2, horizon=4), init={"w0": base["w0"]})

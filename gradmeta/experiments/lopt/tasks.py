@@ -181,9 +181,9 @@ def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
 _SHARED_MLP_KEYS = ("hidden", "lr", "step_mult", "max_update")
 
 
-def _start_meta(run: Run, lo, task, meta: dict) -> dict:
-    """The meta-parameters of the run folder ``optimizer.start_from`` as names of ``lo`` (``meta``:
-    ``lo``'s own): a per-parameter MLP's ``"w0"`` becomes ``"mlp.w0"`` when ``lo`` has no ``"w0"``."""
+def _start_meta(run: Run, task, meta: dict) -> dict:
+    """The meta-parameters of the run folder ``optimizer.start_from`` under the names of ``meta`` (the
+    rule's own): a per-parameter MLP's ``"w0"`` becomes ``"mlp.w0"`` when the rule has no ``"w0"``."""
     from gradmeta.specs import load_spec, resolve_spec
 
     s = run.spec
@@ -265,16 +265,13 @@ def lopt_meta_train(run: Run) -> dict:
         trainer = ES(task, lo, sigma=o["sigma"], **common)
     else:
         trainer = PES(task, lo, truncation=o["truncation"], sigma=o["sigma"], **common)
+    saved = run.restore()
+    init = _start_meta(run, task, lo.init_meta(s["seed"])) if saved is None and s["optimizer"]["start_from"] else None
     mt = MetaTraining(lo, trainer, meta_lr=o["meta_lr"], grad_clip=o["grad_clip"], seed=s["seed"],
-                      lr_scales=_branch_lr_scales(lo, o["branch_lr_scale"], s["seed"]))
+                      lr_scales=_branch_lr_scales(lo, o["branch_lr_scale"], s["seed"]), init=init)
     meta = mt.meta
     history = {"meta": {"step": [], "meta_loss": [], "grad_norm": [], "lr": [], "skipped": []},
                "eval": {"step": [], "final_test_loss": [], "best_test_loss": []}}
-    saved = run.restore()
-    if saved is None and s["optimizer"]["start_from"]:
-        with torch.no_grad():
-            for k, v in _start_meta(run, lo, task, mt.detached()).items():
-                mt.meta[k].copy_(v)
     if saved is not None:
         mt.load_state_dict(saved)
         history = saved["history"]

@@ -45,7 +45,6 @@ class MetaTraining:
         lr_scales: ``{name prefix: factor}``: meta-parameters whose name starts with a prefix are
             stepped at ``meta_lr × factor`` (first matching prefix; e.g. a smaller meta learning
             rate for a branch's ``"gmn."`` meta-parameters); ``None``: one learning rate for all.
-
         init: starting values for some of the meta-parameters (a subset of ``rule.init_meta``'s names,
             same shapes; e.g. a meta-trained rule's, to meta-train a branch on top of it); the others
             start at ``rule.init_meta(seed)``.

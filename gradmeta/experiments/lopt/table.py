@@ -134,11 +134,9 @@ def _targets(rows: list[dict], gmn_ratio: float, best: float, compare: list[tupl
         if base in by:
             entry = _ratio(rows_by, label, base)
             if gmn:
-                entry = {"ratio": entry["ratio"], "target": gmn_ratio, "met": bool(entry["ratio"] >= gmn_ratio),
-                         **{k: v for k, v in entry.items() if k != "ratio"}}
-                out["gmn_vs_base"][label] = entry
+                out["gmn_vs_base"][label] = {**entry, "target": gmn_ratio, "met": bool(entry["ratio"] >= gmn_ratio)}
             else:
-                out["vs_base"][label] = {"ratio": entry.pop("ratio"), "base": base, **entry}
+                out["vs_base"][label] = {**entry, "base": base}
     out["compared"] = [{"label": a, "base": b, **_ratio(rows_by, a, b)} for a, b in compare if a in by and b in by]
     learned = {k: v for k, v in by.items() if k not in ("Adam (tuned)",)}
     if learned:

@@ -181,19 +181,16 @@ def _branch_lr_scales(lo, scale: float, seed: int) -> dict[str, float] | None:
 _SHARED_MLP_KEYS = ("hidden", "lr", "step_mult", "max_update")
 
 
-def _start_meta(run: Run, task, meta: dict) -> dict:
+def _start_meta(run: Run, meta: dict) -> dict:
     """The meta-parameters of the run folder ``optimizer.start_from`` under the names of ``meta`` (the
     rule's own): a per-parameter MLP's ``"w0"`` becomes ``"mlp.w0"`` when the rule has no ``"w0"``."""
-    from gradmeta.specs import load_spec, resolve_spec
-
     s = run.spec
     folder = Path(s["optimizer"]["start_from"].replace("{seed}", str(s["seed"])))
     try:
-        _, base = _from_run(str(folder), task)
+        spec, base = _read_run(str(folder))
     except (FileNotFoundError, ValueError) as e:
         raise run.spec_error("optimizer.start_from", str(e)) from e
-    spec_path = folder / "spec.resolved.toml"
-    theirs = resolve_spec(load_spec(spec_path), spec_path)["optimizer"]
+    theirs = spec["optimizer"]
     differ = [f"{k} {theirs[k]!r} there, {s['optimizer'][k]!r} here" for k in _SHARED_MLP_KEYS
               if theirs[k] != s["optimizer"][k]]
     if differ:
@@ -212,9 +209,9 @@ def _start_meta(run: Run, task, meta: dict) -> dict:
     return out
 
 
-def _from_run(folder: str, task):
-    """``(optimizer, meta)`` of a ``lopt_meta_train`` run folder (its resolved spec and latest
-    checkpoint, read with ``weights_only``), for optimizers of any kind on ``task``."""
+def _read_run(folder: str) -> tuple[dict, dict]:
+    """``(resolved spec, meta)`` of a ``lopt_meta_train`` run folder (its ``spec.resolved.toml`` and
+    latest checkpoint, read with ``weights_only``)."""
     from gradmeta.specs import load_spec, resolve_spec
 
     folder = Path(folder)
@@ -225,9 +222,15 @@ def _from_run(folder: str, task):
     spec = resolve_spec(load_spec(spec_path), spec_path)
     if spec.get("task") != "lopt_meta_train":
         raise ValueError(f"gradmeta.lopt: {spec_path} is a {spec.get('task')!r} run, not lopt_meta_train")
-    lo = _make_lo(task, spec["optimizer"])
     meta = safe_torch_load(ckpt_path, "run checkpoint")["state"]["meta"]
-    return lo, {k: v.detach() for k, v in meta.items()}
+    return spec, {k: v.detach() for k, v in meta.items()}
+
+
+def _from_run(folder: str, task):
+    """``(optimizer, meta)`` of a ``lopt_meta_train`` run folder (:func:`_read_run`), for optimizers of
+    any kind on ``task``."""
+    spec, meta = _read_run(folder)
+    return _make_lo(task, spec["optimizer"]), meta
 
 
 @register_task("lopt_meta_train", defaults=TRAIN_DEFAULTS)
@@ -266,7 +269,7 @@ def lopt_meta_train(run: Run) -> dict:
     else:
         trainer = PES(task, lo, truncation=o["truncation"], sigma=o["sigma"], **common)
     saved = run.restore()
-    init = _start_meta(run, task, lo.init_meta(s["seed"])) if saved is None and s["optimizer"]["start_from"] else None
+    init = _start_meta(run, lo.init_meta(s["seed"])) if saved is None and s["optimizer"]["start_from"] else None
     mt = MetaTraining(lo, trainer, meta_lr=o["meta_lr"], grad_clip=o["grad_clip"], seed=s["seed"],
                       lr_scales=_branch_lr_scales(lo, o["branch_lr_scale"], s["seed"]), init=init)
     meta = mt.meta

@@ -350,10 +350,6 @@ class _GradientSetBranchLO(_BranchLO):
     def skipped(self, state: GMNState) -> Tensor:
         return state.base.skipped.sum()
 
-    def check_differentiable(self, who: str) -> None:
-        raise ValueError(f"{who}: backpropagation through {type(self).__name__} unrolls is not supported (untested); "
-                         "meta-train it with PES or es_grad / ES")
-
 
 class GradMetaNetLO(_GradientSetBranchLO):
     """Per-parameter MLP learned optimizer with a GradMetaNet branch reading the gradient set.
@@ -470,8 +466,11 @@ def gradient_set_statistics(gradient_set, params: Params) -> Params:
         raise ValueError(f"gradient_set_statistics: the gradient set has no per-example gradients of {missing}")
     out = {}
     for k in params:
-        r = fisher[k].sqrt()
-        out[k] = torch.stack([r, torch.where(r > 0, mean[k] / r, torch.zeros_like(r))], -1)
+        # where r = 0 both features are 0; the divisor and the square root read 1 there, so that
+        # backpropagation through an unroll gets finite gradients (0, not 0 * inf) at those entries
+        live = fisher[k] > 0
+        r = torch.where(live, torch.where(live, fisher[k], 1).sqrt(), 0)
+        out[k] = torch.stack([r, torch.where(live, mean[k] / torch.where(live, r, 1), 0)], -1)
     return out
 
 class WeightSpaceLO(_BranchLO):

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from gradmeta.params import ParamLayout
 
 from ._distributed import Comm, LocalComm
+from ._rule import LearnedRule
 
 __all__ = ["unroll", "GradientEstimator", "PES", "ES", "TruncatedBackprop", "es_grad", "meta_loss"]
 
@@ -260,6 +261,10 @@ class TruncatedBackprop(GradientEstimator):
         lo.check_differentiable("TruncatedBackprop")
         if backend == "higher" and not hasattr(task, "model"):
             raise ValueError(f"TruncatedBackprop(backend='higher') needs a module-backed task; {task.name} has no model")
+        if backend == "higher" and type(lo).step is not LearnedRule.step:
+            raise ValueError(f"TruncatedBackprop(backend='higher') differentiates the mean batch gradient only; "
+                             f"{type(lo).__name__} reads more of the batch in its own step (e.g. the gradient set): "
+                             "use backend='func'")
         super().__init__(task, lo, particles=particles, truncation=truncation, horizon=horizon,
                          log_loss=log_loss, comm=comm, objective=objective, fixed=fixed)
         self.backend = backend

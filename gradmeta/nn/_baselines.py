@@ -67,7 +67,7 @@ class PerParamDeepSets(nn.Module):
                 if self.weight_aware:
                     if params is None:
                         raise ValueError("weight-aware: pass params=dict(model.named_parameters())")
-                    x = torch.cat([x, params[name].detach().to(g).expand_as(g).unsqueeze(-1)], -1)
+                    x = torch.cat([x, params[name].to(g).expand_as(g).unsqueeze(-1)], -1)
                 out[name] = self.rho(self.phi(x).mean(0)).squeeze(-1)
             outs.append(out)
         return _stack_out(outs, single)
@@ -189,7 +189,7 @@ class AveragedGradientNet(nn.Module):
             if params is None:
                 raise ValueError("weight-aware: pass params=dict(model.named_parameters())")
             plist = [params] * len(grads) if isinstance(params, dict) else list(params)
-            edges = {p: torch.cat([e, torch.stack([q[p].detach() for q in plist]).to(e).unsqueeze(-1)], -1)
+            edges = {p: torch.cat([e, torch.stack([q[p] for q in plist]).to(e).unsqueeze(-1)], -1)
                      for p, e in edges.items()}
         out = self.head(h, edges)
         return {k: v[0] for k, v in out.items()} if single else out

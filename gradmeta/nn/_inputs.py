@@ -100,7 +100,7 @@ class NeuronLayout:
             else:
                 chans = a + d
             if self.weight_aware:
-                bs = [params[p].detach()[o:o + s.size].to(ref).expand_as(ref) for p, o in src.biases]
+                bs = [params[p][o:o + s.size].to(ref).expand_as(ref) for p, o in src.biases]
                 chans += bs if (bs or not self.paired) else [torch.zeros_like(ref)]
             if self.extra_channels:
                 if extra is None or s.name not in extra:

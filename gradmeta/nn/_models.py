@@ -193,7 +193,7 @@ class GradMetaNet(nn.Module):
     def _edges(self, params_l, edges_l, h):
         parts = []
         if self.weight_aware:
-            parts.append({n: torch.stack([p[n].detach() for p in params_l]).to(h).unsqueeze(-1)
+            parts.append({n: torch.stack([p[n] for p in params_l]).to(h).unsqueeze(-1)
                           for n, _ in self.spec.params})
         if edges_l[0] is not None:
             parts.append({n: torch.stack([e[n] for e in edges_l]).to(h) for n, _ in self.spec.params})

@@ -72,8 +72,8 @@ def test_pes_meta_gradient_for_the_gradmetanet_lo(small_digits):
     g, state, info = pes.grad(meta, state, gen)
     assert set(g) == set(meta) and all(torch.isfinite(v).all() for v in g.values())
     assert info["skipped"] == 0 and int(state["step"]) == 2
-    with pytest.raises(ValueError, match="PES or es_grad"):
-        TruncatedBackprop(small_digits, lo, particles=2, truncation=2, horizon=4)
+    with pytest.raises(ValueError, match="reads more of the batch.*backend='func'"):
+        TruncatedBackprop(small_digits, lo, particles=2, truncation=2, horizon=4, backend="higher")
 
 
 def _permute_hidden(p: dict, perm: torch.Tensor) -> dict:

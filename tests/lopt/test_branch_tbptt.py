@@ -1,0 +1,68 @@
+"""Truncated backpropagation through the unrolls of the branch rules (the gradient-set rules read the
+per-example factors in their own step): the meta-gradient against central finite differences of the
+same truncated meta-loss, in float64, on digits (blank pixels give entries with no gradient)."""
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from gradmeta.lopt import (GradientStatsLO, GradMetaNetLO, SupervisedTask, TruncatedBackprop, WeightSpaceLO,
+                           digits_mlp, meta_loss, unroll)
+from gradmeta.models import classification_loss, mlp
+
+RULES = {
+    "gradmetanet, 5 of 12 examples": lambda t: GradMetaNetLO(t, gmn_channels=2, channels=4, hidden=8, examples=5),
+    "gradmetanet, weight-aware, gated": lambda t: GradMetaNetLO(t, gmn_channels=2, channels=4, hidden=8,
+                                                                weight_aware=True, extra_gate=True),
+    "gradmetanet++": lambda t: GradMetaNetLO(t, gmn_channels=2, channels=4, hidden=8, variant="plusplus"),
+    "gradmetanet, bilinear readout": lambda t: GradMetaNetLO(t, gmn_channels=2, channels=4, hidden=8,
+                                                             product="bilinear"),
+    "gradient statistics": lambda t: GradientStatsLO(t, hidden=8, examples=5),
+    "weight-space": lambda t: WeightSpaceLO(t, out_channels=2, channels=4, hidden=8),
+}
+
+
+@pytest.fixture(scope="module")
+def digits64():
+    """Digits MLP 64-6-10 in float64, batch 12."""
+    t = digits_mlp(hidden=[6], batch_size=12)
+    return SupervisedTask(mlp([64, 6, 10]).double(), classification_loss, t.X.double(), t.y, t.X_test.double(),
+                          t.y_test, batch_size=12, name="digits64")
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_truncated_backprop_equals_finite_differences(digits64, name):
+    lo = RULES[name](digits64)
+    gen = torch.Generator().manual_seed(3)
+    # away from the initialisation (gates open, the branch's output layers non-zero) and in float64
+    meta = {k: (v.double() + 0.2 * torch.randn(v.shape, generator=gen, dtype=torch.float64))
+            for k, v in lo.init_meta(0).items()}
+    tb = TruncatedBackprop(digits64, lo, particles=2, truncation=3, horizon=9, log_loss=True)
+    state = tb.init(meta, torch.Generator().manual_seed(0))
+    _, state, _ = tb.grad(meta, state, torch.Generator().manual_seed(1))  # running averages are non-zero
+    g, _, info = tb.grad(meta, state, torch.Generator().manual_seed(2))
+    assert all(torch.isfinite(v).all() for v in g.values()) and info["skipped"] == 0
+
+    batches = tb._batches(torch.Generator().manual_seed(2))  # the ones tb.grad drew
+
+    def loss(m):  # the same truncated meta-loss, particle by particle, without any autograd
+        total = 0.0
+        for i in range(2):
+            p, s = (pytree.tree_map(lambda x: x[i], t) for t in (state["params"], state["opt_state"]))
+            total += meta_loss(unroll(digits64, lo, m, p, s, tuple(b[:, i] for b in batches))[2], log_loss=True)
+        return total / 2
+
+    assert float(loss(meta)) == pytest.approx(info["meta_loss"], rel=1e-10)
+    for d in range(3):
+        v = {k: torch.randn(x.shape, generator=gen, dtype=torch.float64) for k, x in meta.items()}
+        eps = 1e-6  # central differences settle to ~1e-9 relative between steps 1e-5 and 1e-7 here
+        fd = (loss({k: meta[k] + eps * v[k] for k in meta}) - loss({k: meta[k] - eps * v[k] for k in meta})) / (2 * eps)
+        ad = sum((g[k] * v[k]).sum() for k in meta)
+        assert float(ad) == pytest.approx(float(fd), rel=1e-6, abs=1e-9), (name, d)
+    branch = [k for k in meta if k.startswith(f"{lo.prefix}.")]
+    assert not branch or any(float(g[k].abs().max()) > 0 for k in branch)  # the branch is reached
+
+
+def test_the_higher_backend_refuses_a_rule_that_reads_the_gradient_set(digits64):
+    with pytest.raises(ValueError, match="GradientStatsLO reads more of the batch.*backend='func'"):
+        TruncatedBackprop(digits64, GradientStatsLO(digits64, hidden=8), particles=2, truncation=2, horizon=4,
+                          backend="higher")

@@ -188,6 +188,14 @@ def test_a_branch_meta_trained_on_top_of_a_per_parameter_run(tmp_path):
     # with its gates closed, the rule it starts from steps as the DS run's last rule
     assert m["final_test_loss"][0] == pytest.approx(m_ds["final_test_loss"][-1], rel=1e-5)
 
+    # the branch stage by truncated backpropagation: exact meta-gradients through the gradient-set capture
+    spec.write_text(branch.replace("[outer]", '[outer]\ntrain = "branch"\nmethod = "tbptt"'))
+    out = gr.run_spec(spec, tmp_path / "on_ds_tbptt", progress=False)
+    meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]
+    for k, v in ds_meta.items():
+        assert torch.equal(meta[f"mlp.{k}"], v), k
+    assert meta["mlp.extra_gate"].abs().max() > 0
+
     spec.write_text(branch)  # train = "all" (the default): the per-parameter part moves too
     out = gr.run_spec(spec, tmp_path / "all", progress=False)
     meta = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["meta"]

@@ -110,9 +110,10 @@ class MetaTraining:
         self.start()
         g, self.state, info = self.outer.grad(self.detached(), self.state, self.generator)
         norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
-        scale = min(1.0, self.grad_clip / norm) if norm > 0 and math.isfinite(norm) else 0.0
-        for k, v in self.meta.items():
-            v.grad = g[k] * scale
+        finite = math.isfinite(norm)
+        scale = min(1.0, self.grad_clip / norm) if norm > 0 and finite else 0.0
+        for k, v in self.meta.items():  # a non-finite estimate becomes zero (NaN * 0 would stay NaN)
+            v.grad = g[k] * scale if finite else torch.zeros_like(v)
         self.opt.step()
         self.iteration += 1
         return {"meta_loss": info["meta_loss"], "grad_norm": norm, "skipped": info["skipped"]}

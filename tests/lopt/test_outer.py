@@ -1,9 +1,11 @@
 """Outer trainers: PES is unbiased on a quadratic, TBPTT torch.func == higher, ES, state round trip."""
+import math
+
 import pytest
 import torch
 from torch.func import grad
 
-from gradmeta.lopt import PES, PerParamMLP, QuadraticTask, TruncatedBackprop, es_grad, unroll
+from gradmeta.lopt import PES, MetaTraining, PerParamMLP, QuadraticTask, TruncatedBackprop, es_grad, unroll
 from tests.lopt.references import LearnedSGD
 
 
@@ -144,3 +146,37 @@ def test_meta_training_leaves_fixed_meta_parameters_where_they_are():
     assert torch.equal(mt.meta["shift"].detach(), lo.init_meta()["shift"]) and float(mt.meta["log_lr"].detach()) != -1.0
     with pytest.raises(ValueError, match="nothing is left to meta-train"):
         MetaTraining(lo, PES(task, lo, particles=4, truncation=2, horizon=4, fixed=["shift", "log_lr"]))
+
+
+def test_a_non_finite_meta_gradient_is_a_zero_step_and_leaves_the_meta_parameters_finite(small_digits):
+    lo = PerParamMLP(hidden=8)
+    pes = PES(small_digits, lo, particles=2, truncation=2, horizon=4)
+    real = pes.grad
+    calls = []
+
+    def poisoned(meta, state, generator):  # the second estimate has a NaN and an inf in it
+        g, state, info = real(meta, state, generator)
+        calls.append(1)
+        if len(calls) == 2:
+            g = dict(g)
+            g["w1"] = g["w1"].clone()
+            g["w1"].view(-1)[0], g["w1"].view(-1)[1] = float("nan"), float("inf")
+        return g, state, info
+
+    pes.grad = poisoned
+    mt = MetaTraining(lo, pes, meta_lr=0.01, seed=0)
+    first = mt.step()
+    before = {k: v.clone() for k, v in mt.detached().items()}
+    second = mt.step()
+    after = mt.detached()
+    assert math.isfinite(first["grad_norm"]) and not math.isfinite(second["grad_norm"])
+    assert all(torch.isfinite(v).all() for v in after.values())
+    # a zero gradient: Adam's step is its momentum alone, the same for every name as a zero estimate gives
+    ref = MetaTraining(lo, PES(small_digits, lo, particles=2, truncation=2, horizon=4), meta_lr=0.01, seed=0)
+    ref.step()
+    for v in ref.meta.values():
+        v.grad = torch.zeros_like(v)
+    ref.opt.step()
+    for k in after:
+        torch.testing.assert_close(after[k], ref.detached()[k], rtol=0, atol=0)
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # the momentum did move them

@@ -466,11 +466,16 @@ def gradient_set_statistics(gradient_set, params: Params) -> Params:
         raise ValueError(f"gradient_set_statistics: the gradient set has no per-example gradients of {missing}")
     out = {}
     for k in params:
-        # where r = 0 both features are 0; the divisor and the square root read 1 there, so that
-        # backpropagation through an unroll gets finite gradients (0, not 0 * inf) at those entries
-        live = fisher[k] > 0
-        r = torch.where(live, torch.where(live, fisher[k], 1).sqrt(), 0)
-        out[k] = torch.stack([r, torch.where(live, mean[k] / torch.where(live, r, 1), 0)], -1)
+        f, m = fisher[k], mean[k]
+        # The values are exact at every entry. Their derivatives (backpropagation through an unroll)
+        # are exact where r >= floor; the agreement's grows as 1/r and overflows float32 below it,
+        # so entries with 0 < r < floor (tiny^(1/4): 1.9e-10 in float32, 1.2e-77 in float64) are
+        # held constant there, and entries with r = 0 read 1 in the square root and the divisor.
+        floor = torch.finfo(f.dtype).tiny ** 0.25
+        live, steep = f > 0, f < floor * floor
+        f, m = torch.where(steep, f.detach(), f), torch.where(steep, m.detach(), m)
+        r = torch.where(live, torch.where(live, f, 1).sqrt(), 0)
+        out[k] = torch.stack([r, torch.where(live, m / torch.where(live, r, 1), 0)], -1)
     return out
 
 class WeightSpaceLO(_BranchLO):

@@ -66,3 +66,29 @@ def test_the_higher_backend_refuses_a_rule_that_reads_the_gradient_set(digits64)
     with pytest.raises(ValueError, match="GradientStatsLO reads more of the batch.*backend='func'"):
         TruncatedBackprop(digits64, GradientStatsLO(digits64, hidden=8), particles=2, truncation=2, horizon=4,
                           backend="higher")
+
+
+def test_statistics_have_finite_derivatives_where_float32_gradients_are_tiny():
+    """Inputs of 1e-20 give first-layer per-example gradients of ~1e-20 (their squares are subnormal
+    in float32): the agreement's exact derivative overflows there; the statistics keep exact values
+    and finite derivatives."""
+    from gradmeta.grads import functional_factors
+    from gradmeta.lopt import gradient_set_statistics
+
+    torch.manual_seed(0)
+    model = mlp([4, 5, 3]).requires_grad_(True)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(6, 4) * 1e-20
+    x[:, 0] = torch.randn(6)  # one input of normal size: its column's entries are ordinary
+    y = torch.randint(0, 3, (6,))
+    w = {k: torch.randn(*v.shape, 2) for k, v in params.items()}
+
+    def f(p):
+        s = gradient_set_statistics(functional_factors(model, classification_loss, p, x, y), p)
+        return sum((s[k] * w[k]).sum() for k in p), s
+
+    g, s = torch.func.grad(f, has_aux=True)(params)
+    r = s["0.weight"][..., 0]
+    assert ((r > 0) & (r < 1e-15)).any() and (r > 1e-3).any()  # both kinds of entries are there
+    assert all(torch.isfinite(v).all() for v in g.values())
+    assert any(float(v.abs().max()) > 0 for v in g.values())

@@ -112,6 +112,13 @@ def _decay_tail(t: Tensor, total_steps: int | None) -> Tensor:
     return ((1 - (t / total_steps).clamp(max=1.0)) / _DECAY_FRACTION).clamp(max=1.0)
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """``√x`` for ``x ≥ 0``, with derivative 0 instead of ``inf`` at 0 (entries that never had a
+    gradient): a meta-gradient through the unroll (truncated backpropagation) stays finite."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, 1).sqrt(), 0)
+
+
 def _distance_estimate(params: Tensor, grads: Tensor, momenta: Tensor, step: Tensor, gamma: Tensor, d0: Tensor):
     """Prodigy's step size for one flat vector: ``(d, new rows d, r, x₀, s (4, N))``.
 
@@ -137,7 +144,7 @@ def _adapted_log_step(w: Tensor, grads: Tensor, momenta: Tensor, second: Tensor,
     the first step). Zero ``w``: ``s`` stays 0.
     """
     prev = step.clamp_min(1)  # before the first step the moments are zero and d_prev = 0
-    r_prev = 1.0 / ((second / (1 - 0.999 ** prev)).sqrt() + 1e-8)
+    r_prev = 1.0 / (_sqrt(second / (1 - 0.999 ** prev)) + 1e-8)
     d_prev = (momenta[_MID] / (1 - 0.9 ** prev) * r_prev).clamp(-_CLAMP, _CLAMP)
     cos = (grads * d_prev).sum() / (grads.norm() * d_prev.norm()).clamp_min(1e-30)
     elem = ((grads * r_prev).clamp(-_CLAMP, _CLAMP) * d_prev).clamp(-1.0, 1.0)
@@ -237,7 +244,7 @@ class GeneralistRule(LearnedRule):
         kept = _ROW_D if self.lr_free else len(DECAYS)  # lr-free rows from _ROW_D on hold d, r, x₀, s
         m = torch.lerp(momenta[:kept], grads.unsqueeze(0), 1 - decays[:kept])
         v = torch.lerp(second, grads.square(), 0.001)
-        r = 1.0 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        r = 1.0 / (_sqrt(v / (1 - 0.999 ** t)) + 1e-8)
         mhat = m[[_FAST, _MID, _SLOW]] / (1 - decays[[_FAST, _MID, _SLOW]] ** t)
         x = torch.cat([mhat * r, (grads * r).unsqueeze(0)], 0).clamp(-_CLAMP, _CLAMP)  # (4, N)
         phi = progress_features(t, self.total_steps, grads.dtype, grads.device)

@@ -271,7 +271,7 @@ def test_every_row_of_a_table_shares_its_inner_task_and_meta_training_budget(tab
 
 
 @pytest.mark.parametrize("table,branches", [("lopt_fmnist_table_two_stage", 5), ("lopt_fmnist_table_two_stage_tbptt", 4),
-                                            ("lopt_fmnist_table_two_stage_tbptt_unf", 4)])
+                                            ("lopt_fmnist_table_two_stage_tbptt_unf", 4), ("lopt_fmnist_table_two_stage_tbptt_unf8", 2)])
 def test_the_two_stage_table_gives_every_row_the_same_total_budget(table, branches):
     """Each branch row starts from the first-stage DS run of its seed in the table's runs_root, trains
     only its branch, and first stage + branch stage = the iterations of the DS row it is held against;
